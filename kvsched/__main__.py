@@ -1,0 +1,5 @@
+"""``python -m kvsched``."""
+
+from kvsched.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,307 @@
+"""The dispatcher: the one path from a validated wire input to the engine and journal.
+
+Every input that changes the engine becomes a journal ``Record`` holding its wire
+bytes and the ``now`` the engine saw. ``_apply`` turns a record into engine calls;
+the live path and crash recovery both go through it, so a replay rebuilds the
+exact state (the engine never reads a clock). Live inputs are validated and
+applied synchronously, then appended; callers ack (and send directives) only
+once the append is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from kvsched_client._proto.kvsched.v1 import admin_pb2, placement_pb2, worker_pb2
+from scheduler_service.api import convert
+from scheduler_service.domain import (
+    NO_DECISIONS,
+    Decisions,
+    Rejected,
+    TenantId,
+    WorkerId,
+    WorkerSpec,
+)
+from scheduler_service.engine import Engine
+from scheduler_service.journal import Journal, LoadReport, Record, RecordKind
+from scheduler_service.telemetry import Metrics
+
+log = structlog.get_logger(__name__)
+
+#: ReportSessionEvents remembers this many event ids for idempotency.
+EVENT_ID_MEMORY = 1 << 20
+
+
+@dataclass(slots=True)
+class StreamHandle:
+    """A connected worker stream: where its downstream messages go."""
+
+    worker_id: WorkerId
+    epoch: int
+    send: Callable[[worker_pb2.ServerMessage], None]
+    close: Callable[[str], None]
+    last_seq_in_stream: int = 0
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """Result of a live input: decisions to route once ``durable`` resolves."""
+
+    decisions: Decisions
+    durable: asyncio.Future[None]
+    duplicate: bool = False
+
+
+class Dispatcher:
+    """Owns the engine, the journal and the routing of directives to streams."""
+
+    def __init__(self, engine: Engine, journal: Journal, metrics: Metrics) -> None:
+        self.engine = engine
+        self.journal = journal
+        self.metrics = metrics
+        self.draining = False
+        self._streams: dict[WorkerId, StreamHandle] = {}
+        self._last_seq: dict[tuple[str, int], int] = {}
+        self._event_ids: OrderedDict[str, None] = OrderedDict()
+        self.undeliverable_directives = 0
+
+    # -- recovery -------------------------------------------------------------------
+
+    def replay(self) -> LoadReport:
+        """Rebuild engine state from the journal; returns what was found."""
+        n = 0
+        for rec in self.journal.load():
+            try:
+                self._apply(rec)
+            except Exception as exc:  # a record that once applied must apply again
+                log.error("journal.replay_failed", kind=rec.kind, error=repr(exc))
+            n += 1
+        report = self.journal.load_report()
+        log.info("journal.replayed", records=n, dropped=report.dropped)
+        return report
+
+    # -- worker stream ----------------------------------------------------------------
+
+    def last_acked_seq(self, worker_id: str, epoch: int) -> int:
+        """Highest seq of (worker, epoch) the journal holds."""
+        return self._last_seq.get((worker_id, epoch), 0)
+
+    def hello(self, pb: worker_pb2.Hello, now: float) -> tuple[WorkerSpec, Applied]:
+        """Register a worker; raises Rejected or StaleEpoch (nothing changes then)."""
+        spec = convert.hello_from_pb(pb)
+        rec = Record(RecordKind.HELLO, now, pb.SerializeToString(), spec.worker_id, spec.epoch)
+        decisions = self._apply_hello(spec, now)
+        return spec, Applied(decisions, self.journal.append(rec))
+
+    def attach(self, handle: StreamHandle) -> None:
+        """Route a worker's directives to this stream (replacing an older stream)."""
+        old = self._streams.get(handle.worker_id)
+        if old is not None and old is not handle:
+            old.close("replaced by a newer stream from the same worker")
+        self._streams[handle.worker_id] = handle
+        self.metrics.streams_open.add(1)
+
+    def detach(self, handle: StreamHandle, now: float) -> asyncio.Future[None] | None:
+        """A stream closed; the worker's KV may still be there."""
+        self.metrics.streams_open.add(-1)
+        if self._streams.get(handle.worker_id) is not handle:
+            return None
+        del self._streams[handle.worker_id]
+        rec = Record(RecordKind.DISCONNECT, now, b"", handle.worker_id, handle.epoch)
+        self._apply(rec)
+        return self.journal.append(rec)
+
+    def worker_message(
+        self, handle: StreamHandle, msg: worker_pb2.WorkerMessage, now: float
+    ) -> Applied:
+        """Apply one upstream message (not Hello); raises Rejected, changing nothing."""
+        seq = msg.seq
+        if seq <= handle.last_seq_in_stream:
+            raise Rejected("seq", f"must increase within a stream: {seq} after {handle.last_seq_in_stream}")
+        if msg.WhichOneof("body") is None:
+            raise Rejected("body", "a message body is required")
+        if msg.WhichOneof("body") == "hello":
+            raise Rejected("hello", "Hello may only be the first message of a stream")
+        handle.last_seq_in_stream = seq
+        key = (handle.worker_id, handle.epoch)
+        if seq <= self._last_seq.get(key, 0):
+            # A resend after reconnect: already durable, ack it again, apply nothing.
+            self.metrics.duplicates.add(1)
+            return Applied(NO_DECISIONS, self.journal.barrier(), duplicate=True)
+        rec = Record(
+            RecordKind.WORKER_MESSAGE,
+            now,
+            msg.SerializeToString(),
+            handle.worker_id,
+            handle.epoch,
+            seq,
+        )
+        decisions = self._apply_worker_message(rec, msg)
+        return Applied(decisions, self.journal.append(rec))
+
+    # -- unary inputs -----------------------------------------------------------------
+
+    def report_events(
+        self, req: placement_pb2.ReportSessionEventsRequest, now: float
+    ) -> tuple[int, int, Applied]:
+        """Apply events idempotently; returns (accepted, duplicates, applied)."""
+        rec = Record(RecordKind.REPORT_EVENTS, now, req.SerializeToString(), req.worker_id)
+        accepted, dups, decisions = self._apply_report(req, now)
+        return accepted, dups, Applied(decisions, self.journal.append(rec))
+
+    def tick(self, now: float) -> Applied:
+        """Run the engine's periodic work (lease expiry)."""
+        rec = Record(RecordKind.TICK, now)
+        decisions = self._apply(rec)
+        return Applied(decisions, self.journal.append(rec))
+
+    def admin(self, kind: RecordKind, pb: object, now: float) -> tuple[object, asyncio.Future[None]]:
+        """Apply an admin mutation; returns (result, durable)."""
+        payload = pb.SerializeToString()  # type: ignore[attr-defined]
+        rec = Record(kind, now, payload)
+        result = self._apply_admin(kind, pb, now)
+        return result, self.journal.append(rec)
+
+    # -- routing --------------------------------------------------------------------------
+
+    def route(self, decisions: Decisions) -> None:
+        """Send directives down the stream of the worker that holds each session."""
+        for d in decisions.directives:
+            handle = self._streams.get(d.worker_id)
+            if handle is None:
+                self.undeliverable_directives += 1
+                continue
+            handle.send(convert.directive_to_pb(d))
+            self.metrics.directives.add(1, {"action": d.action.name})
+        for wid in decisions.resync_workers:
+            handle = self._streams.get(wid)
+            if handle is not None:
+                handle.send(
+                    worker_pb2.ServerMessage(resync=worker_pb2.ResyncRequest(reason="reconcile"))
+                )
+
+    def broadcast_drain(self, reason: str, deadline_s: float) -> None:
+        """Tell every connected worker the scheduler is going away."""
+        msg = worker_pb2.ServerMessage(
+            drain=worker_pb2.Drain(reason=reason, deadline_s=deadline_s)
+        )
+        for handle in list(self._streams.values()):
+            handle.send(msg)
+
+    def stream_for(self, worker_id: WorkerId) -> StreamHandle | None:
+        """The open stream of a worker, if any."""
+        return self._streams.get(worker_id)
+
+    # -- the one apply path (live and replay) ------------------------------------------
+
+    def _apply(self, rec: Record) -> Decisions:
+        if rec.kind is RecordKind.HELLO:
+            pb = worker_pb2.Hello.FromString(rec.payload)
+            return self._apply_hello(convert.hello_from_pb(pb), rec.now)
+        if rec.kind is RecordKind.WORKER_MESSAGE:
+            msg = worker_pb2.WorkerMessage.FromString(rec.payload)
+            return self._apply_worker_message(rec, msg)
+        if rec.kind is RecordKind.DISCONNECT:
+            self.engine.worker_disconnected(WorkerId(rec.worker_id), rec.now)
+            return NO_DECISIONS
+        if rec.kind is RecordKind.REPORT_EVENTS:
+            req = placement_pb2.ReportSessionEventsRequest.FromString(rec.payload)
+            return self._apply_report(req, rec.now)[2]
+        if rec.kind is RecordKind.TICK:
+            return self.engine.tick(rec.now)
+        pb_type = _ADMIN_TYPES[rec.kind]
+        self._apply_admin(rec.kind, pb_type.FromString(rec.payload), rec.now)
+        return NO_DECISIONS
+
+    def _apply_hello(self, spec: WorkerSpec, now: float) -> Decisions:
+        return self.engine.register_worker(spec, now)
+
+    def _apply_worker_message(self, rec: Record, msg: worker_pb2.WorkerMessage) -> Decisions:
+        wid = WorkerId(rec.worker_id)
+        now = rec.now
+        body = msg.WhichOneof("body")
+        decisions = NO_DECISIONS
+        if body == "session_events":
+            events = convert.session_events_from_pb(
+                msg.session_events.events, "session_events.events", wid
+            )
+            try:
+                decisions = self.engine.handle_batch(events, now)
+            except Rejected as r:
+                raise Rejected(f"session_events.{r.field}", r.description) from None
+            self.metrics.events.add(len(events))
+        elif body == "kv_events":
+            kv = convert.kv_events_from_pb(msg.kv_events, "kv_events")
+            decisions = self.engine.kv_events(wid, kv, now)
+        elif body == "pool_snapshot":
+            inv = convert.pool_snapshot_from_pb(msg.pool_snapshot, "pool_snapshot")
+            decisions = self.engine.reconcile(wid, inv, now)
+        elif body == "directive_ack":
+            did, outcome, reason = convert.directive_ack_from_pb(msg.directive_ack, "directive_ack")
+            self.engine.directive_acked(wid, did, outcome, reason, now)  # type: ignore[arg-type]
+        elif body == "heartbeat":
+            load = convert.heartbeat_from_pb(msg.heartbeat, "heartbeat")
+            decisions = self.engine.heartbeat(wid, load, now)
+        self._last_seq[(rec.worker_id, rec.epoch)] = rec.seq
+        return decisions
+
+    def _apply_report(
+        self, req: placement_pb2.ReportSessionEventsRequest, now: float
+    ) -> tuple[int, int, Decisions]:
+        wid = WorkerId(convert._id(req.worker_id, "worker_id"))
+        if self.engine.worker_epoch(wid) is None:
+            raise Rejected("worker_id", f"unknown worker {wid!r}: connect or register it first")
+        events = convert.session_events_from_pb(req.events, "events", wid)
+        fresh = []
+        seen_in_batch: set[str] = set()
+        for ev in events:
+            if ev.event_id in self._event_ids or ev.event_id in seen_in_batch:
+                continue
+            seen_in_batch.add(ev.event_id)
+            fresh.append(ev)
+        decisions = self.engine.handle_batch(fresh, now) if fresh else NO_DECISIONS
+        for eid in seen_in_batch:
+            self._event_ids[eid] = None
+        while len(self._event_ids) > EVENT_ID_MEMORY:
+            self._event_ids.popitem(last=False)
+        self.metrics.events.add(len(fresh))
+        return len(fresh), len(events) - len(fresh), decisions
+
+    def _apply_admin(self, kind: RecordKind, pb: object, now: float) -> object:
+        e = self.engine
+        if kind is RecordKind.TENANT_CREATE:
+            assert isinstance(pb, admin_pb2.Tenant)
+            return e.create_tenant(convert.tenant_from_pb(pb))
+        if kind is RecordKind.TENANT_UPDATE:
+            assert isinstance(pb, admin_pb2.UpdateTenantRequest)
+            spec = convert.tenant_from_pb(pb.tenant)
+            paths = list(pb.update_mask.paths)
+            for i, p in enumerate(paths):
+                if p not in convert.TENANT_MUTABLE_FIELDS:
+                    raise Rejected(f"update_mask.paths[{i}]", f"{p!r} is not a mutable tenant field")
+            return e.update_tenant(spec, paths or None)
+        if kind is RecordKind.TENANT_DELETE:
+            assert isinstance(pb, admin_pb2.DeleteTenantRequest)
+            return e.delete_tenant(convert.tenant_id_from_pb(pb.tenant_id))
+        if kind is RecordKind.DRAIN_WORKER:
+            assert isinstance(pb, admin_pb2.DrainWorkerRequest)
+            return e.drain_worker(WorkerId(pb.worker_id), now)
+        raise ValueError(f"not an admin record: {kind}")
+
+    def tenant_known(self, tenant_id: TenantId) -> bool:
+        """True when the tenant exists."""
+        return self.engine.get_tenant(tenant_id) is not None
+
+
+_ADMIN_TYPES: dict[RecordKind, type] = {
+    RecordKind.TENANT_CREATE: admin_pb2.Tenant,
+    RecordKind.TENANT_UPDATE: admin_pb2.UpdateTenantRequest,
+    RecordKind.TENANT_DELETE: admin_pb2.DeleteTenantRequest,
+    RecordKind.DRAIN_WORKER: admin_pb2.DrainWorkerRequest,
+}

@@ -1,0 +1,187 @@
+"""WorkerService.Connect: one long-lived bidirectional stream per worker replica.
+
+The reader task validates and applies each upstream message in order and hands
+(seq, durable-future, decisions) to the acker; the acker waits for durability,
+then sends a cumulative Ack and routes the decisions. The handler itself only
+writes what the two produce, so a slow journal never reorders acks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+import structlog
+from opentelemetry import trace
+
+from kvsched_client._proto.kvsched.v1 import worker_pb2, worker_pb2_grpc
+from scheduler_service.api import errors
+from scheduler_service.api.dispatch import Applied, Dispatcher, StreamHandle
+from scheduler_service.domain import Rejected, StaleEpoch
+
+log = structlog.get_logger(__name__)
+_tracer = trace.get_tracer(__name__)
+
+#: Messages in flight per stream (applied, awaiting durability) before the reader
+#: stops pulling from the socket; HTTP/2 flow control then slows the worker down.
+MAX_IN_FLIGHT = 256
+HEARTBEAT_INTERVAL_S = 5.0
+
+_END = object()
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
+    """Thin: validate and convert (dispatcher), then stream acks and directives."""
+
+    def __init__(self, dispatcher: Dispatcher, clock: Callable[[], float], server_id: str) -> None:
+        self._d = dispatcher
+        self._clock = clock
+        self._server_id = server_id
+
+    async def Connect(  # noqa: N802 - gRPC method name
+        self,
+        request_iterator: AsyncIterator[worker_pb2.WorkerMessage],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[worker_pb2.ServerMessage]:
+        if self._d.draining:
+            await context.abort_with_status(errors.unavailable("scheduler is draining", 2.0))
+        out: asyncio.Queue[object] = asyncio.Queue()
+        first = await _next(request_iterator)
+        if first is None:
+            return
+        handle = None
+        try:
+            if first.WhichOneof("body") != "hello":
+                raise _Fail(errors.resync_required("the first message of a stream must be Hello"))
+            now = self._clock()
+            spec, applied = self._d.hello(first.hello, now)
+            await applied.durable
+            handle = StreamHandle(
+                worker_id=spec.worker_id,
+                epoch=spec.epoch,
+                send=out.put_nowait,
+                close=lambda reason: out.put_nowait(errors.unavailable(reason, 0.1)),
+            )
+            self._d.attach(handle)
+            self._d.route(applied.decisions)
+        except Rejected as r:
+            self._d.metrics.rejected.add(1, {"code": "INVALID_ARGUMENT"})
+            await context.abort_with_status(errors.invalid_argument(r.field, r.description))
+        except StaleEpoch as s:
+            self._d.metrics.rejected.add(1, {"code": "FAILED_PRECONDITION"})
+            await context.abort_with_status(
+                errors.resync_required(str(s), current_epoch=str(s.current))
+            )
+        except _Fail as f:
+            await context.abort_with_status(f.status)
+        assert handle is not None
+        bound = log.bind(worker=handle.worker_id, epoch=handle.epoch)
+        bound.info("stream.open", resume_from_seq=first.hello.resume_from_seq)
+        yield worker_pb2.ServerMessage(
+            welcome=worker_pb2.Welcome(
+                leader_epoch=self._d.engine.leader_epoch,
+                last_acked_seq=self._d.last_acked_seq(handle.worker_id, handle.epoch),
+                server_id=self._server_id,
+                heartbeat_interval_s=HEARTBEAT_INTERVAL_S,
+            )
+        )
+        span = _tracer.start_span(
+            "kvsched.v1.WorkerService/Connect",
+            kind=trace.SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "kvsched.worker_id": handle.worker_id,
+                        "kvsched.epoch": handle.epoch},
+        )
+        acks: asyncio.Queue[object] = asyncio.Queue(maxsize=MAX_IN_FLIGHT)
+        reader = asyncio.create_task(self._read(request_iterator, handle, acks))
+        acker = asyncio.create_task(self._ack(acks, out))
+        try:
+            while True:
+                item = await out.get()
+                if item is _END:
+                    break
+                if isinstance(item, grpc.Status):
+                    bound.info("stream.abort", code=item.code.name, details=item.details)
+                    await context.abort_with_status(item)
+                assert isinstance(item, worker_pb2.ServerMessage)
+                yield item
+        finally:
+            reader.cancel()
+            acker.cancel()
+            fut = self._d.detach(handle, self._clock())
+            if fut is not None:
+                await asyncio.shield(fut)
+            span.end()
+            bound.info("stream.closed")
+
+    async def _read(
+        self,
+        it: AsyncIterator[worker_pb2.WorkerMessage],
+        handle: StreamHandle,
+        acks: asyncio.Queue[object],
+    ) -> None:
+        try:
+            async for msg in it:
+                try:
+                    applied = self._d.worker_message(handle, msg, self._clock())
+                except Rejected as r:
+                    self._d.metrics.rejected.add(1, {"code": "INVALID_ARGUMENT"})
+                    await acks.put(errors.invalid_argument(r.field, r.description))
+                    return
+                await acks.put(_Pending(msg.seq, applied))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a broken transport: the stream is over
+            log.info("stream.read_error", worker=handle.worker_id, error=repr(exc))
+        await acks.put(_END)
+
+    async def _ack(self, acks: asyncio.Queue[object], out: asyncio.Queue[object]) -> None:
+        metrics = self._d.metrics
+        while True:
+            item = await acks.get()
+            if not isinstance(item, _Pending):
+                out.put_nowait(item)
+                return
+            seq, applied = item.seq, item.applied
+            try:
+                await applied.durable
+            except Exception as exc:
+                log.error("journal.append_failed", error=repr(exc))
+                out.put_nowait(errors.unavailable("journal write failed; reconnect and resend", 1.0))
+                return
+            # Coalesce: ack the newest message whose write is already durable.
+            self._d.route(applied.decisions)
+            while not acks.empty():
+                nxt = acks._queue[0]  # type: ignore[attr-defined]
+                if not isinstance(nxt, _Pending) or not nxt.applied.durable.done():
+                    break
+                acks.get_nowait()
+                if nxt.applied.durable.exception() is not None:
+                    out.put_nowait(errors.unavailable("journal write failed", 1.0))
+                    return
+                seq = nxt.seq
+                self._d.route(nxt.applied.decisions)
+            out.put_nowait(worker_pb2.ServerMessage(ack=worker_pb2.Ack(seq=seq)))
+            metrics.acks.add(1)
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """An applied message waiting for durability before its Ack."""
+
+    seq: int
+    applied: Applied
+
+
+class _Fail(Exception):
+    def __init__(self, status: grpc.Status) -> None:
+        super().__init__(status.details)
+        self.status = status
+
+
+async def _next(it: AsyncIterator[worker_pb2.WorkerMessage]) -> worker_pb2.WorkerMessage | None:
+    try:
+        return await it.__anext__()
+    except StopAsyncIteration:
+        return None

@@ -1,0 +1,196 @@
+"""Wiring: the grpc.aio server, health, reflection, telemetry, ticks, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import IO
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kvsched_client._proto.kvsched.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    placement_pb2,
+    placement_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
+from scheduler_service.api.admin_service import AdminServicer
+from scheduler_service.api.dispatch import Dispatcher
+from scheduler_service.api.placement_service import PlacementServicer
+from scheduler_service.api.worker_service import WorkerServicer
+from scheduler_service.config import ServeConfig
+from scheduler_service.engine import Engine
+from scheduler_service.journal import Journal, MemoryJournal
+from scheduler_service.journal.sqlite import SqliteJournal
+from scheduler_service.telemetry import Metrics, configure_logging, configure_otel
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAMES = (
+    worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+    placement_pb2.DESCRIPTOR.services_by_name["PlacementService"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+)
+
+
+class ServiceClock:
+    """Seconds that never go backwards, even across restarts (floor = last journaled now)."""
+
+    def __init__(self, floor: float = 0.0) -> None:
+        self._base = max(time.time(), floor + 1e-3)
+        self._t0 = time.perf_counter()
+
+    def __call__(self) -> float:
+        return self._base + (time.perf_counter() - self._t0)
+
+
+class Service:
+    """A running kvsched: build with ``start``, stop with ``stop``."""
+
+    def __init__(self, config: ServeConfig, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics.create()
+        self.port = 0
+        self._lock: IO[str] | None = None
+        self._tick_task: asyncio.Task[None] | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self.dispatcher: Dispatcher | None = None
+        self.journal: Journal | None = None
+
+    async def start(self) -> int:
+        """Recover state, bind, serve; returns the bound port."""
+        cfg = self.config
+        journal: Journal
+        if cfg.journal == "sqlite":
+            data_dir = Path(cfg.data_dir)
+            data_dir.mkdir(parents=True, exist_ok=True)
+            self._lock = _lock_data_dir(data_dir)
+            journal = SqliteJournal(data_dir, synchronous=cfg.journal_synchronous.upper())
+        else:
+            journal = MemoryJournal()
+        self.journal = journal
+        engine = Engine()
+        warm = getattr(engine, "warm", None)
+        if callable(warm):
+            warm()  # numba kernels compile (or load from cache) before the first request
+        self.dispatcher = Dispatcher(engine, journal, self.metrics)
+        report = self.dispatcher.replay()
+        self.clock = ServiceClock(report.last_now)
+        started_at = self.clock()
+        server_id = cfg.server_id or f"{socket.gethostname()}:{os.getpid()}"
+
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+
+        # NOTE: the aio interceptor attaches its span context around an async
+        # generator, which breaks contextvars when the stream yields; the Connect
+        # stream therefore opens its own span (see WorkerServicer) and is excluded here.
+        otel = aio_server_interceptor(
+            filter_=filters.negate(filters.full_method_name("/kvsched.v1.WorkerService/Connect"))
+        )
+        server = grpc.aio.server(
+            interceptors=[otel],
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+            options=[
+                ("grpc.max_receive_message_length", cfg.max_message_bytes),
+                ("grpc.max_send_message_length", cfg.max_message_bytes),
+                ("grpc.keepalive_time_ms", int(cfg.keepalive_time_s * 1000)),
+                ("grpc.keepalive_timeout_ms", int(cfg.keepalive_timeout_s * 1000)),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(
+            WorkerServicer(self.dispatcher, self.clock, server_id), server
+        )
+        placement_pb2_grpc.add_PlacementServiceServicer_to_server(
+            PlacementServicer(self.dispatcher, self.clock), server
+        )
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(
+            AdminServicer(self.dispatcher, self.clock, started_at), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
+            server,
+        )
+        self.port = server.add_insecure_port(cfg.listen)
+        if self.port == 0:
+            raise OSError(f"could not bind {cfg.listen}")
+        await server.start()
+        self._server = server
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._tick_task = asyncio.create_task(self._tick_loop())
+        host = cfg.listen.rsplit(":", 1)[0]
+        log.info("server.serving", listen=f"{host}:{self.port}", server_id=server_id,
+                 replayed=report.records, dropped=report.dropped)
+        return self.port
+
+    async def _tick_loop(self) -> None:
+        assert self.dispatcher is not None
+        while True:
+            await asyncio.sleep(self.config.tick_interval_s)
+            applied = self.dispatcher.tick(self.clock())
+            await applied.durable
+            self.dispatcher.route(applied.decisions)
+
+    async def stop(self) -> None:
+        """Graceful: NOT_SERVING, Drain to every stream, stop(grace), flush the journal."""
+        assert self._server is not None and self.dispatcher is not None
+        grace = self.config.grace_s
+        self.dispatcher.draining = True
+        await self._health.enter_graceful_shutdown()
+        self.dispatcher.broadcast_drain("scheduler shutting down", grace)
+        if self._tick_task is not None:
+            self._tick_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tick_task
+        await self._server.stop(grace)
+        if self.journal is not None:
+            await self.journal.close()
+        if self._lock is not None:
+            self._lock.close()
+        log.info("server.stopped")
+
+
+def _lock_data_dir(data_dir: Path) -> IO[str]:
+    fh = (data_dir / "LOCK").open("w")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise RuntimeError(f"data dir {data_dir} is in use by another kvsched process") from None
+    return fh
+
+
+async def serve(config: ServeConfig) -> int:
+    """Run until SIGTERM/SIGINT, then shut down gracefully; returns the exit code."""
+    configure_logging(config.log_level, config.log_json)
+    metrics = configure_otel(
+        config.metrics_port or None, config.metrics_host, config.trace_console
+    )
+    service = Service(config, metrics)
+    await service.start()
+    print(f"kvsched listening on {config.listen.rsplit(':', 1)[0]}:{service.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("server.signal", action="draining")
+    await service.stop()
+    return 0

@@ -1,0 +1,111 @@
+"""Logging (structlog) and OpenTelemetry traces + metrics (Prometheus /metrics)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from opentelemetry import metrics, trace
+from opentelemetry.metrics import Counter, Histogram, Meter, UpDownCounter
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
+
+_LATENCY_BUCKETS_S = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+)
+
+
+def configure_logging(level: str = "info", json: bool | None = None) -> None:
+    """structlog: JSON lines when stderr is not a TTY (or json=True), pretty otherwise."""
+    if json is None:
+        json = not sys.stderr.isatty()
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+@dataclass(slots=True)
+class Metrics:
+    """The service's instruments (no-ops until a MeterProvider is installed)."""
+
+    events: Counter
+    acks: Counter
+    duplicates: Counter
+    directives: Counter
+    rejected: Counter
+    place_latency_s: Histogram
+    streams_open: UpDownCounter
+    journal_commit_latency_s: Histogram
+
+    @classmethod
+    def create(cls, meter: Meter | None = None) -> Metrics:
+        """Instruments on ``meter`` (default: the global meter provider's)."""
+        m = meter or metrics.get_meter("kvsched")
+        return cls(
+            events=m.create_counter("kvsched_session_events", description="Session events accepted"),
+            acks=m.create_counter("kvsched_acks", description="Acks sent to workers"),
+            duplicates=m.create_counter(
+                "kvsched_duplicate_messages", description="Resent messages dropped as duplicates"
+            ),
+            directives=m.create_counter(
+                "kvsched_directives", description="Retention directives sent, by action"
+            ),
+            rejected=m.create_counter(
+                "kvsched_rejected_inputs", description="Inputs rejected, by gRPC code"
+            ),
+            place_latency_s=m.create_histogram(
+                "kvsched_place_latency", unit="s", description="Place handling time in the server"
+            ),
+            streams_open=m.create_up_down_counter(
+                "kvsched_worker_streams_open", description="Worker streams open"
+            ),
+            journal_commit_latency_s=m.create_histogram(
+                "kvsched_journal_append_latency", unit="s",
+                description="Time from append to durable",
+            ),
+        )
+
+
+def configure_otel(metrics_port: int | None, metrics_host: str = "127.0.0.1",
+                   trace_console: bool = False) -> Metrics:
+    """Install tracer + meter providers; serve Prometheus /metrics when a port is given."""
+    resource = Resource.create({"service.name": "kvsched"})
+    tp = TracerProvider(resource=resource)
+    if trace_console:
+        tp.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
+    trace.set_tracer_provider(tp)
+    readers = []
+    if metrics_port is not None:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import start_http_server
+
+        start_http_server(port=metrics_port, addr=metrics_host)
+        readers.append(PrometheusMetricReader())
+    views = [
+        View(
+            instrument_name="kvsched_*latency",
+            aggregation=ExplicitBucketHistogramAggregation(_LATENCY_BUCKETS_S),
+        )
+    ]
+    metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=readers, views=views))
+    return Metrics.create()

@@ -1,0 +1,45 @@
+"""Shared fixtures: a real kvsched server on a loopback port."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from scheduler_service.config import ServeConfig
+from scheduler_service.server import Service
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture
+async def service(data_dir: Path) -> AsyncIterator[Service]:
+    """A started in-process server (SQLite journal) on a free loopback port."""
+    cfg = ServeConfig(
+        listen="127.0.0.1:0", data_dir=str(data_dir), metrics_port=0, grace_s=0.5,
+        tick_interval_s=0.05,
+    )
+    svc = Service(cfg)
+    await svc.start()
+    yield svc
+    if not svc.dispatcher or not svc.dispatcher.draining:
+        await svc.stop()
+
+
+@pytest.fixture
+async def channel(service: Service) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as ch:
+        yield ch
