@@ -15,7 +15,9 @@ from collections.abc import Callable, Sequence
 def _serve(argv: Sequence[str]) -> int:
     from scheduler_service import config, server
 
-    p = argparse.ArgumentParser(prog="kvsched serve", description="Run the kvsched scheduler service.")
+    p = argparse.ArgumentParser(
+        prog="kvsched serve", description="Run the kvsched scheduler service."
+    )
     config.add_arguments(p)
     ns = p.parse_args(argv)
     try:

@@ -96,7 +96,7 @@ class Service:
         # NOTE: the aio interceptor attaches its span context around an async
         # generator, which breaks contextvars when the stream yields; the Connect
         # stream therefore opens its own span (see WorkerServicer) and is excluded here.
-        otel = aio_server_interceptor(
+        otel = aio_server_interceptor(  # type: ignore[no-untyped-call]
             filter_=filters.negate(filters.full_method_name("/kvsched.v1.WorkerService/Connect"))
         )
         server = grpc.aio.server(
@@ -123,8 +123,11 @@ class Service:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME),
+            (
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             server,
         )
         self.port = server.add_insecure_port(cfg.listen)
@@ -136,8 +139,13 @@ class Service:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._tick_task = asyncio.create_task(self._tick_loop())
         host = cfg.listen.rsplit(":", 1)[0]
-        log.info("server.serving", listen=f"{host}:{self.port}", server_id=server_id,
-                 replayed=report.records, dropped=report.dropped)
+        log.info(
+            "server.serving",
+            listen=f"{host}:{self.port}",
+            server_id=server_id,
+            replayed=report.records,
+            dropped=report.dropped,
+        )
         return self.port
 
     async def _tick_loop(self) -> None:
@@ -180,9 +188,7 @@ def _lock_data_dir(data_dir: Path) -> IO[str]:
 async def serve(config: ServeConfig) -> int:
     """Run until SIGTERM/SIGINT, then shut down gracefully; returns the exit code."""
     configure_logging(config.log_level, config.log_json)
-    metrics = configure_otel(
-        config.metrics_port or None, config.metrics_host, config.trace_console
-    )
+    metrics = configure_otel(config.metrics_port or None, config.metrics_host, config.trace_console)
     service = Service(config, metrics)
     await service.start()
     print(f"kvsched listening on {config.listen.rsplit(':', 1)[0]}:{service.port}", flush=True)

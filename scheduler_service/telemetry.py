@@ -17,7 +17,19 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
 
 _LATENCY_BUCKETS_S = (
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1.0,
 )
 
 
@@ -25,9 +37,7 @@ def configure_logging(level: str = "info", json: bool | None = None) -> None:
     """structlog: JSON lines when stderr is not a TTY (or json=True), pretty otherwise."""
     if json is None:
         json = not sys.stderr.isatty()
-    renderer: Any = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
-    )
+    renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -62,7 +72,9 @@ class Metrics:
         """Instruments on ``meter`` (default: the global meter provider's)."""
         m = meter or metrics.get_meter("kvsched")
         return cls(
-            events=m.create_counter("kvsched_session_events", description="Session events accepted"),
+            events=m.create_counter(
+                "kvsched_session_events", description="Session events accepted"
+            ),
             acks=m.create_counter("kvsched_acks", description="Acks sent to workers"),
             duplicates=m.create_counter(
                 "kvsched_duplicate_messages", description="Resent messages dropped as duplicates"
@@ -80,14 +92,16 @@ class Metrics:
                 "kvsched_worker_streams_open", description="Worker streams open"
             ),
             journal_commit_latency_s=m.create_histogram(
-                "kvsched_journal_append_latency", unit="s",
+                "kvsched_journal_append_latency",
+                unit="s",
                 description="Time from append to durable",
             ),
         )
 
 
-def configure_otel(metrics_port: int | None, metrics_host: str = "127.0.0.1",
-                   trace_console: bool = False) -> Metrics:
+def configure_otel(
+    metrics_port: int | None, metrics_host: str = "127.0.0.1", trace_console: bool = False
+) -> Metrics:
     """Install tracer + meter providers; serve Prometheus /metrics when a port is given."""
     resource = Resource.create({"service.name": "kvsched"})
     tp = TracerProvider(resource=resource)
@@ -107,5 +121,7 @@ def configure_otel(metrics_port: int | None, metrics_host: str = "127.0.0.1",
             aggregation=ExplicitBucketHistogramAggregation(_LATENCY_BUCKETS_S),
         )
     ]
-    metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=readers, views=views))
+    metrics.set_meter_provider(
+        MeterProvider(resource=resource, metric_readers=readers, views=views)
+    )
     return Metrics.create()

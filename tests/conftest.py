@@ -29,7 +29,10 @@ def data_dir(tmp_path: Path) -> Path:
 async def service(data_dir: Path) -> AsyncIterator[Service]:
     """A started in-process server (SQLite journal) on a free loopback port."""
     cfg = ServeConfig(
-        listen="127.0.0.1:0", data_dir=str(data_dir), metrics_port=0, grace_s=0.5,
+        listen="127.0.0.1:0",
+        data_dir=str(data_dir),
+        metrics_port=0,
+        grace_s=0.5,
         tick_interval_s=0.05,
     )
     svc = Service(cfg)
@@ -43,3 +46,9 @@ async def service(data_dir: Path) -> AsyncIterator[Service]:
 async def channel(service: Service) -> AsyncIterator[grpc.aio.Channel]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as ch:
         yield ch
+
+
+@pytest.fixture
+def port_factory() -> object:
+    """A callable returning a free loopback TCP port."""
+    return free_port

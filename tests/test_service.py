@@ -27,7 +27,9 @@ from scheduler_service.server import Service
 K = types_pb2.SessionEventKind
 
 
-def hello(worker_id: str = "w1", epoch: int = 1, resume: int = 0, seq: int = 1) -> worker_pb2.WorkerMessage:
+def hello(
+    worker_id: str = "w1", epoch: int = 1, resume: int = 0, seq: int = 1
+) -> worker_pb2.WorkerMessage:
     return worker_pb2.WorkerMessage(
         seq=seq,
         hello=worker_pb2.Hello(
@@ -50,8 +52,9 @@ def hello(worker_id: str = "w1", epoch: int = 1, resume: int = 0, seq: int = 1) 
     )
 
 
-def event(sid: str, kind: int, step: int = 0, ctx: int = 1000, eid: str | None = None,
-          tool: str = "") -> types_pb2.SessionEvent:
+def event(
+    sid: str, kind: int, step: int = 0, ctx: int = 1000, eid: str | None = None, tool: str = ""
+) -> types_pb2.SessionEvent:
     return types_pb2.SessionEvent(
         event_id=eid or f"{sid}-{step}-{kind}",
         session_id=sid,
@@ -150,8 +153,14 @@ async def test_hello_then_batches_are_acked_in_order(channel: grpc.aio.Channel) 
 
 async def test_tool_wait_sends_a_retain_lease_with_ttl(channel: grpc.aio.Channel) -> None:
     s, _ = await connect(channel)
-    await s.send(batch(2, event("s1", K.STEP_START), event("s1", K.STEP_END, ctx=1200),
-                       event("s1", K.TOOL_CALL_WAIT, ctx=1200, tool="pytest")))
+    await s.send(
+        batch(
+            2,
+            event("s1", K.STEP_START),
+            event("s1", K.STEP_END, ctx=1200),
+            event("s1", K.TOOL_CALL_WAIT, ctx=1200, tool="pytest"),
+        )
+    )
     got = await s.recv_until_ack(2)
     directives = [m.directive for m in got if m.WhichOneof("body") == "directive"]
     assert [d.session_id for d in directives] == ["s1"]
@@ -168,8 +177,11 @@ async def test_resent_messages_are_acked_but_applied_once(channel: grpc.aio.Chan
     await asyncio.sleep(0.05)
     s2, welcome = await connect(channel, resume=3)
     assert welcome.last_acked_seq == 3
-    await s2.send(batch(2, event("s1", K.STEP_START)), batch(3, event("s2", K.STEP_START)),
-                  batch(4, event("s3", K.STEP_START)))
+    await s2.send(
+        batch(2, event("s1", K.STEP_START)),
+        batch(3, event("s2", K.STEP_START)),
+        batch(4, event("s3", K.STEP_START)),
+    )
     await s2.recv_until_ack(4)
     st = await stats(channel)
     assert st.events_total == 3 and st.sessions_running == 3
@@ -200,34 +212,49 @@ async def test_stale_epoch_is_resync_required(channel: grpc.aio.Channel) -> None
 
 
 BAD_STREAM_MESSAGES: Sequence[tuple[str, worker_pb2.WorkerMessage]] = (
-    ("session_events.events[0].context_tokens",
-     batch(2, event("x", K.STEP_START, ctx=(1 << 40)))),
-    ("session_events.events[1].kind",
-     batch(2, event("x", K.STEP_START), event("x", 99))),
-    ("session_events.events[0].session_id",
-     batch(2, event("", K.STEP_START))),
-    ("session_events.events[0].session_id",
-     batch(2, event("never-started", K.TOOL_CALL_END))),
+    ("session_events.events[0].context_tokens", batch(2, event("x", K.STEP_START, ctx=(1 << 40)))),
+    ("session_events.events[1].kind", batch(2, event("x", K.STEP_START), event("x", 99))),
+    ("session_events.events[0].session_id", batch(2, event("", K.STEP_START))),
+    ("session_events.events[0].session_id", batch(2, event("never-started", K.TOOL_CALL_END))),
     ("session_events.events", batch(2)),
     ("seq", batch(1, event("x", K.STEP_START))),
     ("hello", hello(seq=2)),
     ("body", worker_pb2.WorkerMessage(seq=2)),
-    ("kv_events.events[0].stored.block_hashes[0].digest",
-     worker_pb2.WorkerMessage(seq=2, kv_events=types_pb2.KvEventBatch(events=[
-         types_pb2.KvEvent(stored=types_pb2.BlockStored(
-             block_hashes=[types_pb2.BlockHash(digest=b"x" * 65)], tier=types_pb2.TIER_GPU))]))),
-    ("heartbeat.gpu_free_blocks",
-     worker_pb2.WorkerMessage(seq=2, heartbeat=worker_pb2.Heartbeat(gpu_free_blocks=1 << 41))),
+    (
+        "kv_events.events[0].stored.block_hashes[0].digest",
+        worker_pb2.WorkerMessage(
+            seq=2,
+            kv_events=types_pb2.KvEventBatch(
+                events=[
+                    types_pb2.KvEvent(
+                        stored=types_pb2.BlockStored(
+                            block_hashes=[types_pb2.BlockHash(digest=b"x" * 65)],
+                            tier=types_pb2.TIER_GPU,
+                        )
+                    )
+                ]
+            ),
+        ),
+    ),
+    (
+        "heartbeat.gpu_free_blocks",
+        worker_pb2.WorkerMessage(seq=2, heartbeat=worker_pb2.Heartbeat(gpu_free_blocks=1 << 41)),
+    ),
 )
 
 
-@pytest.mark.parametrize(("field", "msg"), BAD_STREAM_MESSAGES, ids=[f for f, _ in BAD_STREAM_MESSAGES])
+@pytest.mark.parametrize(
+    ("field", "msg"), BAD_STREAM_MESSAGES, ids=[f for f, _ in BAD_STREAM_MESSAGES]
+)
 async def test_bad_stream_input_is_invalid_argument_and_changes_nothing(
     channel: grpc.aio.Channel, field: str, msg: worker_pb2.WorkerMessage
 ) -> None:
     s, _ = await connect(channel)
-    await s.send(batch(1 if field == "seq" else 2, event("keep", K.STEP_START)) if field == "seq"
-                 else batch(1, event("keep", K.STEP_START)))
+    await s.send(
+        batch(1 if field == "seq" else 2, event("keep", K.STEP_START))
+        if field == "seq"
+        else batch(1, event("keep", K.STEP_START))
+    )
     before = await stats(channel)
     await s.send(msg)
     with pytest.raises(grpc.aio.AioRpcError) as ei:
@@ -238,7 +265,10 @@ async def test_bad_stream_input_is_invalid_argument_and_changes_nothing(
     after = await stats(channel)
     assert after.events_total == before.events_total
     assert (after.sessions_running, after.sessions_idle, after.sessions_tool_wait) == (
-        before.sessions_running, before.sessions_idle, before.sessions_tool_wait)
+        before.sessions_running,
+        before.sessions_idle,
+        before.sessions_tool_wait,
+    )
 
 
 BAD_HELLOS = (
@@ -248,15 +278,18 @@ BAD_HELLOS = (
 
 
 @pytest.mark.parametrize(("field", "kw"), BAD_HELLOS, ids=[f for f, _ in BAD_HELLOS])
-async def test_bad_hello_is_invalid_argument(channel: grpc.aio.Channel, field: str,
-                                             kw: dict[str, object]) -> None:
+async def test_bad_hello_is_invalid_argument(
+    channel: grpc.aio.Channel, field: str, kw: dict[str, object]
+) -> None:
     s = Stream(channel)
     await s.send(hello(**kw))  # type: ignore[arg-type]
     with pytest.raises(grpc.aio.AioRpcError) as ei:
         await s.recv()
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field_violations(ei.value) == [field]
-    workers = await admin_pb2_grpc.AdminServiceStub(channel).ListWorkers(admin_pb2.ListWorkersRequest())
+    workers = await admin_pb2_grpc.AdminServiceStub(channel).ListWorkers(
+        admin_pb2.ListWorkersRequest()
+    )
     assert list(workers.workers) == []
 
 
@@ -280,8 +313,14 @@ async def test_place_prefers_the_worker_holding_the_session(channel: grpc.aio.Ch
     await b.recv_until_ack(2)
     stub = placement_pb2_grpc.PlacementServiceStub(channel)
     resp = await stub.Place(
-        placement_pb2.PlaceRequest(session_id="s1", tenant_id="acme", agent_type="swe-agent",
-                                   step_index=1, context_tokens=9000, max_candidates=2),
+        placement_pb2.PlaceRequest(
+            session_id="s1",
+            tenant_id="acme",
+            agent_type="swe-agent",
+            step_index=1,
+            context_tokens=9000,
+            max_candidates=2,
+        ),
         timeout=1.0,
     )
     assert [c.worker_id for c in resp.candidates] == ["wb", "wa"]
@@ -303,12 +342,19 @@ async def test_place_with_no_worker_is_unavailable(channel: grpc.aio.Channel) ->
     [
         ("session_id", placement_pb2.PlaceRequest(tenant_id="t")),
         ("tenant_id", placement_pb2.PlaceRequest(session_id="s")),
-        ("max_candidates", placement_pb2.PlaceRequest(session_id="s", tenant_id="t", max_candidates=99)),
-        ("context_tokens", placement_pb2.PlaceRequest(session_id="s", tenant_id="t", context_tokens=1 << 50)),
+        (
+            "max_candidates",
+            placement_pb2.PlaceRequest(session_id="s", tenant_id="t", max_candidates=99),
+        ),
+        (
+            "context_tokens",
+            placement_pb2.PlaceRequest(session_id="s", tenant_id="t", context_tokens=1 << 50),
+        ),
     ],
 )
-async def test_bad_place_is_invalid_argument(channel: grpc.aio.Channel, field: str,
-                                             req: placement_pb2.PlaceRequest) -> None:
+async def test_bad_place_is_invalid_argument(
+    channel: grpc.aio.Channel, field: str, req: placement_pb2.PlaceRequest
+) -> None:
     stub = placement_pb2_grpc.PlacementServiceStub(channel)
     with pytest.raises(grpc.aio.AioRpcError) as ei:
         await stub.Place(req, timeout=1.0)
@@ -320,7 +366,8 @@ async def test_report_session_events_is_idempotent(channel: grpc.aio.Channel) ->
     s, _ = await connect(channel)
     stub = placement_pb2_grpc.PlacementServiceStub(channel)
     req = placement_pb2.ReportSessionEventsRequest(
-        worker_id="w1", events=[event("r1", K.STEP_START, eid="e1"), event("r1", K.STEP_END, eid="e2")]
+        worker_id="w1",
+        events=[event("r1", K.STEP_START, eid="e1"), event("r1", K.STEP_END, eid="e2")],
     )
     first = await stub.ReportSessionEvents(req, timeout=2.0)
     again = await stub.ReportSessionEvents(req, timeout=2.0)
@@ -335,19 +382,30 @@ async def test_report_session_events_is_idempotent(channel: grpc.aio.Channel) ->
 
 async def test_tenant_lifecycle(channel: grpc.aio.Channel) -> None:
     stub = admin_pb2_grpc.AdminServiceStub(channel)
-    t = await stub.CreateTenant(admin_pb2.CreateTenantRequest(
-        tenant=admin_pb2.Tenant(tenant_id="acme", weight=2.0, kv_quota_gpu_bytes=1 << 30)))
+    t = await stub.CreateTenant(
+        admin_pb2.CreateTenantRequest(
+            tenant=admin_pb2.Tenant(tenant_id="acme", weight=2.0, kv_quota_gpu_bytes=1 << 30)
+        )
+    )
     assert t.weight == 2.0
     with pytest.raises(grpc.aio.AioRpcError) as ei:
-        await stub.CreateTenant(admin_pb2.CreateTenantRequest(tenant=admin_pb2.Tenant(tenant_id="acme")))
+        await stub.CreateTenant(
+            admin_pb2.CreateTenantRequest(tenant=admin_pb2.Tenant(tenant_id="acme"))
+        )
     assert ei.value.code() == grpc.StatusCode.ALREADY_EXISTS
     from google.protobuf import field_mask_pb2
-    u = await stub.UpdateTenant(admin_pb2.UpdateTenantRequest(
-        tenant=admin_pb2.Tenant(tenant_id="acme", weight=3.0, slo_class="batch"),
-        update_mask=field_mask_pb2.FieldMask(paths=["weight"])))
+
+    u = await stub.UpdateTenant(
+        admin_pb2.UpdateTenantRequest(
+            tenant=admin_pb2.Tenant(tenant_id="acme", weight=3.0, slo_class="batch"),
+            update_mask=field_mask_pb2.FieldMask(paths=["weight"]),
+        )
+    )
     assert (u.weight, u.kv_quota_gpu_bytes, u.slo_class) == (3.0, 1 << 30, "")
     with pytest.raises(grpc.aio.AioRpcError) as ei:
-        await stub.CreateTenant(admin_pb2.CreateTenantRequest(tenant=admin_pb2.Tenant(tenant_id="bad id")))
+        await stub.CreateTenant(
+            admin_pb2.CreateTenantRequest(tenant=admin_pb2.Tenant(tenant_id="bad id"))
+        )
     assert field_violations(ei.value) == ["tenant.tenant_id"]
     listed = await stub.ListTenants(admin_pb2.ListTenantsRequest())
     assert [x.tenant_id for x in listed.tenants] == ["acme"]
@@ -359,7 +417,12 @@ async def test_tenant_lifecycle(channel: grpc.aio.Channel) -> None:
 
 async def test_health_and_reflection_list_the_services(channel: grpc.aio.Channel) -> None:
     h = health_pb2_grpc.HealthStub(channel)
-    for name in ("", "kvsched.v1.WorkerService", "kvsched.v1.PlacementService", "kvsched.v1.AdminService"):
+    for name in (
+        "",
+        "kvsched.v1.WorkerService",
+        "kvsched.v1.PlacementService",
+        "kvsched.v1.AdminService",
+    ):
         r = await h.Check(health_pb2.HealthCheckRequest(service=name))
         assert r.status == health_pb2.HealthCheckResponse.SERVING
     refl = reflection_pb2_grpc.ServerReflectionStub(channel)
@@ -370,11 +433,17 @@ async def test_health_and_reflection_list_the_services(channel: grpc.aio.Channel
     names = set()
     async for resp in refl.ServerReflectionInfo(ask()):
         names |= {s.name for s in resp.list_services_response.service}
-    assert {"kvsched.v1.WorkerService", "kvsched.v1.PlacementService",
-            "kvsched.v1.AdminService", "grpc.health.v1.Health"} <= names
+    assert {
+        "kvsched.v1.WorkerService",
+        "kvsched.v1.PlacementService",
+        "kvsched.v1.AdminService",
+        "grpc.health.v1.Health",
+    } <= names
 
 
-async def test_drain_worker_tells_its_stream_and_stops_placing_there(channel: grpc.aio.Channel) -> None:
+async def test_drain_worker_tells_its_stream_and_stops_placing_there(
+    channel: grpc.aio.Channel,
+) -> None:
     a, _ = await connect(channel, worker_id="wa")
     b, _ = await connect(channel, worker_id="wb")
     admin = admin_pb2_grpc.AdminServiceStub(channel)
@@ -383,7 +452,8 @@ async def test_drain_worker_tells_its_stream_and_stops_placing_there(channel: gr
     m = await a.recv()
     assert m.WhichOneof("body") == "drain" and m.drain.worker_drained
     resp = await placement_pb2_grpc.PlacementServiceStub(channel).Place(
-        placement_pb2.PlaceRequest(session_id="s", tenant_id="t", max_candidates=4), timeout=1.0)
+        placement_pb2.PlaceRequest(session_id="s", tenant_id="t", max_candidates=4), timeout=1.0
+    )
     assert [c.worker_id for c in resp.candidates] == ["wb"]
     with pytest.raises(grpc.aio.AioRpcError) as ei:
         await admin.DrainWorker(admin_pb2.DrainWorkerRequest(worker_id="nope"))
@@ -395,11 +465,14 @@ async def test_drain_worker_tells_its_stream_and_stops_placing_there(channel: gr
 # -- durability -------------------------------------------------------------------------------
 
 
-async def test_acked_events_survive_a_restart(service: Service, channel: grpc.aio.Channel,
-                                             data_dir: object) -> None:
+async def test_acked_events_survive_a_restart(
+    service: Service, channel: grpc.aio.Channel, data_dir: object
+) -> None:
     s, _ = await connect(channel)
-    await s.send(batch(2, event("s1", K.STEP_START, ctx=4000), event("s1", K.STEP_END, ctx=4500)),
-                 batch(3, event("s2", K.STEP_START)))
+    await s.send(
+        batch(2, event("s1", K.STEP_START, ctx=4000), event("s1", K.STEP_END, ctx=4500)),
+        batch(3, event("s2", K.STEP_START)),
+    )
     await s.recv_until_ack(3)
     await s.close()
     await service.stop()
@@ -409,7 +482,8 @@ async def test_acked_events_survive_a_restart(service: Service, channel: grpc.ai
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{again.port}") as ch:
             info = await admin_pb2_grpc.AdminServiceStub(ch).GetSession(
-                admin_pb2.GetSessionRequest(session_id="s1"))
+                admin_pb2.GetSessionRequest(session_id="s1")
+            )
             assert (info.home_worker_id, info.context_tokens, info.events) == ("w1", 4500, 2)
             assert (await stats(ch)).events_total == 3
             s2, welcome = await connect(ch, resume=3)
@@ -421,4 +495,4 @@ async def test_acked_events_survive_a_restart(service: Service, channel: grpc.ai
 
 def test_status_codes_are_google_rpc_codes() -> None:
     # The error helpers use google.rpc codes that match grpc.StatusCode values.
-    assert code_pb2.INVALID_ARGUMENT == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert grpc.StatusCode.INVALID_ARGUMENT.value[0] == code_pb2.INVALID_ARGUMENT

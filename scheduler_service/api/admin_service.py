@@ -6,72 +6,89 @@ from collections.abc import Callable
 
 import grpc
 
-from kvsched_client._proto.kvsched.v1 import admin_pb2, admin_pb2_grpc
+from kvsched_client._proto.kvsched.v1 import admin_pb2, admin_pb2_grpc, worker_pb2
 from scheduler_service.api import convert, errors
 from scheduler_service.api.dispatch import Dispatcher
 from scheduler_service.domain import Rejected, SessionId, TenantSpec, WorkerId, WorkerView
 from scheduler_service.journal import RecordKind
-from kvsched_client._proto.kvsched.v1 import worker_pb2
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     """Operator API; mutations are journaled like everything else."""
 
-    def __init__(self, dispatcher: Dispatcher, clock: Callable[[], float], started_at: float) -> None:
+    def __init__(
+        self, dispatcher: Dispatcher, clock: Callable[[], float], started_at: float
+    ) -> None:
         self._d = dispatcher
         self._clock = clock
         self._started_at = started_at
 
-    async def _mutate(self, kind: RecordKind, pb: object, context: grpc.aio.ServicerContext) -> object:
+    async def _mutate(
+        self, kind: RecordKind, pb: object, context: grpc.aio.ServicerContext
+    ) -> object:
         try:
             result, durable = self._d.admin(kind, pb, self._clock())
         except Rejected as r:
-            await context.abort_with_status(errors.invalid_argument(r.field, r.description))
+            await errors.abort(context, errors.invalid_argument(r.field, r.description))
         except FileExistsError as e:
-            await context.abort_with_status(errors.already_exists("tenant", str(e)))
+            await errors.abort(context, errors.already_exists("tenant", str(e)))
         except KeyError as e:
             what = "worker" if kind is RecordKind.DRAIN_WORKER else "tenant"
-            await context.abort_with_status(errors.not_found(what, str(e.args[0])))
+            await errors.abort(context, errors.not_found(what, str(e.args[0])))
         await durable
         return result
 
-    async def CreateTenant(self, request: admin_pb2.CreateTenantRequest, context: grpc.aio.ServicerContext) -> admin_pb2.Tenant:  # noqa: N802,E501
+    async def CreateTenant(
+        self, request: admin_pb2.CreateTenantRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.Tenant:
         spec = await self._mutate(RecordKind.TENANT_CREATE, request.tenant, context)
         assert isinstance(spec, TenantSpec)
         return convert.tenant_to_pb(spec)
 
-    async def GetTenant(self, request: admin_pb2.GetTenantRequest, context: grpc.aio.ServicerContext) -> admin_pb2.Tenant:  # noqa: N802,E501
+    async def GetTenant(
+        self, request: admin_pb2.GetTenantRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.Tenant:
         try:
             tid = convert.tenant_id_from_pb(request.tenant_id)
         except Rejected as r:
-            await context.abort_with_status(errors.invalid_argument(r.field, r.description))
+            await errors.abort(context, errors.invalid_argument(r.field, r.description))
         spec = self._d.engine.get_tenant(tid)
         if spec is None:
-            await context.abort_with_status(errors.not_found("tenant", tid))
+            await errors.abort(context, errors.not_found("tenant", tid))
         return convert.tenant_to_pb(spec)
 
-    async def UpdateTenant(self, request: admin_pb2.UpdateTenantRequest, context: grpc.aio.ServicerContext) -> admin_pb2.Tenant:  # noqa: N802,E501
+    async def UpdateTenant(
+        self, request: admin_pb2.UpdateTenantRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.Tenant:
         spec = await self._mutate(RecordKind.TENANT_UPDATE, request, context)
         assert isinstance(spec, TenantSpec)
         return convert.tenant_to_pb(spec)
 
-    async def ListTenants(self, request: admin_pb2.ListTenantsRequest, context: grpc.aio.ServicerContext) -> admin_pb2.ListTenantsResponse:  # noqa: N802,E501
+    async def ListTenants(
+        self, request: admin_pb2.ListTenantsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListTenantsResponse:
         return admin_pb2.ListTenantsResponse(
             tenants=[convert.tenant_to_pb(t) for t in self._d.engine.list_tenants()]
         )
 
-    async def DeleteTenant(self, request: admin_pb2.DeleteTenantRequest, context: grpc.aio.ServicerContext) -> admin_pb2.DeleteTenantResponse:  # noqa: N802,E501
+    async def DeleteTenant(
+        self, request: admin_pb2.DeleteTenantRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.DeleteTenantResponse:
         deleted = await self._mutate(RecordKind.TENANT_DELETE, request, context)
         return admin_pb2.DeleteTenantResponse(deleted=bool(deleted))
 
-    async def ListWorkers(self, request: admin_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext) -> admin_pb2.ListWorkersResponse:  # noqa: N802,E501
+    async def ListWorkers(
+        self, request: admin_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListWorkersResponse:
         return admin_pb2.ListWorkersResponse(
             workers=[convert.worker_to_pb(w) for w in self._d.engine.worker_views()]
         )
 
-    async def DrainWorker(self, request: admin_pb2.DrainWorkerRequest, context: grpc.aio.ServicerContext) -> admin_pb2.WorkerInfo:  # noqa: N802,E501
+    async def DrainWorker(
+        self, request: admin_pb2.DrainWorkerRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.WorkerInfo:
         if not request.worker_id:
-            await context.abort_with_status(errors.invalid_argument("worker_id", "must not be empty"))
+            await errors.abort(context, errors.invalid_argument("worker_id", "must not be empty"))
         view = await self._mutate(RecordKind.DRAIN_WORKER, request, context)
         assert isinstance(view, WorkerView)
         handle = self._d.stream_for(WorkerId(request.worker_id))
@@ -85,14 +102,18 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             )
         return convert.worker_to_pb(view)
 
-    async def GetSession(self, request: admin_pb2.GetSessionRequest, context: grpc.aio.ServicerContext) -> admin_pb2.SessionInfo:  # noqa: N802,E501
+    async def GetSession(
+        self, request: admin_pb2.GetSessionRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.SessionInfo:
         if not request.session_id:
-            await context.abort_with_status(errors.invalid_argument("session_id", "must not be empty"))
+            await errors.abort(context, errors.invalid_argument("session_id", "must not be empty"))
         view = self._d.engine.session_view(SessionId(request.session_id), self._clock())
         if view is None:
-            await context.abort_with_status(errors.not_found("session", request.session_id))
+            await errors.abort(context, errors.not_found("session", request.session_id))
         return convert.session_to_pb(view)
 
-    async def GetClusterStats(self, request: admin_pb2.GetClusterStatsRequest, context: grpc.aio.ServicerContext) -> admin_pb2.ClusterStats:  # noqa: N802,E501
+    async def GetClusterStats(
+        self, request: admin_pb2.GetClusterStatsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ClusterStats:
         now = self._clock()
         return convert.stats_to_pb(self._d.engine.stats(now), now - self._started_at)

@@ -17,7 +17,6 @@ from kvsched_client._proto.kvsched.v1 import (
     worker_pb2,
 )
 from scheduler_service.domain import (
-
     CacheSpec,
     ClusterStatsView,
     DirectiveOutcome,
@@ -58,6 +57,7 @@ MAX_DIGEST_BYTES = 64
 MAX_REASON_BYTES = 512
 
 _EVENT_KINDS = {k.value for k in EventKind}
+_NO_WORKER = WorkerId("")
 _TIERS = {t.value for t in Tier}
 
 
@@ -82,7 +82,9 @@ def _count(value: int, field: str, limit: int, minimum: int = 0) -> int:
     return value
 
 
-def _real(value: float, field: str, limit: float, minimum: float = 0.0, positive: bool = False) -> float:
+def _real(
+    value: float, field: str, limit: float, minimum: float = 0.0, positive: bool = False
+) -> float:
     if not math.isfinite(value):
         raise Rejected(field, "must be a finite number")
     if positive and value <= 0:
@@ -147,7 +149,7 @@ def hello_from_pb(pb: worker_pb2.Hello, field: str = "hello") -> WorkerSpec:
 
 
 def session_event_from_pb(
-    pb: types_pb2.SessionEvent, field: str, worker_id: WorkerId = WorkerId("")
+    pb: types_pb2.SessionEvent, field: str, worker_id: WorkerId = _NO_WORKER
 ) -> SessionEvent:
     """Validated SessionEvent."""
     if pb.kind not in _EVENT_KINDS:
@@ -243,7 +245,9 @@ def kv_events_from_pb(pb: types_pb2.KvEventBatch, field: str) -> list[KvEvent]:
                     ),
                     tier=_tier(s.tier, f"{f}.stored.tier"),
                     group_index=_count(s.group_index, f"{f}.stored.group_index", 1 << 10),
-                    session_id=SessionId(_id(s.session_id, f"{f}.stored.session_id", required=False)),
+                    session_id=SessionId(
+                        _id(s.session_id, f"{f}.stored.session_id", required=False)
+                    ),
                 )
             )
         elif which == "removed":
@@ -325,7 +329,7 @@ def directive_to_pb(d: RetentionDirective) -> worker_pb2.ServerMessage:
         directive=worker_pb2.RetentionDirective(
             directive_id=d.directive_id,
             session_id=d.session_id,
-            action=int(d.action),  # type: ignore[arg-type]
+            action=int(d.action),
             lease_ttl_s=d.lease_ttl_s,
             priority=d.priority,
             leader_epoch=d.leader_epoch,
@@ -374,7 +378,7 @@ def placement_to_pb(p: Placement) -> placement_pb2.PlaceResponse:
                 endpoint=c.endpoint,
                 expected_cached_tokens=c.expected_cached_tokens,
                 score=c.score,
-                cached_tier=int(c.cached_tier),  # type: ignore[arg-type]
+                cached_tier=int(c.cached_tier),
             )
             for c in p.candidates
         ],
@@ -413,9 +417,7 @@ def tenant_from_pb(pb: admin_pb2.Tenant, field: str = "tenant") -> TenantSpec:
         display_name=_id(pb.display_name, f"{field}.display_name", required=False),
         weight=weight,
         kv_quota_gpu_bytes=_count(pb.kv_quota_gpu_bytes, f"{field}.kv_quota_gpu_bytes", 1 << 62),
-        kv_quota_host_bytes=_count(
-            pb.kv_quota_host_bytes, f"{field}.kv_quota_host_bytes", 1 << 62
-        ),
+        kv_quota_host_bytes=_count(pb.kv_quota_host_bytes, f"{field}.kv_quota_host_bytes", 1 << 62),
         event_rate_limit_per_s=_real(
             pb.event_rate_limit_per_s, f"{field}.event_rate_limit_per_s", 1e9
         ),
@@ -479,8 +481,8 @@ def session_to_pb(s: SessionView) -> admin_pb2.SessionInfo:
         tenant_id=s.tenant_id,
         agent_type=s.agent_type,
         home_worker_id=s.home_worker_id or "",
-        tier=int(s.tier),  # type: ignore[arg-type]
-        state=int(s.state),  # type: ignore[arg-type]
+        tier=int(s.tier),
+        state=int(s.state),
         step_index=s.step_index,
         context_tokens=s.context_tokens,
         idle_s=s.idle_s,
@@ -515,5 +517,3 @@ def stats_to_pb(v: ClusterStatsView, uptime_s: float) -> admin_pb2.ClusterStats:
         uptime_s=uptime_s,
         leader_epoch=v.leader_epoch,
     )
-
-

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
+from google.protobuf.message import Message
 
 from kvsched_client._proto.kvsched.v1 import admin_pb2, placement_pb2, worker_pb2
 from scheduler_service.api import convert
@@ -123,7 +124,9 @@ class Dispatcher:
         """Apply one upstream message (not Hello); raises Rejected, changing nothing."""
         seq = msg.seq
         if seq <= handle.last_seq_in_stream:
-            raise Rejected("seq", f"must increase within a stream: {seq} after {handle.last_seq_in_stream}")
+            raise Rejected(
+                "seq", f"must increase within a stream: {seq} after {handle.last_seq_in_stream}"
+            )
         if msg.WhichOneof("body") is None:
             raise Rejected("body", "a message body is required")
         if msg.WhichOneof("body") == "hello":
@@ -161,7 +164,9 @@ class Dispatcher:
         decisions = self._apply(rec)
         return Applied(decisions, self.journal.append(rec))
 
-    def admin(self, kind: RecordKind, pb: object, now: float) -> tuple[object, asyncio.Future[None]]:
+    def admin(
+        self, kind: RecordKind, pb: object, now: float
+    ) -> tuple[object, asyncio.Future[None]]:
         """Apply an admin mutation; returns (result, durable)."""
         payload = pb.SerializeToString()  # type: ignore[attr-defined]
         rec = Record(kind, now, payload)
@@ -188,9 +193,7 @@ class Dispatcher:
 
     def broadcast_drain(self, reason: str, deadline_s: float) -> None:
         """Tell every connected worker the scheduler is going away."""
-        msg = worker_pb2.ServerMessage(
-            drain=worker_pb2.Drain(reason=reason, deadline_s=deadline_s)
-        )
+        msg = worker_pb2.ServerMessage(drain=worker_pb2.Drain(reason=reason, deadline_s=deadline_s))
         for handle in list(self._streams.values()):
             handle.send(msg)
 
@@ -284,7 +287,9 @@ class Dispatcher:
             paths = list(pb.update_mask.paths)
             for i, p in enumerate(paths):
                 if p not in convert.TENANT_MUTABLE_FIELDS:
-                    raise Rejected(f"update_mask.paths[{i}]", f"{p!r} is not a mutable tenant field")
+                    raise Rejected(
+                        f"update_mask.paths[{i}]", f"{p!r} is not a mutable tenant field"
+                    )
             return e.update_tenant(spec, paths or None)
         if kind is RecordKind.TENANT_DELETE:
             assert isinstance(pb, admin_pb2.DeleteTenantRequest)
@@ -299,7 +304,7 @@ class Dispatcher:
         return self.engine.get_tenant(tenant_id) is not None
 
 
-_ADMIN_TYPES: dict[RecordKind, type] = {
+_ADMIN_TYPES: dict[RecordKind, type[Message]] = {
     RecordKind.TENANT_CREATE: admin_pb2.Tenant,
     RecordKind.TENANT_UPDATE: admin_pb2.UpdateTenantRequest,
     RecordKind.TENANT_DELETE: admin_pb2.DeleteTenantRequest,

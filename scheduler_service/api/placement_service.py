@@ -20,7 +20,7 @@ class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
         self._d = dispatcher
         self._clock = clock
 
-    async def Place(  # noqa: N802
+    async def Place(
         self, request: placement_pb2.PlaceRequest, context: grpc.aio.ServicerContext
     ) -> placement_pb2.PlaceResponse:
         t0 = time.perf_counter()
@@ -28,30 +28,30 @@ class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
             req = convert.place_request_from_pb(request)
         except Rejected as r:
             self._d.metrics.rejected.add(1, {"code": "INVALID_ARGUMENT"})
-            await context.abort_with_status(errors.invalid_argument(r.field, r.description))
+            await errors.abort(context, errors.invalid_argument(r.field, r.description))
         if self._d.draining:
-            await context.abort_with_status(errors.unavailable("scheduler is draining", 2.0))
+            await errors.abort(context, errors.unavailable("scheduler is draining", 2.0))
         placement = self._d.engine.place(req, self._clock())
         if not placement.candidates:
-            await context.abort_with_status(
-                errors.unavailable("no live worker can take this step", 0.5)
+            await errors.abort(
+                context, errors.unavailable("no live worker can take this step", 0.5)
             )
         resp = convert.placement_to_pb(placement)
         self._d.metrics.place_latency_s.record(time.perf_counter() - t0)
         return resp
 
-    async def ReportSessionEvents(  # noqa: N802
+    async def ReportSessionEvents(
         self,
         request: placement_pb2.ReportSessionEventsRequest,
         context: grpc.aio.ServicerContext,
     ) -> placement_pb2.ReportSessionEventsResponse:
         if self._d.draining:
-            await context.abort_with_status(errors.unavailable("scheduler is draining", 2.0))
+            await errors.abort(context, errors.unavailable("scheduler is draining", 2.0))
         try:
             accepted, dups, applied = self._d.report_events(request, self._clock())
         except Rejected as r:
             self._d.metrics.rejected.add(1, {"code": "INVALID_ARGUMENT"})
-            await context.abort_with_status(errors.invalid_argument(r.field, r.description))
+            await errors.abort(context, errors.invalid_argument(r.field, r.description))
         await applied.durable
         self._d.route(applied.decisions)
         return placement_pb2.ReportSessionEventsResponse(accepted=accepted, duplicates=dups)

@@ -9,8 +9,8 @@ writes what the two produce, so a slow journal never reorders acks.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import grpc
 import structlog
@@ -40,13 +40,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self._clock = clock
         self._server_id = server_id
 
-    async def Connect(  # noqa: N802 - gRPC method name
+    async def Connect(
         self,
         request_iterator: AsyncIterator[worker_pb2.WorkerMessage],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[worker_pb2.ServerMessage]:
         if self._d.draining:
-            await context.abort_with_status(errors.unavailable("scheduler is draining", 2.0))
+            await errors.abort(context, errors.unavailable("scheduler is draining", 2.0))
         out: asyncio.Queue[object] = asyncio.Queue()
         first = await _next(request_iterator)
         if first is None:
@@ -68,14 +68,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             self._d.route(applied.decisions)
         except Rejected as r:
             self._d.metrics.rejected.add(1, {"code": "INVALID_ARGUMENT"})
-            await context.abort_with_status(errors.invalid_argument(r.field, r.description))
+            await errors.abort(context, errors.invalid_argument(r.field, r.description))
         except StaleEpoch as s:
             self._d.metrics.rejected.add(1, {"code": "FAILED_PRECONDITION"})
-            await context.abort_with_status(
-                errors.resync_required(str(s), current_epoch=str(s.current))
+            await errors.abort(
+                context, errors.resync_required(str(s), current_epoch=str(s.current))
             )
         except _Fail as f:
-            await context.abort_with_status(f.status)
+            await errors.abort(context, f.status)
         assert handle is not None
         bound = log.bind(worker=handle.worker_id, epoch=handle.epoch)
         bound.info("stream.open", resume_from_seq=first.hello.resume_from_seq)
@@ -90,8 +90,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         span = _tracer.start_span(
             "kvsched.v1.WorkerService/Connect",
             kind=trace.SpanKind.SERVER,
-            attributes={"rpc.system": "grpc", "kvsched.worker_id": handle.worker_id,
-                        "kvsched.epoch": handle.epoch},
+            attributes={
+                "rpc.system": "grpc",
+                "kvsched.worker_id": handle.worker_id,
+                "kvsched.epoch": handle.epoch,
+            },
         )
         acks: asyncio.Queue[object] = asyncio.Queue(maxsize=MAX_IN_FLIGHT)
         reader = asyncio.create_task(self._read(request_iterator, handle, acks))
@@ -103,7 +106,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     break
                 if isinstance(item, grpc.Status):
                     bound.info("stream.abort", code=item.code.name, details=item.details)
-                    await context.abort_with_status(item)
+                    await errors.abort(context, item)
                 assert isinstance(item, worker_pb2.ServerMessage)
                 yield item
         finally:
@@ -148,7 +151,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 await applied.durable
             except Exception as exc:
                 log.error("journal.append_failed", error=repr(exc))
-                out.put_nowait(errors.unavailable("journal write failed; reconnect and resend", 1.0))
+                out.put_nowait(
+                    errors.unavailable("journal write failed; reconnect and resend", 1.0)
+                )
                 return
             # Coalesce: ack the newest message whose write is already durable.
             self._d.route(applied.decisions)

@@ -12,6 +12,7 @@ CRC does not match (a torn or corrupted tail) and reports what it dropped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import sqlite3
 import threading
@@ -106,7 +107,9 @@ class SqliteJournal:
         out: list[Record] = []
         for i, (rid, kind, now, wid, epoch, seq, payload, crc) in enumerate(rows):
             try:
-                rec = Record(RecordKind(kind), float(now), bytes(payload), wid, int(epoch), int(seq))
+                rec = Record(
+                    RecordKind(kind), float(now), bytes(payload), wid, int(epoch), int(seq)
+                )
             except (ValueError, TypeError):
                 rec = None
             if rec is None or _crc(rec) != crc:
@@ -177,19 +180,16 @@ class SqliteJournal:
                 self.records_written += len(rows)
             except sqlite3.Error as exc:  # disk full, I/O error: fail the batch, never ack it
                 log.error("journal.commit_failed", error=str(exc), records=len(rows))
-                try:
+                with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
                 error = exc
         by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
         for _, fut, loop in batch:
             by_loop.setdefault(loop, []).append(fut)
         for loop, futs in by_loop.items():
-            try:
+            # RuntimeError: the loop closed while we were committing.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_resolve, futs, error)
-            except RuntimeError:  # the loop closed while we were committing
-                pass
 
 
 def _resolve(futs: list[asyncio.Future[None]], error: BaseException | None) -> None:
