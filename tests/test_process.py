@@ -151,3 +151,31 @@ def test_bad_flag_values_are_rejected(flag: str) -> None:
     )
     assert r.returncode == 2
     assert flag.split("=")[0].lstrip("-").replace("-", "_") in r.stderr.decode()
+
+
+def test_metrics_endpoint_exports_kvsched_instruments(
+    tmp_path: Path, port_factory: Callable[[], int]
+) -> None:
+    import urllib.request
+
+    from kvsched_client._proto.kvsched.v1 import placement_pb2
+    from kvsched_client.connection import connect
+
+    port, mport = port_factory(), port_factory()
+    proc = spawn(tmp_path, port, "--metrics-port", str(mport))
+    try:
+        wait_serving(port)
+        with connect(f"127.0.0.1:{port}") as conn:
+            with pytest.raises(grpc.RpcError):  # no worker yet: UNAVAILABLE, still counted
+                conn.placement.Place(placement_pb2.PlaceRequest(tenant_id="t"), timeout=2)
+            with pytest.raises(grpc.RpcError):
+                conn.placement.Place(placement_pb2.PlaceRequest(session_id="s"), timeout=2)
+        body = (
+            urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
+        )
+        lines = [ln for ln in body.splitlines() if ln.startswith("kvsched_rejected_inputs_total{")]
+        assert len(lines) == 1 and 'code="INVALID_ARGUMENT"' in lines[0]
+        assert lines[0].endswith(" 2.0")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
