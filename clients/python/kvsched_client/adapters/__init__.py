@@ -1,0 +1,1 @@
+"""Engine integrations (each imports its engine lazily; install the matching extra)."""

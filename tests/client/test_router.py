@@ -1,0 +1,124 @@
+"""PlacementClient: the service's answer when it is fast, the fallback within the deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from kvsched_client._proto.kvsched.v1 import placement_pb2, placement_pb2_grpc
+from kvsched_client.router import PlacementClient, SyncPlacementClient, rendezvous_order
+
+LIVE = {f"w{i}": f"10.0.0.{i}:8000" for i in range(5)}
+
+
+class FakePlacement(placement_pb2_grpc.PlacementServiceServicer):
+    def __init__(self) -> None:
+        self.delay_s = 0.0
+        self.calls = 0
+        self.empty = False
+
+    async def Place(self, request, context):
+        self.calls += 1
+        await asyncio.sleep(self.delay_s)
+        if self.empty:
+            return placement_pb2.PlaceResponse()
+        return placement_pb2.PlaceResponse(
+            candidates=[
+                placement_pb2.PlacementCandidate(worker_id="w9", endpoint="10.0.0.9:8000"),
+                placement_pb2.PlacementCandidate(worker_id="w1", endpoint="10.0.0.1:8000"),
+            ],
+            step_priority=4,
+            affinity_ttl_s=30.0,
+            reason="affinity",
+        )
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[tuple[FakePlacement, str]]:
+    server = grpc.aio.server()
+    servicer = FakePlacement()
+    placement_pb2_grpc.add_PlacementServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield servicer, f"127.0.0.1:{port}"
+    await server.stop(0)
+
+
+def req(session: str = "sess-1", **kw) -> placement_pb2.PlaceRequest:
+    return placement_pb2.PlaceRequest(session_id=session, tenant_id="t", agent_type="a", **kw)
+
+
+async def test_uses_the_service_answer_when_it_is_fast(fake) -> None:
+    _servicer, target = fake
+    async with grpc.aio.insecure_channel(target) as ch:
+        client = PlacementClient(ch, deadline_s=1.0, live_workers=LIVE)
+        res = await client.place(req())
+    assert (res.worker_ids, res.fell_back, res.reason) == (("w9", "w1"), False, "affinity")
+    assert (res.primary, res.step_priority, res.affinity_ttl_s) == ("w9", 4, 30.0)
+
+
+async def test_slow_service_falls_back_within_the_deadline_then_cools_down(fake) -> None:
+    servicer, target = fake
+    servicer.delay_s = 0.5
+    async with grpc.aio.insecure_channel(target) as ch:
+        client = PlacementClient(ch, live_workers=LIVE)  # default 10 ms
+        await client.place(req("warm-up"))  # first call also opens the connection
+        client._fb.skip_until_s = 0.0
+        t0 = time.perf_counter()
+        res = await client.place(req())
+        elapsed_s = time.perf_counter() - t0
+        assert elapsed_s < 0.1  # 10 ms deadline plus scheduling slack, far below 0.5 s
+        assert res.fell_back and res.reason == "fallback:deadline"
+        assert list(res.worker_ids) == rendezvous_order("sess-1", LIVE)[:3]
+        assert res.endpoints[0] == LIVE[res.worker_ids[0]]
+        calls = servicer.calls
+        again = await client.place(req())
+        assert again.reason == "fallback:cooldown" and servicer.calls == calls
+        assert again.worker_ids == res.worker_ids  # affinity is stable
+        assert client.fallbacks == 3
+
+
+async def test_gone_service_falls_back_and_honours_candidates() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        client = PlacementClient(ch, deadline_s=0.05, live_workers=LIVE)
+        res = await client.place(req(candidate_worker_ids=["w2", "w4", "gone"], max_candidates=5))
+    assert res.fell_back and res.reason in ("fallback:unavailable", "fallback:deadline")
+    assert set(res.worker_ids) == {"w2", "w4"}
+
+
+async def test_empty_answer_falls_back(fake) -> None:
+    servicer, target = fake
+    servicer.empty = True
+    async with grpc.aio.insecure_channel(target) as ch:
+        res = await PlacementClient(ch, deadline_s=1.0, live_workers=LIVE).place(req())
+    assert res.reason == "fallback:empty" and len(res.worker_ids) == 3
+
+
+def test_sync_client_falls_back_within_the_deadline() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        client = SyncPlacementClient(ch, live_workers=LIVE)
+        t0 = time.perf_counter()
+        res = client.place(req())
+        assert time.perf_counter() - t0 < 0.2
+    assert res.fell_back and res.primary == rendezvous_order("sess-1", LIVE)[0]
+
+
+def test_rendezvous_moves_only_the_sessions_of_a_removed_worker() -> None:
+    sessions = [f"s{i}" for i in range(2000)]
+    before = {s: rendezvous_order(s, LIVE)[0] for s in sessions}
+    rest = [w for w in LIVE if w != "w3"]
+    after = {s: rendezvous_order(s, rest)[0] for s in sessions}
+    moved = [s for s in sessions if before[s] != after[s]]
+    assert all(before[s] == "w3" for s in moved)
+    assert 300 < len(moved) < 500  # about 1/5 of the sessions
