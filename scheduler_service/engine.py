@@ -1,94 +1,104 @@
 """The decision engine: the one entry point the service, simulator and load test drive.
 
 Time is an argument: every method takes ``now`` (seconds) and the engine never
-reads a clock, so a journal replay or a simulation reproduces every decision.
+reads a clock, so a journal replay or a simulation reproduces every decision,
+directive ids included.
 
-This is the foundation engine: it tracks workers, sessions and tenants and
-answers Place with the session's home worker (affinity) or the least-loaded
-worker, and releases a finished session's KV. The agent execution graph,
-numba kernels and cost-based retention fill in behind this same interface.
+The engine composes the parts: ``state`` (struct-of-arrays cluster state),
+``graph`` (what each agent type does next and for how long), ``kernels``
+(numba scoring, ranking and pricing), ``placement``, ``retention`` and
+``fairness``. This module routes session events to them and owns directive
+ids and timers; ``engine_checks`` validates batches, ``engine_workers``
+handles worker messages and ``engine_read`` builds the operator views.
 """
 
 from __future__ import annotations
 
-import itertools
+import heapq
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
+from scheduler_service import kernels as kernel_sets
+from scheduler_service.costs import DEFAULT_ATTENTION_KNEE_TOKENS, blocks_for, prefill_time_s
 from scheduler_service.domain import (
     NO_DECISIONS,
     Action,
-    Candidate,
     ClusterStatsView,
     Decisions,
     DirectiveId,
     DirectiveOutcome,
     EventKind,
     KvEvent,
-    KvEventKind,
     Placement,
     PlaceRequest,
     PoolInventory,
-    Rejected,
     RetentionDirective,
     SessionEvent,
     SessionId,
-    SessionState,
     SessionView,
-    StaleEpoch,
     TenantId,
     TenantSpec,
-    TenantStatsView,
-    Tier,
     WorkerId,
     WorkerLoad,
     WorkerSpec,
     WorkerView,
 )
+from scheduler_service.engine_checks import check_events
+from scheduler_service.engine_read import cluster_stats, session_view, worker_view
+from scheduler_service.engine_workers import WorkerEvents
+from scheduler_service.fairness import FairShare
+from scheduler_service.graph import FINISH_NODE, GraphPrior, GraphStore
+from scheduler_service.placement import Placer
+from scheduler_service.retention import Retention
+from scheduler_service.state import (
+    NO_SLOT,
+    STATE_IDLE,
+    STATE_RUNNING,
+    STATE_TOOL_WAIT,
+    TIER_GPU,
+    TIER_HOST,
+    TIER_NONE,
+    ClusterState,
+    Interned,
+)
 
-_DONE_KINDS = (EventKind.SESSION_FINISH, EventKind.SESSION_ABORT)
+_K_START = EventKind.STEP_START
+_K_WAIT = EventKind.TOOL_CALL_WAIT
+_K_TOOL_END = EventKind.TOOL_CALL_END
+_K_STEP_END = EventKind.STEP_END
+_K_FINISH = EventKind.SESSION_FINISH
+_K_ABORT = EventKind.SESSION_ABORT
 
 
 @dataclass(slots=True)
 class EngineConfig:
-    """Engine knobs (defaults suit a vLLM-like fleet)."""
+    """Engine knobs (defaults suit a vLLM-like fleet); costs are GPU seconds."""
 
     affinity_ttl_s: float = 30.0
     max_candidates: int = 16
-    # NOTE: retained sessions are leased, never pinned; this is the lease the
-    # foundation engine grants at TOOL_CALL_WAIT before cost-based retention lands.
+    # NOTE: retained sessions are leased, never pinned. This TTL applies when
+    # the engine knows nothing about a session's size (it cannot price it).
     default_lease_ttl_s: float = 10.0
-
-
-@dataclass(slots=True)
-class _Worker:
-    spec: WorkerSpec
-    connected: bool = True
-    draining: bool = False
-    load: WorkerLoad | None = None
-    gpu_used_blocks: int = 0
-    sessions: set[SessionId] = field(default_factory=set)
-
-
-@dataclass(slots=True)
-class _Session:
-    session_id: SessionId
-    tenant_id: TenantId
-    agent_type: str
-    home: WorkerId | None = None
-    tier: Tier = Tier.NONE
-    state: SessionState = SessionState.IDLE
-    step_index: int = 0
-    context_tokens: int = 0
-    last_event_s: float = 0.0
-    lease_expires_s: float = 0.0
-    events: int = 0
-
-
-@dataclass(slots=True)
-class _TenantCounters:
-    completed_sessions: int = 0
-    events: int = 0
+    min_lease_ttl_s: float = 1.0
+    max_lease_ttl_s: float = 300.0
+    knee_tokens: float = DEFAULT_ATTENTION_KNEE_TOKENS
+    # retention prices
+    idle_utilization: float = 0.5  # holding KV is free below this pool utilisation
+    max_shadow_price: float = 1.0  # GPU-s per s of holding a whole full pool
+    demand_weight: float = 0.5
+    demand_horizon_s: float = 5.0
+    transfer_weight: float = 0.25  # GPU-s per s of host-link transfer (mostly overlapped)
+    prefetch_margin: float = 0.25  # start a reload this much of its duration early
+    redecide_price_ratio: float = 1.5
+    # pressure: below low watermark free, evict up to the high one
+    low_watermark: float = 0.05
+    high_watermark: float = 0.10
+    # placement
+    evict_cost_factor: float = 1.0
+    bestfit_weight_s: float = 0.01
+    affinity_bonus_s: float = 0.05
+    graph_prior: GraphPrior = field(default_factory=GraphPrior)
+    use_reference_kernels: bool = False  # plain-Python twins (tests, benchmark)
 
 
 class Engine:
@@ -97,173 +107,70 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None, leader_epoch: int = 1) -> None:
         self.config = config or EngineConfig()
         self.leader_epoch = leader_epoch
-        self._workers: dict[WorkerId, _Worker] = {}
-        self._sessions: dict[SessionId, _Session] = {}
+        self.kernels = (
+            kernel_sets.REFERENCE if self.config.use_reference_kernels else kernel_sets.NUMBA
+        )
+        self.state = ClusterState()
+        self.fair = FairShare()
+        self.agents: Interned[str] = Interned()
+        self.graphs = GraphStore(self.config.graph_prior)
         self._tenants: dict[TenantId, TenantSpec] = {}
-        self._tenant_counters: dict[TenantId, _TenantCounters] = {}
-        self._directive_seq = itertools.count(1)
-        self._events_total = 0
-        self._placements_total = 0
-        self._directives_total = 0
+        self._timers: list[tuple[float, int, int, int]] = []  # (due, seq, slot, kind)
+        self._timer_seq = 0
+        self._directive_seq = 0
+        self._out: list[RetentionDirective] = []
+        self.events_total = 0
+        self.placements_total = 0
+        self.directives_total = 0
+        self.acks: dict[DirectiveOutcome, int] = dict.fromkeys(DirectiveOutcome, 0)
+        self.retention = Retention(
+            self.config, self.state, self.kernels, self.fair, self.graphs,
+            self._emit, self._set_timer,
+        )
+        self.placer = Placer(self.config, self.state, self.kernels, self.fair)
+        self._workers = WorkerEvents(self.state, self.retention)
+        self.warm()
+
+    def warm(self) -> None:
+        """Compile or load the kernels now, so no request pays for it (cheap when cached)."""
+        if self.kernels is kernel_sets.NUMBA:
+            kernel_sets.warm()
 
     # -- workers -------------------------------------------------------------
 
     def register_worker(self, spec: WorkerSpec, now: float) -> Decisions:
         """Record a worker's Hello; a new epoch means it holds nothing any more."""
-        known = self._workers.get(spec.worker_id)
-        if known is not None and spec.epoch < known.spec.epoch:
-            raise StaleEpoch(spec.worker_id, spec.epoch, known.spec.epoch)
-        if known is None or spec.epoch > known.spec.epoch:
-            if known is not None:
-                self._forget_residency(known)
-            self._workers[spec.worker_id] = _Worker(spec=spec)
-        else:
-            known.spec = spec
-            known.connected = True
+        self._workers.register(spec)
         return NO_DECISIONS
 
     def worker_epoch(self, worker_id: WorkerId) -> int | None:
         """The current epoch of a worker, or None when unknown."""
-        w = self._workers.get(worker_id)
-        return None if w is None else w.spec.epoch
+        w = self.state.workers.slot_of.get(worker_id)
+        return None if w is None else int(self.state.workers.epoch[w])
 
     def worker_disconnected(self, worker_id: WorkerId, now: float) -> None:
         """Mark a worker's stream closed (its KV may still be there)."""
-        w = self._workers.get(worker_id)
-        if w is not None:
-            w.connected = False
+        self._workers.disconnected(worker_id)
 
     def heartbeat(self, worker_id: WorkerId, load: WorkerLoad, now: float) -> Decisions:
-        """Record a worker's load figures."""
-        w = self._require_worker(worker_id, "heartbeat")
-        w.load = load
-        w.gpu_used_blocks = max(0, w.spec.cache.gpu_capacity_blocks - load.gpu_free_blocks)
-        return NO_DECISIONS
+        """Record a worker's load; relieve pressure and re-price its leases."""
+        self._workers.heartbeat(worker_id, load, now)
+        return self._flush()
 
     def drain_worker(self, worker_id: WorkerId, now: float) -> WorkerView:
-        """Stop placing steps on a worker."""
-        w = self._workers.get(worker_id)
-        if w is None:
-            raise KeyError(worker_id)
-        w.draining = True
-        return self._worker_view(w)
-
-    # -- session events --------------------------------------------------------
-
-    def check_events(self, events: Sequence[SessionEvent]) -> None:
-        """Raise Rejected if any event of the batch is invalid; changes nothing."""
-        created: set[SessionId] = set()
-        for i, ev in enumerate(events):
-            prefix = f"events[{i}]"
-            if ev.context_tokens < 0:
-                raise Rejected(f"{prefix}.context_tokens", "must be >= 0")
-            if ev.new_tokens < 0:
-                raise Rejected(f"{prefix}.new_tokens", "must be >= 0")
-            if ev.worker_id and ev.worker_id not in self._workers:
-                raise Rejected(f"{prefix}.worker_id", f"unknown worker {ev.worker_id!r}")
-            known = ev.session_id in self._sessions or ev.session_id in created
-            if not known and ev.kind not in (EventKind.STEP_START, EventKind.SESSION_ABORT):
-                raise Rejected(
-                    f"{prefix}.session_id",
-                    f"unknown session {ev.session_id!r}: its first event must be STEP_START",
-                )
-            s = self._sessions.get(ev.session_id)
-            if s is not None and s.tenant_id != ev.tenant_id:
-                raise Rejected(
-                    f"{prefix}.tenant_id",
-                    f"session {ev.session_id!r} belongs to another tenant",
-                )
-            created.add(ev.session_id)
-
-    def handle_batch(self, events: Sequence[SessionEvent], now: float) -> Decisions:
-        """Validate a whole batch, then apply it; a bad event rejects the batch."""
-        self.check_events(events)
-        directives: list[RetentionDirective] = []
-        for ev in events:
-            directives.extend(self._apply(ev, now).directives)
-        return Decisions(directives=tuple(directives)) if directives else NO_DECISIONS
-
-    def handle(self, event: SessionEvent, now: float) -> Decisions:
-        """Validate and apply one session event."""
-        return self.handle_batch((event,), now)
-
-    def _apply(self, ev: SessionEvent, now: float) -> Decisions:
-        self._events_total += 1
-        self._tenant_counters.setdefault(ev.tenant_id, _TenantCounters()).events += 1
-        s = self._sessions.get(ev.session_id)
-        if s is None:
-            if ev.kind is EventKind.SESSION_ABORT:
-                return NO_DECISIONS
-            s = _Session(ev.session_id, ev.tenant_id, ev.agent_type)
-            self._sessions[ev.session_id] = s
-        s.events += 1
-        s.step_index = max(s.step_index, ev.step_index)
-        s.context_tokens = ev.context_tokens
-        s.last_event_s = now
-        if ev.worker_id and ev.worker_id != s.home:
-            self._move_home(s, ev.worker_id)
-        kind = ev.kind
-        if kind is EventKind.STEP_START:
-            s.state = SessionState.RUNNING
-            s.tier = Tier.GPU if s.home is not None else Tier.NONE
-            s.lease_expires_s = 0.0
-        elif kind is EventKind.TOOL_CALL_WAIT:
-            s.state = SessionState.TOOL_WAIT
-            if s.home is not None:
-                ttl = self.config.default_lease_ttl_s
-                s.lease_expires_s = now + ttl
-                return self._directive(s, Action.RETAIN_GPU, ttl, "tool_wait")
-        elif kind in (EventKind.TOOL_CALL_END, EventKind.STEP_END):
-            s.state = SessionState.IDLE if kind is EventKind.STEP_END else SessionState.RUNNING
-        elif kind in _DONE_KINDS:
-            return self._finish(s, kind)
-        return NO_DECISIONS
-
-    def _finish(self, s: _Session, kind: EventKind) -> Decisions:
-        decisions = NO_DECISIONS
-        if s.home is not None and s.tier is not Tier.NONE:
-            decisions = self._directive(s, Action.RELEASE, 0.0, kind.name.lower())
-        if kind is EventKind.SESSION_FINISH:
-            self._tenant_counters.setdefault(s.tenant_id, _TenantCounters()).completed_sessions += 1
-        self._drop_session(s)
-        return decisions
-
-    # -- KV events and inventories ---------------------------------------------
+        """Stop placing steps on a worker; KeyError when unknown."""
+        w = self._workers.drain(worker_id)
+        return worker_view(self.state, w)
 
     def kv_events(self, worker_id: WorkerId, events: Iterable[KvEvent], now: float) -> Decisions:
-        """Track block counts from a worker's KV events."""
-        w = self._require_worker(worker_id, "kv_events")
-        for ev in events:
-            n = len(ev.block_hashes)
-            if ev.tier is not Tier.GPU and ev.kind is not KvEventKind.ALL_CLEARED:
-                continue
-            if ev.kind is KvEventKind.STORED:
-                w.gpu_used_blocks += n
-            elif ev.kind is KvEventKind.REMOVED:
-                w.gpu_used_blocks = max(0, w.gpu_used_blocks - n)
-            else:
-                w.gpu_used_blocks = 0
-                self._forget_residency(w)
-        return NO_DECISIONS
+        """Track block usage from a worker's KV events."""
+        self._workers.kv_events(worker_id, events, now)
+        return self._flush()
 
     def reconcile(self, worker_id: WorkerId, inv: PoolInventory, now: float) -> Decisions:
         """Adopt a worker's inventory as the truth about residency."""
-        w = self._require_worker(worker_id, "pool_snapshot")
-        w.gpu_used_blocks = inv.gpu_used_blocks
-        held = {r.session_id: r for r in inv.sessions}
-        if inv.complete:
-            for sid in list(w.sessions):
-                if sid not in held:
-                    self._sessions[sid].tier = Tier.NONE
-        for r in inv.sessions:
-            s = self._sessions.get(r.session_id)
-            if s is None:
-                s = _Session(r.session_id, r.tenant_id, agent_type="")
-                self._sessions[r.session_id] = s
-            self._move_home(s, worker_id)
-            s.tier = Tier.GPU if r.gpu_blocks else (Tier.HOST if r.host_blocks else Tier.NONE)
-            s.lease_expires_s = now + r.lease_remaining_s if r.lease_remaining_s > 0 else 0.0
-        return NO_DECISIONS
+        self._workers.reconcile(worker_id, inv, now, self._new_session)
+        return self._flush()
 
     def directive_acked(
         self,
@@ -274,59 +181,255 @@ class Engine:
         now: float,
     ) -> None:
         """Record a worker's answer to a directive."""
-        self._require_worker(worker_id, "directive_ack")
+        self._workers.require(worker_id, "directive_ack")
+        self.acks[outcome] = self.acks.get(outcome, 0) + 1
+
+    # -- session events --------------------------------------------------------
+
+    def check_events(self, events: Sequence[SessionEvent]) -> None:
+        """Raise Rejected if any event of the batch is invalid; changes nothing."""
+        check_events(self.state, self.fair.tenants.names, events)
+
+    def handle_batch(self, events: Sequence[SessionEvent], now: float) -> Decisions:
+        """Validate a whole batch, then apply it; a bad event rejects the batch."""
+        check_events(self.state, self.fair.tenants.names, events)
+        for ev in events:
+            self._apply(ev, now)
+        return self._flush()
+
+    def handle(self, event: SessionEvent, now: float) -> Decisions:
+        """Validate and apply one session event."""
+        return self.handle_batch((event,), now)
+
+    def _apply(self, ev: SessionEvent, now: float) -> None:
+        self.events_total += 1
+        ss = self.state.sessions
+        s = ss.slot_of.get(ev.session_id)
+        kind = ev.kind
+        if s is None:
+            self.fair.events[self.fair.slot(ev.tenant_id)] += 1
+            if kind is _K_ABORT:
+                return
+            s = self._new_session(ev.session_id, ev.tenant_id, ev.agent_type, now)
+        else:
+            self.fair.events[int(ss.tenant[s])] += 1
+        ss.events[s] += 1
+        if ev.step_index > ss.step_index[s]:
+            ss.step_index[s] = ev.step_index
+        ss.last_event_s[s] = now
+        if ev.worker_id:
+            w = self.state.workers.slot_of[ev.worker_id]
+            if w != ss.home[s]:
+                self._move_home(s, w)
+        if kind is _K_START:
+            self._step_start(s, ev, now)
+        elif kind is _K_WAIT:
+            self._tool_wait(s, ev, now)
+        elif kind is _K_TOOL_END:
+            self._tool_end(s, ev, now)
+        elif kind is _K_STEP_END:
+            self._step_end(s, ev, now)
+        else:
+            self._finish(s, kind is _K_FINISH, now)
+
+    def _step_start(self, s: int, ev: SessionEvent, now: float) -> None:
+        ss = self.state.sessions
+        graph = self.graphs.graphs[int(ss.agent[s])]
+        node = int(ss.node[s])
+        prev_ctx = int(ss.context_tokens[s])
+        if node != NO_SLOT and ss.state[s] != STATE_RUNNING:
+            waited = now - float(ss.wait_started_s[s])
+            # the wait in ``node`` ends here (a tool wait may end without TOOL_CALL_END)
+            graph.observe_duration(node, waited, now)
+        if node != NO_SLOT and ss.wait_started_s[s] >= 0.0:
+            graph.observe_tokens(node, max(0, ev.context_tokens - int(ss.wait_context_tokens[s])), now)
+            graph.observe_outcome(node, True, now)
+            ss.wait_started_s[s] = -1.0  # outcome credited once per wait
+        ss.state[s] = STATE_RUNNING
+        ss.lease_expires_s[s] = 0.0
+        ss.prefetch_at_s[s] = 0.0
+        ss.timer_seq[s] = 0
+        ss.context_tokens[s] = ev.context_tokens
+        w = int(ss.home[s])
+        if w == NO_SLOT:
+            return
+        ws = self.state.workers
+        rate = float(ws.prefill_tokens_per_s[w])
+        added = max(0, ev.context_tokens - prev_ctx) if ss.tier[s] != TIER_NONE else ev.context_tokens
+        ss.ideal_s[s] += prefill_time_s(float(added), rate, self.config.knee_tokens)
+        blocks = blocks_for(ev.context_tokens + ev.new_tokens, int(ws.block_size_tokens[w]))
+        self.state.set_gpu_blocks(s, blocks)
+        self.retention.relieve(w, now, exclude=s)
+
+    def _tool_wait(self, s: int, ev: SessionEvent, now: float) -> None:
+        ss = self.state.sessions
+        graph = self.graphs.graphs[int(ss.agent[s])]
+        node = graph.node((int(_K_WAIT), ev.tool_name), now, ev.expected_tool_latency_s)
+        self._enter_node(s, node, ev, now)
+        ss.state[s] = STATE_TOOL_WAIT
+        pred = self.retention.predict(s, node, now, ev.expected_tool_latency_s, ev.last_step)
+        ss.next_use_s[s] = now + pred.expected_remaining_s
+        ss.p_continue[s] = pred.p_continue
+        if ss.home[s] == NO_SLOT:
+            return
+        if ss.tier[s] == TIER_GPU:
+            if ss.gpu_blocks[s] <= 0:
+                # size unknown: a plain lease, the one decision that needs no price
+                ttl = self.config.default_lease_ttl_s
+                ss.lease_expires_s[s] = now + ttl
+                self._set_timer(s, now + ttl, 1)
+                self._emit(s, Action.RETAIN_GPU, ttl, 0.0, "tool_wait")
+            else:
+                self.retention.decide_wait(s, pred, now, "tool_wait")
+        elif ss.tier[s] == TIER_HOST:
+            self.retention.plan_prefetch(s, pred, now, 0.0)
+
+    def _tool_end(self, s: int, ev: SessionEvent, now: float) -> None:
+        ss = self.state.sessions
+        node = int(ss.node[s])
+        if ss.state[s] == STATE_TOOL_WAIT and node != NO_SLOT:
+            waited = now - float(ss.wait_started_s[s])
+            self.graphs.graphs[int(ss.agent[s])].observe_duration(node, waited, now)
+            ss.ideal_s[s] += waited
+        ss.state[s] = STATE_RUNNING
+        ss.context_tokens[s] = max(int(ss.context_tokens[s]), ev.context_tokens)
+        ss.lease_expires_s[s] = 0.0
+        ss.timer_seq[s] = 0
+        if ss.tier[s] == TIER_HOST and ss.home[s] != NO_SLOT:
+            # the tool returned before the planned prefetch: reload now
+            ss.next_use_s[s] = now
+            self.retention.prefetch(s, now, "tool_returned")
+        ss.prefetch_at_s[s] = 0.0
+
+    def _step_end(self, s: int, ev: SessionEvent, now: float) -> None:
+        ss = self.state.sessions
+        graph = self.graphs.graphs[int(ss.agent[s])]
+        node = graph.node((int(_K_STEP_END), ""), now)
+        self._enter_node(s, node, ev, now)
+        ss.state[s] = STATE_IDLE
+        pred = self.retention.predict(s, node, now, 0.0, ev.last_step)
+        ss.next_use_s[s] = now + pred.expected_remaining_s
+        ss.p_continue[s] = pred.p_continue
+        w = int(ss.home[s])
+        if w != NO_SLOT and ss.tier[s] == TIER_GPU:
+            ws = self.state.workers
+            self.state.set_gpu_blocks(s, blocks_for(ev.context_tokens, int(ws.block_size_tokens[w])))
+            self.retention.relieve(w, now)
+
+    def _enter_node(self, s: int, node: int, ev: SessionEvent, now: float) -> None:
+        ss = self.state.sessions
+        prev = int(ss.node[s])
+        if prev != NO_SLOT:
+            self.graphs.graphs[int(ss.agent[s])].observe_transition(prev, node, now)
+        ss.node[s] = node
+        ss.wait_started_s[s] = now
+        ss.context_tokens[s] = ev.context_tokens
+        ss.wait_context_tokens[s] = ev.context_tokens
+
+    def _finish(self, s: int, finished: bool, now: float) -> None:
+        ss = self.state.sessions
+        node = int(ss.node[s])
+        if node != NO_SLOT:
+            graph = self.graphs.graphs[int(ss.agent[s])]
+            graph.observe_transition(node, FINISH_NODE, now)
+            if ss.wait_started_s[s] >= 0.0:
+                graph.observe_outcome(node, False, now)
+        t = int(ss.tenant[s])
+        if finished:
+            self.fair.record_completion(t, now - float(ss.started_s[s]), float(ss.ideal_s[s]))
+        if ss.home[s] != NO_SLOT and ss.tier[s] != TIER_NONE:
+            self.state.release(s)
+            self._emit(s, Action.RELEASE, 0.0, 0.0, "session_finish" if finished else "session_abort")
+        self.state.unlink(s)
+        self.state.sessions.remove(SessionId(ss.ids[s] or ""))
+
+    def _new_session(self, sid: SessionId, tenant_id: TenantId, agent_type: str, now: float) -> int:
+        ss = self.state.sessions
+        s = ss.add(sid)
+        ss.tenant[s] = self.fair.slot(tenant_id)
+        a = self.agents.get(agent_type)
+        self.graphs.for_agent(a, agent_type)
+        ss.agent[s] = a
+        ss.started_s[s] = now
+        ss.wait_started_s[s] = -1.0
+        return s
+
+    def _move_home(self, s: int, w: int) -> None:
+        ss = self.state.sessions
+        if ss.home[s] != NO_SLOT and ss.tier[s] != TIER_NONE:
+            # the session runs elsewhere now: the old copy only wastes memory
+            self.state.release(s)
+            self._emit(s, Action.RELEASE, 0.0, 0.0, "moved")
+        ss.lease_expires_s[s] = 0.0
+        ss.timer_seq[s] = 0
+        self.state.link(s, w)
+
+    # -- timers ------------------------------------------------------------------
 
     def tick(self, now: float) -> Decisions:
-        """Expire leases whose TTL passed."""
-        out: list[RetentionDirective] = []
-        for s in self._sessions.values():
-            if s.lease_expires_s and s.lease_expires_s <= now:
-                s.lease_expires_s = 0.0
-                out.extend(self._directive(s, Action.RELEASE, 0.0, "lease_expired").directives)
-        return Decisions(directives=tuple(out)) if out else NO_DECISIONS
+        """Expire leases, start due prefetches, re-price leases where pressure rose."""
+        ss = self.state.sessions
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _due, seq, s, kind = heapq.heappop(timers)
+            if ss.timer_seq[s] == seq:
+                ss.timer_seq[s] = 0
+                self.retention.on_timer(s, kind, now)
+        ws = self.state.workers
+        for w in range(ws.high_water):
+            if ws.residents[w] and ws.connected[w]:
+                self.retention.redecide_if_pricier(w, now)
+        return self._flush()
+
+    def _set_timer(self, s: int, due: float, kind: int) -> None:
+        # NOTE: one live timer per session; a newer one invalidates the older
+        # by seq, so stale heap entries are skipped instead of searched for.
+        self._timer_seq += 1
+        self.state.sessions.timer_seq[s] = self._timer_seq
+        heapq.heappush(self._timers, (due, self._timer_seq, s, kind))
+
+    # -- directives ----------------------------------------------------------------
+
+    def _emit(self, s: int, action: Action, ttl_s: float, within_s: float, reason: str) -> None:
+        ss, ws = self.state.sessions, self.state.workers
+        self._directive_seq += 1
+        self.directives_total += 1
+        self._out.append(
+            RetentionDirective(
+                directive_id=DirectiveId(f"d{self.leader_epoch}-{self._directive_seq}"),
+                worker_id=WorkerId(ws.ids[int(ss.home[s])] or ""),
+                session_id=SessionId(ss.ids[s] or ""),
+                action=action,
+                lease_ttl_s=ttl_s,
+                priority=self.fair.step_priority(int(ss.tenant[s])),
+                leader_epoch=self.leader_epoch,
+                complete_within_s=within_s,
+                reason=reason,
+            )
+        )
+
+    def _flush(self) -> Decisions:
+        if not self._out:
+            return NO_DECISIONS
+        out = Decisions(directives=tuple(self._out))
+        self._out.clear()
+        return out
 
     # -- placement ---------------------------------------------------------------
 
     def place(self, req: PlaceRequest, now: float) -> Placement:
         """Rank workers for a session's next step; empty when none is live."""
-        self._placements_total += 1
-        pool = [
-            w
-            for wid in (req.candidate_worker_ids or tuple(self._workers))
-            if (w := self._workers.get(wid)) is not None and w.connected and not w.draining
-        ]
-        if not pool:
-            return Placement(candidates=(), reason="no_live_worker")
-        s = self._sessions.get(req.session_id)
-        home = s.home if s is not None and s.tier is not Tier.NONE else None
-        k = max(1, min(req.max_candidates or 3, self.config.max_candidates))
-
-        def free_frac(w: _Worker) -> float:
-            cap = max(1, w.spec.cache.gpu_capacity_blocks)
-            return 1.0 - w.gpu_used_blocks / cap
-
-        ranked = sorted(pool, key=lambda w: (-free_frac(w), w.spec.worker_id))
-        reason = "least_loaded"
-        if home is not None and any(w.spec.worker_id == home for w in pool):
-            ranked.sort(key=lambda w: w.spec.worker_id != home)
-            reason = "affinity"
-        cands = []
-        for w in ranked[:k]:
-            cached = s.context_tokens if s is not None and w.spec.worker_id == home else 0
-            tier = s.tier if s is not None and w.spec.worker_id == home else Tier.NONE
-            score = cached / w.spec.cache.prefill_tokens_per_s + free_frac(w)
-            cands.append(Candidate(w.spec.worker_id, w.spec.endpoint, cached, score, tier))
-        return Placement(
-            candidates=tuple(cands), affinity_ttl_s=self.config.affinity_ttl_s, reason=reason
-        )
+        self.placements_total += 1
+        return self.placer.place(req)
 
     # -- tenants -------------------------------------------------------------------
 
     def create_tenant(self, spec: TenantSpec) -> TenantSpec:
-        """Add a tenant; raises KeyError-like FileExistsError when it exists."""
+        """Add a tenant; raises FileExistsError when it exists."""
         if spec.tenant_id in self._tenants:
             raise FileExistsError(spec.tenant_id)
         self._tenants[spec.tenant_id] = spec
+        self.fair.set_weight(spec.tenant_id, spec.weight)
         return spec
 
     def update_tenant(self, spec: TenantSpec, fields: Iterable[str] | None = None) -> TenantSpec:
@@ -334,11 +437,9 @@ class Engine:
         cur = self._tenants.get(spec.tenant_id)
         if cur is None:
             raise KeyError(spec.tenant_id)
-        if fields is None:
-            new = spec
-        else:
-            new = replace(cur, **{f: getattr(spec, f) for f in fields})
+        new = spec if fields is None else replace(cur, **{f: getattr(spec, f) for f in fields})
         self._tenants[spec.tenant_id] = new
+        self.fair.set_weight(new.tenant_id, new.weight)
         return new
 
     def get_tenant(self, tenant_id: TenantId) -> TenantSpec | None:
@@ -357,109 +458,17 @@ class Engine:
 
     def session_view(self, session_id: SessionId, now: float) -> SessionView | None:
         """A session as operators see it, or None when unknown."""
-        s = self._sessions.get(session_id)
-        if s is None:
-            return None
-        return SessionView(
-            session_id=s.session_id,
-            tenant_id=s.tenant_id,
-            agent_type=s.agent_type,
-            home_worker_id=s.home,
-            tier=s.tier,
-            state=s.state,
-            step_index=s.step_index,
-            context_tokens=s.context_tokens,
-            idle_s=max(0.0, now - s.last_event_s),
-            lease_remaining_s=max(0.0, s.lease_expires_s - now) if s.lease_expires_s else 0.0,
-            events=s.events,
-        )
+        s = self.state.sessions.slot_of.get(session_id)
+        return None if s is None else session_view(self, s, now)
 
     def worker_views(self) -> list[WorkerView]:
         """Every known worker ordered by id."""
-        return [self._worker_view(self._workers[w]) for w in sorted(self._workers)]
+        ws = self.state.workers
+        return [worker_view(self.state, ws.slot_of[w]) for w in sorted(ws.slot_of)]
 
     def stats(self, now: float) -> ClusterStatsView:
         """Cluster-wide figures."""
-        by_state = {st: 0 for st in SessionState}
-        per_tenant: dict[TenantId, int] = {}
-        for s in self._sessions.values():
-            by_state[s.state] += 1
-            per_tenant[s.tenant_id] = per_tenant.get(s.tenant_id, 0) + 1
-        tenants = sorted(set(per_tenant) | set(self._tenant_counters))
-        return ClusterStatsView(
-            workers=len(self._workers),
-            workers_connected=sum(w.connected for w in self._workers.values()),
-            sessions_running=by_state[SessionState.RUNNING],
-            sessions_tool_wait=by_state[SessionState.TOOL_WAIT],
-            sessions_idle=by_state[SessionState.IDLE],
-            events_total=self._events_total,
-            placements_total=self._placements_total,
-            directives_total=self._directives_total,
-            gpu_used_blocks=sum(w.gpu_used_blocks for w in self._workers.values()),
-            gpu_capacity_blocks=sum(
-                w.spec.cache.gpu_capacity_blocks for w in self._workers.values()
-            ),
-            tenants=tuple(
-                TenantStatsView(
-                    tenant_id=t,
-                    sessions=per_tenant.get(t, 0),
-                    completed_sessions=self._tenant_counters.get(t, _TenantCounters()).completed_sessions,
-                    events=self._tenant_counters.get(t, _TenantCounters()).events,
-                    mean_slowdown=0.0,
-                )
-                for t in tenants
-            ),
-            leader_epoch=self.leader_epoch,
-        )
+        return cluster_stats(self, now)
 
-    # -- internals -------------------------------------------------------------
 
-    def _require_worker(self, worker_id: WorkerId, what: str) -> _Worker:
-        w = self._workers.get(worker_id)
-        if w is None:
-            raise Rejected("worker_id", f"{what} from unknown worker {worker_id!r}")
-        return w
-
-    def _move_home(self, s: _Session, worker_id: WorkerId) -> None:
-        if s.home is not None and (old := self._workers.get(s.home)) is not None:
-            old.sessions.discard(s.session_id)
-        s.home = worker_id
-        self._workers[worker_id].sessions.add(s.session_id)
-
-    def _drop_session(self, s: _Session) -> None:
-        if s.home is not None and (w := self._workers.get(s.home)) is not None:
-            w.sessions.discard(s.session_id)
-        del self._sessions[s.session_id]
-
-    def _forget_residency(self, w: _Worker) -> None:
-        for sid in w.sessions:
-            s = self._sessions.get(sid)
-            if s is not None:
-                s.tier = Tier.NONE
-                s.lease_expires_s = 0.0
-
-    def _directive(self, s: _Session, action: Action, ttl: float, reason: str) -> Decisions:
-        assert s.home is not None
-        self._directives_total += 1
-        d = RetentionDirective(
-            directive_id=DirectiveId(f"d{self.leader_epoch}-{next(self._directive_seq)}"),
-            worker_id=s.home,
-            session_id=s.session_id,
-            action=action,
-            lease_ttl_s=ttl,
-            leader_epoch=self.leader_epoch,
-            reason=reason,
-        )
-        return Decisions(directives=(d,))
-
-    def _worker_view(self, w: _Worker) -> WorkerView:
-        load = w.load
-        return WorkerView(
-            spec=w.spec,
-            connected=w.connected,
-            draining=w.draining,
-            gpu_used_blocks=w.gpu_used_blocks,
-            sessions=len(w.sessions),
-            running_steps=load.running_steps if load else 0,
-            queued_prefill_tokens=load.queued_prefill_tokens if load else 0,
-        )
+__all__ = ["Engine", "EngineConfig"]

@@ -1,0 +1,65 @@
+"""Validation of a batch of session events, before any of it is applied.
+
+A batch is all or nothing: ``check_events`` walks it against the engine's
+state plus what the batch itself creates and ends, and raises ``Rejected``
+naming the first bad field (``events[3].context_tokens``). It changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from scheduler_service.domain import EventKind, Rejected, SessionEvent, SessionId, TenantId
+from scheduler_service.state import ClusterState
+
+_OPENERS = (EventKind.STEP_START, EventKind.SESSION_ABORT)
+_ENDERS = (EventKind.SESSION_FINISH, EventKind.SESSION_ABORT)
+
+
+def check_events(
+    state: ClusterState, tenant_names: Sequence[TenantId], events: Sequence[SessionEvent]
+) -> None:
+    """Raise Rejected for the first invalid event of ``events``; changes nothing."""
+    sessions = state.sessions
+    workers = state.workers.slot_of
+    # what the batch itself does to session existence, in order
+    born: dict[SessionId, TenantId] = {}
+    ended: set[SessionId] = set()
+    for i, ev in enumerate(events):
+        if ev.context_tokens < 0:
+            raise Rejected(f"events[{i}].context_tokens", "must be >= 0")
+        if ev.new_tokens < 0:
+            raise Rejected(f"events[{i}].new_tokens", "must be >= 0")
+        if ev.step_index < 0:
+            raise Rejected(f"events[{i}].step_index", "must be >= 0")
+        lat = ev.expected_tool_latency_s
+        if lat < 0 or math.isnan(lat) or math.isinf(lat):
+            raise Rejected(f"events[{i}].expected_tool_latency_s", "must be a finite number >= 0")
+        if ev.worker_id and ev.worker_id not in workers:
+            raise Rejected(f"events[{i}].worker_id", f"unknown worker {ev.worker_id!r}")
+        sid = ev.session_id
+        if sid in born:
+            owner: TenantId | None = born[sid]
+        elif sid in ended:
+            owner = None
+        else:
+            slot = sessions.slot_of.get(sid)
+            owner = None if slot is None else tenant_names[int(sessions.tenant[slot])]
+        if owner is None:
+            if ev.kind not in _OPENERS:
+                raise Rejected(
+                    f"events[{i}].session_id",
+                    f"unknown session {sid!r}: its first event must be STEP_START",
+                )
+            if ev.kind is EventKind.STEP_START:
+                born[sid] = ev.tenant_id
+                ended.discard(sid)
+            continue
+        if owner != ev.tenant_id:
+            raise Rejected(f"events[{i}].tenant_id", f"session {sid!r} belongs to another tenant")
+        if ev.kind in _ENDERS:
+            born.pop(sid, None)
+            ended.add(sid)
+        elif sid not in born:
+            born[sid] = owner

@@ -1,0 +1,42 @@
+"""Agent execution graphs: one per agent type, learned online from events."""
+
+from __future__ import annotations
+
+from scheduler_service.graph.agent_graph import (
+    FINISH_KEY,
+    FINISH_NODE,
+    AgentGraph,
+    GraphPrior,
+    NodeKey,
+    WaitPrediction,
+)
+from scheduler_service.graph.sketch import DURATION_BUCKETS, TOKEN_BUCKETS, LogBuckets
+
+
+class GraphStore:
+    """The graphs of every agent type, indexed by a dense agent slot."""
+
+    def __init__(self, prior: GraphPrior | None = None) -> None:
+        self.prior = prior or GraphPrior()
+        self.graphs: dict[int, AgentGraph] = {}
+
+    def for_agent(self, agent_slot: int, agent_type: str) -> AgentGraph:
+        """The graph of an interned agent type (created on first use)."""
+        g = self.graphs.get(agent_slot)
+        if g is None:
+            g = self.graphs[agent_slot] = AgentGraph(agent_type, self.prior)
+        return g
+
+
+__all__ = [
+    "DURATION_BUCKETS",
+    "FINISH_KEY",
+    "FINISH_NODE",
+    "TOKEN_BUCKETS",
+    "AgentGraph",
+    "GraphPrior",
+    "GraphStore",
+    "LogBuckets",
+    "NodeKey",
+    "WaitPrediction",
+]

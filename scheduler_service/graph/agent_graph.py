@@ -1,0 +1,187 @@
+"""The agent execution graph of one agent type: learn online, predict waits.
+
+Nodes are (event kind, tool name) pairs a session waits in: a tool call
+(TOOL_CALL_WAIT, tool) or the gap after a step (STEP_END, ""). Node 0 is the
+terminal FINISH. Per node the graph keeps transition counts to the next node,
+a log-bucket sketch of how long the wait lasted and of how many tokens the
+context grew by before the next step, and whether the session continued or
+finished. Everything ages exponentially with ``now`` (a half-life), so the
+graph follows a workload that drifts; a new node starts from a prior.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from scheduler_service.domain import EventKind
+from scheduler_service.graph.sketch import DURATION_BUCKETS, TOKEN_BUCKETS
+
+NodeKey = tuple[int, str]
+FINISH_NODE = 0
+FINISH_KEY: NodeKey = (0, "finish")
+
+# NOTE: observation weights grow as exp(age / tau) instead of decaying every
+# count on every event; once they get large everything is rescaled at once.
+# Same result, O(1) per observation, and still a pure function of ``now``.
+_RESCALE_AT_EXPONENT = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class GraphPrior:
+    """What the graph believes before it has seen a node."""
+
+    tool_s: float = 2.0
+    idle_s: float = 1.0
+    tokens: float = 1500.0
+    p_finish: float = 0.05
+    weight: float = 2.0  # in observations: the first few real ones outvote it
+    hint_weight: float = 4.0  # a declared latency counts as this many observations
+    half_life_s: float = 3600.0
+    early_quantile: float = 0.2  # prefetch aims to finish before this quantile
+
+
+@dataclass(frozen=True, slots=True)
+class WaitPrediction:
+    """What the graph expects of a session waiting in a node."""
+
+    expected_remaining_s: float
+    early_remaining_s: float
+    p_continue: float
+    expected_next_tokens: float
+
+
+class AgentGraph:
+    """Markov graph with per-node sketches for one agent type."""
+
+    def __init__(self, agent_type: str, prior: GraphPrior | None = None) -> None:
+        self.agent_type = agent_type
+        self.prior = prior or GraphPrior()
+        self._tau_s = self.prior.half_life_s / math.log(2.0)
+        self._t_ref: float | None = None
+        self.index: dict[NodeKey, int] = {}
+        self.keys: list[NodeKey] = []
+        cap = 8
+        nb, nt = DURATION_BUCKETS.n, TOKEN_BUCKETS.n
+        self.trans = np.zeros((cap, cap), dtype=np.float64)
+        self.duration = np.zeros((cap, nb), dtype=np.float64)
+        self.tokens = np.zeros((cap, nt), dtype=np.float64)
+        self.continued = np.zeros(cap, dtype=np.float64)
+        self.finished = np.zeros(cap, dtype=np.float64)
+        self.node(FINISH_KEY, 0.0)
+
+    # -- learning ----------------------------------------------------------------
+
+    def node(self, key: NodeKey, now: float, hint_s: float = 0.0) -> int:
+        """The node for ``key``, created from the prior on first sight."""
+        i = self.index.get(key)
+        if i is not None:
+            return i
+        i = len(self.keys)
+        if i >= self.trans.shape[0]:
+            self._grow()
+        self.index[key] = i
+        self.keys.append(key)
+        w = self._weight(now) * self.prior.weight
+        p = self.prior
+        typical_s = hint_s or (p.idle_s if key[0] == EventKind.STEP_END else p.tool_s)
+        self.duration[i] += DURATION_BUCKETS.spread(typical_s, w)
+        self.tokens[i] += TOKEN_BUCKETS.spread(p.tokens, w)
+        self.continued[i] += (1.0 - p.p_finish) * w
+        self.finished[i] += p.p_finish * w
+        return i
+
+    def observe_transition(self, src: int, dst: int, now: float) -> None:
+        """A session went from node ``src`` to node ``dst``."""
+        self.trans[src, dst] += self._weight(now)
+
+    def observe_duration(self, node: int, seconds: float, now: float) -> None:
+        """A wait in ``node`` lasted ``seconds``."""
+        self.duration[node, DURATION_BUCKETS.index(seconds)] += self._weight(now)
+
+    def observe_tokens(self, node: int, tokens: int, now: float) -> None:
+        """The context grew by ``tokens`` between entering ``node`` and the next step."""
+        self.tokens[node, TOKEN_BUCKETS.index(float(tokens))] += self._weight(now)
+
+    def observe_outcome(self, node: int, continued: bool, now: float) -> None:
+        """After waiting in ``node`` the session ran another step (or finished)."""
+        if continued:
+            self.continued[node] += self._weight(now)
+        else:
+            self.finished[node] += self._weight(now)
+
+    # -- prediction ----------------------------------------------------------------
+
+    def predict(
+        self,
+        node: int,
+        waited_s: float,
+        now: float,
+        remaining_time: object,
+        hint_s: float = 0.0,
+    ) -> WaitPrediction:
+        """Remaining wait (mean, early quantile), P(continue), next-step tokens."""
+        hist = self.duration[node]
+        if hint_s > 0.0:
+            hist = hist + DURATION_BUCKETS.spread(hint_s, self.prior.hint_weight * self._weight(now))
+        mean_s, early_s, _mass = remaining_time(  # type: ignore[operator]
+            hist,
+            DURATION_BUCKETS.upper_edges,
+            DURATION_BUCKETS.mids,
+            float(waited_s),
+            self.prior.early_quantile,
+        )
+        c, f = float(self.continued[node]), float(self.finished[node])
+        p_continue = c / (c + f) if c + f > 0 else 1.0 - self.prior.p_finish
+        return WaitPrediction(
+            expected_remaining_s=float(mean_s),
+            early_remaining_s=float(early_s),
+            p_continue=p_continue,
+            expected_next_tokens=TOKEN_BUCKETS.mean(self.tokens[node]),
+        )
+
+    def mean_duration_s(self, node: int) -> float:
+        """Mean of a node's duration sketch (prior included)."""
+        return DURATION_BUCKETS.mean(self.duration[node])
+
+    def transition_probs(self, node: int) -> dict[NodeKey, float]:
+        """P(next node | node) over the nodes seen after it."""
+        row = self.trans[node, : len(self.keys)]
+        total = float(row.sum())
+        if total <= 0:
+            return {}
+        return {self.keys[j]: float(row[j]) / total for j in np.flatnonzero(row)}
+
+    # -- internals -----------------------------------------------------------------
+
+    def _weight(self, now: float) -> float:
+        if self._t_ref is None:
+            self._t_ref = now
+        x = (now - self._t_ref) / self._tau_s
+        if x > _RESCALE_AT_EXPONENT:
+            scale = math.exp(-x)
+            for arr in (self.trans, self.duration, self.tokens, self.continued, self.finished):
+                arr *= scale
+            self._t_ref = now
+            x = 0.0
+        return math.exp(x)
+
+    def _grow(self) -> None:
+        cap = self.trans.shape[0] * 2
+        trans = np.zeros((cap, cap), dtype=np.float64)
+        n = self.trans.shape[0]
+        trans[:n, :n] = self.trans
+        self.trans = trans
+        self.duration = _grow_rows(self.duration, cap)
+        self.tokens = _grow_rows(self.tokens, cap)
+        self.continued = _grow_rows(self.continued, cap)
+        self.finished = _grow_rows(self.finished, cap)
+
+
+def _grow_rows(a: npt.NDArray[np.float64], cap: int) -> npt.NDArray[np.float64]:
+    out = np.zeros((cap, *a.shape[1:]), dtype=np.float64)
+    out[: a.shape[0]] = a
+    return out

@@ -1,0 +1,82 @@
+"""Numba kernels over the state arrays, their reference twins, and warm-up.
+
+``NUMBA`` and ``REFERENCE`` are two interchangeable kernel sets: the engine
+runs on ``NUMBA``; tests and the benchmark swap in ``REFERENCE`` to compare.
+``warm()`` compiles (or loads from the on-disk cache) every kernel with the
+exact argument types the engine passes, so no request ever pays compilation.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from scheduler_service.kernels import reference
+from scheduler_service.kernels.eviction import rank_victims, victim_key
+from scheduler_service.kernels.placement import place_topk
+from scheduler_service.kernels.retention import retention_choice
+from scheduler_service.kernels.sketch import remaining_time
+
+
+@dataclass(frozen=True, slots=True)
+class KernelSet:
+    """The four decision kernels, as one swappable bundle."""
+
+    name: str
+    place_topk: Any
+    rank_victims: Any
+    retention_choice: Any
+    remaining_time: Any
+    victim_key: Any
+
+
+NUMBA = KernelSet("numba", place_topk, rank_victims, retention_choice, remaining_time, victim_key)
+REFERENCE = KernelSet(
+    "reference",
+    reference.place_topk,
+    reference.rank_victims,
+    reference.retention_choice,
+    reference.remaining_time,
+    reference.victim_key,
+)
+
+_warm_lock = threading.Lock()
+_warmed = False
+
+
+def warm() -> None:
+    """Compile or load every kernel once per process; later calls return at once."""
+    global _warmed
+    if _warmed:
+        return
+    with _warm_lock:
+        if _warmed:
+            return
+        _call_all(NUMBA)
+        _warmed = True
+
+
+def _call_all(k: KernelSet) -> None:
+    # NOTE: argument dtypes here must match what the engine passes (int64 /
+    # float64 / int32 / int8 / bool arrays, Python int / float / bool scalars),
+    # or the first real call would compile a second specialisation.
+    n = 2
+    i64 = np.ones(n, dtype=np.int64)
+    f64 = np.ones(n, dtype=np.float64)
+    i32 = np.full(n, -1, dtype=np.int32)
+    i8 = np.ones(n, dtype=np.int8)
+    allowed = np.ones(n, dtype=np.bool_)
+    out_slots = np.zeros(n, dtype=np.int32)
+    out_scores = np.zeros(n, dtype=np.float64)
+    k.place_topk(
+        allowed, i64, i64, i64, f64, i64, i64, f64, n, 0, 1, 1, 1, 1.0, 1.0, 1.0, 1.0, 1,
+        out_slots, out_scores,
+    )
+    tenant = np.zeros(n, dtype=np.int32)
+    k.rank_victims(0, i32, i8, i8, i64, i64, f64, f64, tenant, f64, 0.0, 1.0, 1.0, 1, -1)
+    k.retention_choice(1, 1, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, True, 1.0, 1.0, 1.0)
+    k.remaining_time(f64, f64, f64, 0.0, 0.5)
+    k.victim_key(1.0, 0.0, 1.0, 1, 1, 1.0, 1.0, 1.0)

@@ -1,0 +1,91 @@
+"""Kernel: score every candidate worker for a step and keep the top k.
+
+Score (seconds, higher is better) = prefill time the cached prefix saves there
+− expected queue wait − the rebuild cost of the evictions the step would force
+− a best-fit slack term (tight fits first, so big holes stay for big sessions)
++ a small affinity bonus on the home worker. Ties go to the lower slot, so the
+result equals a stable sort by (−score, slot).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from scheduler_service.kernels.costs import prefill_s
+
+TIER_GPU = 1
+TIER_HOST = 2
+
+
+@njit(cache=True)
+def place_topk(
+    allowed: np.ndarray,
+    gpu_cap_blocks: np.ndarray,
+    gpu_used_blocks: np.ndarray,
+    queued_prefill_tokens: np.ndarray,
+    prefill_tokens_per_s: np.ndarray,
+    block_size_tokens: np.ndarray,
+    bytes_per_token: np.ndarray,
+    host_link_bytes_per_s: np.ndarray,
+    n_workers: int,
+    home: int,
+    home_tier: int,
+    cached_tokens: int,
+    step_tokens: int,
+    knee_tokens: float,
+    evict_cost_factor: float,
+    bestfit_weight_s: float,
+    affinity_bonus_s: float,
+    k: int,
+    out_slots: np.ndarray,
+    out_scores: np.ndarray,
+) -> int:
+    """Fill ``out_slots``/``out_scores`` with the best ``k`` workers; returns how many."""
+    count = 0
+    for w in range(n_workers):
+        if not allowed[w]:
+            continue
+        rate = prefill_tokens_per_s[w]
+        bs = block_size_tokens[w]
+        cached = 0
+        if w == home and home_tier != 0:
+            cached = min(cached_tokens, step_tokens)
+        saved = 0.0
+        if cached > 0:
+            saved = prefill_s(float(step_tokens), rate, knee_tokens) - prefill_s(
+                float(step_tokens - cached), rate, knee_tokens
+            )
+            if home_tier == TIER_HOST:
+                saved -= cached * bytes_per_token[w] / host_link_bytes_per_s[w]
+            saved += affinity_bonus_s
+        queue_s = queued_prefill_tokens[w] / rate
+        on_gpu = cached if home_tier == TIER_GPU else 0
+        need_blocks = (step_tokens - on_gpu + bs - 1) // bs
+        free_blocks = gpu_cap_blocks[w] - gpu_used_blocks[w]
+        deficit = need_blocks - free_blocks
+        evict_s = 0.0
+        if deficit > 0:
+            evict_s = evict_cost_factor * prefill_s(float(deficit * bs), rate, knee_tokens)
+        slack = free_blocks - need_blocks
+        if slack < 0:
+            slack = 0
+        cap = gpu_cap_blocks[w]
+        if cap < 1:
+            cap = 1
+        score = saved - queue_s - evict_s - bestfit_weight_s * (slack / cap)
+        # insertion into the sorted top-k (score desc; earlier slot wins ties)
+        if count < k:
+            pos = count
+            count += 1
+        elif score > out_scores[count - 1]:
+            pos = count - 1
+        else:
+            continue
+        while pos > 0 and out_scores[pos - 1] < score:
+            out_scores[pos] = out_scores[pos - 1]
+            out_slots[pos] = out_slots[pos - 1]
+            pos -= 1
+        out_scores[pos] = score
+        out_slots[pos] = w
+    return count

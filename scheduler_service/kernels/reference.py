@@ -1,0 +1,219 @@
+"""Plain-Python twins of the numba kernels: the readable definition of each.
+
+Tests check that every kernel agrees with its twin on random inputs, and the
+benchmark runs the engine on these twins to show what the compilation buys.
+Each twin follows its kernel's arithmetic operation for operation, so the two
+agree exactly, not just approximately.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from scheduler_service.kernels.eviction import (
+    MIN_P_CONTINUE,
+    MIN_REBUILD_S,
+    MIN_TIME_TO_NEXT_USE_S,
+    STATE_RUNNING,
+    TIER_GPU,
+)
+from scheduler_service.kernels.retention import OFFLOAD_HOST, RELEASE, RETAIN_GPU
+
+_INF = 1e300
+_TIER_HOST = 2
+
+
+def prefill_s(tokens: float, prefill_tokens_per_s: float, knee_tokens: float) -> float:
+    """Prefill seconds: the linear term plus the quadratic attention term."""
+    linear = tokens / prefill_tokens_per_s
+    return linear + linear * (tokens / knee_tokens)
+
+
+def remaining_time(
+    hist: Sequence[float],
+    upper_edges: Sequence[float],
+    mids: Sequence[float],
+    waited_s: float,
+    quantile: float,
+) -> tuple[float, float, float]:
+    """(mean remaining s, quantile remaining s, surviving mass) given ``waited_s``."""
+    live = [
+        (float(h), 0.5 * (waited_s + float(u)) if m < waited_s else float(m))
+        for h, u, m in zip(hist, upper_edges, mids, strict=True)
+        if u > waited_s and h > 0.0
+    ]
+    mass = 0.0
+    acc = 0.0
+    for h, v in live:
+        mass += h
+        acc += h * (v - waited_s)
+    if mass <= 0.0:
+        return waited_s, waited_s, 0.0
+    cum = 0.0
+    q_value = 0.0
+    for h, v in live:
+        cum += h
+        q_value = v - waited_s
+        if cum >= quantile * mass:
+            break
+    return acc / mass, q_value, mass
+
+
+def place_topk(
+    allowed: npt.NDArray[np.bool_],
+    gpu_cap_blocks: npt.NDArray[np.int64],
+    gpu_used_blocks: npt.NDArray[np.int64],
+    queued_prefill_tokens: npt.NDArray[np.int64],
+    prefill_tokens_per_s: npt.NDArray[np.float64],
+    block_size_tokens: npt.NDArray[np.int64],
+    bytes_per_token: npt.NDArray[np.int64],
+    host_link_bytes_per_s: npt.NDArray[np.float64],
+    n_workers: int,
+    home: int,
+    home_tier: int,
+    cached_tokens: int,
+    step_tokens: int,
+    knee_tokens: float,
+    evict_cost_factor: float,
+    bestfit_weight_s: float,
+    affinity_bonus_s: float,
+    k: int,
+    out_slots: npt.NDArray[np.int32],
+    out_scores: npt.NDArray[np.float64],
+) -> int:
+    """Score all allowed workers, stable-sort by (−score, slot), keep k."""
+    scored: list[tuple[float, int]] = []
+    for w in range(n_workers):
+        if not allowed[w]:
+            continue
+        rate = float(prefill_tokens_per_s[w])
+        bs = int(block_size_tokens[w])
+        cached = min(cached_tokens, step_tokens) if (w == home and home_tier != 0) else 0
+        saved = 0.0
+        if cached > 0:
+            saved = prefill_s(float(step_tokens), rate, knee_tokens) - prefill_s(
+                float(step_tokens - cached), rate, knee_tokens
+            )
+            if home_tier == _TIER_HOST:
+                saved -= cached * int(bytes_per_token[w]) / float(host_link_bytes_per_s[w])
+            saved += affinity_bonus_s
+        queue_s = int(queued_prefill_tokens[w]) / rate
+        on_gpu = cached if home_tier == TIER_GPU else 0
+        need_blocks = -(-(step_tokens - on_gpu) // bs)
+        free_blocks = int(gpu_cap_blocks[w]) - int(gpu_used_blocks[w])
+        deficit = need_blocks - free_blocks
+        evict_s = evict_cost_factor * prefill_s(float(deficit * bs), rate, knee_tokens) if deficit > 0 else 0.0
+        slack = max(free_blocks - need_blocks, 0)
+        cap = max(int(gpu_cap_blocks[w]), 1)
+        scored.append((saved - queue_s - evict_s - bestfit_weight_s * (slack / cap), w))
+    scored.sort(key=lambda t: (-t[0], t[1]))
+    top = scored[:k]
+    for i, (score, w) in enumerate(top):
+        out_slots[i] = w
+        out_scores[i] = score
+    return len(top)
+
+
+def victim_key(
+    next_use_s: float,
+    now: float,
+    p_continue: float,
+    blocks: int,
+    context_tokens: int,
+    prefill_tokens_per_s: float,
+    knee_tokens: float,
+    protection: float,
+) -> float:
+    """Eviction priority of one session (higher: evict sooner)."""
+    ttn = max(next_use_s - now, MIN_TIME_TO_NEXT_USE_S)
+    pc = max(p_continue, MIN_P_CONTINUE)
+    rebuild = max(prefill_s(float(context_tokens), prefill_tokens_per_s, knee_tokens), MIN_REBUILD_S)
+    return ttn / pc * blocks / rebuild / protection
+
+
+def rank_victims(
+    head: int,
+    next_slot: npt.NDArray[np.int32],
+    tier: npt.NDArray[np.int8],
+    state: npt.NDArray[np.int8],
+    gpu_blocks: npt.NDArray[np.int64],
+    context_tokens: npt.NDArray[np.int64],
+    next_use_s: npt.NDArray[np.float64],
+    p_continue: npt.NDArray[np.float64],
+    tenant: npt.NDArray[np.int32],
+    tenant_protection: npt.NDArray[np.float64],
+    now: float,
+    prefill_tokens_per_s: float,
+    knee_tokens: float,
+    need_blocks: int,
+    exclude: int,
+) -> npt.NDArray[np.int64]:
+    """Victim slots, best first, whose blocks add up to ``need_blocks`` (or all there are)."""
+    members: list[int] = []
+    s = head
+    while s != -1:
+        members.append(s)
+        s = int(next_slot[s])
+    cands = [
+        c
+        for c in members
+        if tier[c] == TIER_GPU and state[c] != STATE_RUNNING and gpu_blocks[c] > 0 and c != exclude
+    ]
+    if need_blocks <= 0 or not cands:
+        return np.empty(0, dtype=np.int64)
+
+    def key(c: int) -> tuple[float, int]:
+        t = int(tenant[c])
+        prot = float(tenant_protection[t]) if t >= 0 else 1.0
+        k = victim_key(
+            float(next_use_s[c]), now, float(p_continue[c]), int(gpu_blocks[c]),
+            int(context_tokens[c]), prefill_tokens_per_s, knee_tokens, prot,
+        )
+        return (-k, c)
+
+    out: list[int] = []
+    freed = 0
+    for c in sorted(cands, key=key):
+        out.append(c)
+        freed += int(gpu_blocks[c])
+        if freed >= need_blocks:
+            break
+    return np.array(out, dtype=np.int64)
+
+
+def retention_choice(
+    blocks: int,
+    capacity_blocks: int,
+    shadow_price: float,
+    expected_remaining_s: float,
+    p_continue: float,
+    rebuild_s: float,
+    offload_s: float,
+    reload_s: float,
+    host_ok: bool,
+    transfer_weight: float,
+    min_ttl_s: float,
+    max_ttl_s: float,
+) -> tuple[int, float, float, float, float]:
+    """(action, lease TTL s, cost retain, cost offload, cost release)."""
+    hold_rate = shadow_price * blocks / max(capacity_blocks, 1)
+    c_retain = hold_rate * expected_remaining_s
+    c_offload = _INF
+    if host_ok:
+        stall = max(reload_s - expected_remaining_s, 0.0)
+        c_offload = (
+            hold_rate * offload_s
+            + transfer_weight * (offload_s + p_continue * reload_s)
+            + p_continue * stall
+        )
+    c_release = p_continue * rebuild_s
+    alt = min(c_offload, c_release)
+    if c_retain <= alt:
+        ttl = alt / hold_rate if hold_rate > 0.0 else max_ttl_s
+        return RETAIN_GPU, max(min(ttl, max_ttl_s), min_ttl_s), c_retain, c_offload, c_release
+    if c_offload <= c_release:
+        return OFFLOAD_HOST, 0.0, c_retain, c_offload, c_release
+    return RELEASE, 0.0, c_retain, c_offload, c_release

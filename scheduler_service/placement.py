@@ -1,0 +1,117 @@
+"""Placement: rank workers for a session's next step.
+
+The placement kernel scores every allowed worker (cached prefix reused, queue
+wait, evictions forced, best fit) and keeps the top k; this module turns the
+slots into ``Candidate`` records and names the reason. Place only reads
+state: it is not journaled, so it must never change a later decision.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from scheduler_service.domain import Candidate, Placement, PlaceRequest, Tier, WorkerId
+from scheduler_service.fairness import FairShare
+from scheduler_service.kernels import KernelSet
+from scheduler_service.state import NO_SLOT, TIER_NONE, ClusterState
+
+if TYPE_CHECKING:
+    from scheduler_service.engine import EngineConfig
+
+_NO_LIVE = Placement(candidates=(), reason="no_live_worker")
+
+
+class Placer:
+    """Scores workers with the placement kernel and builds a ``Placement``."""
+
+    def __init__(
+        self, config: EngineConfig, state: ClusterState, kernels: KernelSet, fair: FairShare
+    ) -> None:
+        self.config = config
+        self.state = state
+        self.kernels = kernels
+        self.fair = fair
+        k = max(1, config.max_candidates)
+        # NOTE: preallocated outputs: a Place call allocates nothing per worker.
+        self._out_slots = np.zeros(k, dtype=np.int32)
+        self._out_scores = np.zeros(k, dtype=np.float64)
+
+    def place(self, req: PlaceRequest) -> Placement:
+        """Candidates for ``req`` best first; empty when no allowed worker is live."""
+        ws = self.state.workers
+        n = ws.high_water
+        if n == 0:
+            return _NO_LIVE
+        if req.candidate_worker_ids:
+            allowed = np.zeros(n, dtype=np.bool_)
+            for wid in req.candidate_worker_ids:
+                w = ws.slot_of.get(wid)
+                if w is not None:
+                    allowed[w] = ws.live[w]
+        else:
+            allowed = ws.live
+        ss = self.state.sessions
+        s = ss.slot_of.get(req.session_id)
+        home, tier, cached, t = NO_SLOT, TIER_NONE, 0, NO_SLOT
+        if s is not None:
+            t = int(ss.tenant[s])
+            tier = int(ss.tier[s])
+            if tier != TIER_NONE:
+                home = int(ss.home[s])
+                cached = int(ss.context_tokens[s])
+        else:
+            t = self.fair.tenants.index.get(req.tenant_id, NO_SLOT)
+        k = max(1, min(req.max_candidates or 3, self.config.max_candidates))
+        c = self.config
+        count = self.kernels.place_topk(
+            allowed,
+            ws.gpu_cap_blocks,
+            ws.gpu_used_blocks,
+            ws.queued_prefill_tokens,
+            ws.prefill_tokens_per_s,
+            ws.block_size_tokens,
+            ws.bytes_per_token,
+            ws.host_link_bytes_per_s,
+            n,
+            home,
+            tier,
+            cached,
+            int(req.context_tokens + req.new_tokens),
+            float(c.knee_tokens),
+            float(c.evict_cost_factor),
+            float(c.bestfit_weight_s),
+            float(c.affinity_bonus_s),
+            k,
+            self._out_slots,
+            self._out_scores,
+        )
+        if count == 0:
+            return _NO_LIVE
+        cands = []
+        for i in range(count):
+            w = int(self._out_slots[i])
+            spec = ws.spec(w)
+            on_home = w == home
+            cands.append(
+                Candidate(
+                    worker_id=WorkerId(spec.worker_id),
+                    endpoint=spec.endpoint,
+                    expected_cached_tokens=min(cached, int(req.context_tokens)) if on_home else 0,
+                    score=float(self._out_scores[i]),
+                    cached_tier=Tier(tier) if on_home else Tier.NONE,
+                )
+            )
+        if home == NO_SLOT or not allowed[home]:
+            reason = "bin_pack"
+        elif int(self._out_slots[0]) == home:
+            reason = "affinity"
+        else:
+            reason = "steal"  # the home is loaded enough that rebuilding elsewhere wins
+        return Placement(
+            candidates=tuple(cands),
+            step_priority=self.fair.step_priority(t),
+            affinity_ttl_s=c.affinity_ttl_s,
+            reason=reason,
+        )

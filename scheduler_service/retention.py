@@ -1,0 +1,283 @@
+"""Retention policy: what happens to a session's KV while it is not running.
+
+At TOOL_CALL_WAIT the graph predicts the rest of the wait; the retention
+kernel prices retain / offload / release in GPU seconds and a retain gets the
+ski-rental TTL. An offload plans a prefetch so the KV is back on the GPU
+before the predicted return. Under memory pressure the eviction kernel picks
+victims among a worker's idle residents. When a worker's shadow price rises,
+its waiting sessions are re-decided and a lease can be cut short.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from scheduler_service.costs import prefill_time_s
+from scheduler_service.domain import Action
+from scheduler_service.fairness import FairShare
+from scheduler_service.graph import GraphStore, WaitPrediction
+from scheduler_service.kernels import KernelSet
+from scheduler_service.kernels.retention import OFFLOAD_HOST, RETAIN_GPU
+from scheduler_service.state import (
+    NO_SLOT,
+    STATE_TOOL_WAIT,
+    TIER_GPU,
+    TIER_HOST,
+    ClusterState,
+)
+
+if TYPE_CHECKING:
+    from scheduler_service.engine import EngineConfig
+
+#: emit(session slot, action, lease TTL s, complete within s, reason)
+Emit = Callable[[int, Action, float, float, str], None]
+#: set_timer(session slot, due s, kind)
+SetTimer = Callable[[int, float, int], None]
+
+TIMER_LEASE = 1
+TIMER_PREFETCH = 2
+
+#: A re-decided lease is only replaced when it shrinks by more than this.
+_LEASE_CUT_SLACK_S = 0.5
+
+
+class Retention:
+    """Decides retain / offload / release / evict / prefetch for sessions."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        state: ClusterState,
+        kernels: KernelSet,
+        fair: FairShare,
+        graphs: GraphStore,
+        emit: Emit,
+        set_timer: SetTimer,
+    ) -> None:
+        self.config = config
+        self.state = state
+        self.kernels = kernels
+        self.fair = fair
+        self.graphs = graphs
+        self.emit = emit
+        self.set_timer = set_timer
+
+    # -- prices ------------------------------------------------------------------
+
+    def shadow_price(self, w: int) -> float:
+        """GPU-seconds per second that holding all of ``w``'s KV memory costs now.
+
+        # NOTE: zero while the pool is under ``idle_utilization`` (holding is
+        # free when nobody needs the memory), rising quadratically to
+        # ``max_shadow_price`` when full, plus a term for queued prefill demand
+        # that would use the memory if it were free.
+        """
+        c = self.config
+        ws = self.state.workers
+        cap = int(ws.gpu_cap_blocks[w])
+        if cap <= 0:
+            return c.max_shadow_price
+        util = int(ws.gpu_used_blocks[w]) / cap
+        over = max(0.0, (util - c.idle_utilization) / (1.0 - c.idle_utilization))
+        demand_s = int(ws.queued_prefill_tokens[w]) / float(ws.prefill_tokens_per_s[w])
+        return c.max_shadow_price * min(over, 1.0) ** 2 + c.demand_weight * demand_s / (
+            demand_s + c.demand_horizon_s
+        )
+
+    def rebuild_s(self, s: int, w: int) -> float:
+        """GPU seconds to recompute session ``s``'s whole context on ``w``."""
+        ss, ws = self.state.sessions, self.state.workers
+        return prefill_time_s(
+            float(ss.context_tokens[s]), float(ws.prefill_tokens_per_s[w]), self.config.knee_tokens
+        )
+
+    def transfer_s(self, s: int, w: int, blocks: int) -> float:
+        """Seconds to copy ``blocks`` of session ``s`` across ``w``'s host link."""
+        ws = self.state.workers
+        nbytes = blocks * int(ws.block_size_tokens[w]) * int(ws.bytes_per_token[w])
+        return nbytes / float(ws.host_link_bytes_per_s[w])
+
+    def host_room(self, w: int, blocks: int) -> bool:
+        """True when ``w``'s host tier can take ``blocks`` more."""
+        ws = self.state.workers
+        return int(ws.host_cap_blocks[w]) - int(ws.host_used_blocks[w]) >= blocks > 0
+
+    # -- the tool wait --------------------------------------------------------------
+
+    def predict(self, s: int, node: int, now: float, hint_s: float, last_step: bool) -> WaitPrediction:
+        """The graph's prediction for session ``s`` waiting in ``node`` since its wait began."""
+        ss = self.state.sessions
+        graph = self.graphs.graphs[int(ss.agent[s])]
+        waited = max(0.0, now - float(ss.wait_started_s[s]))
+        pred = graph.predict(node, waited, now, self.kernels.remaining_time, hint_s)
+        if last_step:
+            # the agent said this is its last step: little chance it comes back
+            pred = WaitPrediction(
+                pred.expected_remaining_s, pred.early_remaining_s, 0.0, pred.expected_next_tokens
+            )
+        return pred
+
+    def decide_wait(self, s: int, pred: WaitPrediction, now: float, reason: str) -> None:
+        """Choose and emit retain / offload / release for a waiting session on the GPU."""
+        c = self.config
+        ss, ws = self.state.sessions, self.state.workers
+        w = int(ss.home[s])
+        blocks = int(ss.gpu_blocks[s])
+        price = self.shadow_price(w)
+        ss.next_use_s[s] = now + pred.expected_remaining_s
+        ss.p_continue[s] = pred.p_continue
+        ws.price_at_decision[w] = max(float(ws.price_at_decision[w]), price)
+        action, ttl, _cr, _co, _cx = self.kernels.retention_choice(
+            blocks,
+            int(ws.gpu_cap_blocks[w]),
+            price,
+            pred.expected_remaining_s,
+            pred.p_continue,
+            self.rebuild_s(s, w),
+            self.transfer_s(s, w, blocks),
+            self.transfer_s(s, w, blocks),
+            self.host_room(w, blocks),
+            c.transfer_weight,
+            c.min_lease_ttl_s,
+            c.max_lease_ttl_s,
+        )
+        if action == RETAIN_GPU:
+            expires = now + ttl
+            current = float(ss.lease_expires_s[s])
+            if current and expires >= current - _LEASE_CUT_SLACK_S:
+                return  # the lease already granted still stands
+            ss.lease_expires_s[s] = expires
+            self.set_timer(s, expires, TIMER_LEASE)
+            self.emit(s, Action.RETAIN_GPU, ttl, 0.0, reason)
+        elif action == OFFLOAD_HOST:
+            out_s = self.transfer_s(s, w, blocks)
+            self.state.to_host(s)
+            ss.lease_expires_s[s] = 0.0
+            self.emit(s, Action.OFFLOAD_HOST, 0.0, out_s, reason)
+            self.plan_prefetch(s, pred, now, out_s)
+        else:
+            self.state.release(s)
+            ss.lease_expires_s[s] = 0.0
+            ss.timer_seq[s] = 0
+            self.emit(s, Action.RELEASE, 0.0, 0.0, reason)
+
+    def plan_prefetch(self, s: int, pred: WaitPrediction, now: float, offload_s: float) -> None:
+        """Schedule the reload so it completes before the early end of the wait."""
+        ss = self.state.sessions
+        if pred.p_continue <= 0.0:
+            ss.timer_seq[s] = 0
+            return  # nothing will come back to use it
+        w = int(ss.home[s])
+        reload_s = self.transfer_s(s, w, int(ss.host_blocks[s]))
+        lead_s = reload_s * (1.0 + self.config.prefetch_margin)
+        at = now + max(offload_s, pred.early_remaining_s - lead_s)
+        ss.prefetch_at_s[s] = at
+        self.set_timer(s, at, TIMER_PREFETCH)
+
+    def prefetch(self, s: int, now: float, reason: str) -> None:
+        """Bring a host-tier session back to its home GPU, leased until it is used."""
+        ss = self.state.sessions
+        w = int(ss.home[s])
+        blocks = int(ss.host_blocks[s])
+        reload_s = self.transfer_s(s, w, blocks)
+        until_use_s = max(0.0, float(ss.next_use_s[s]) - now)
+        self.state.set_gpu_blocks(s, blocks)
+        ss.prefetch_at_s[s] = 0.0
+        ttl = max(self.config.min_lease_ttl_s, 2.0 * until_use_s + reload_s)
+        if ss.state[s] == STATE_TOOL_WAIT:
+            ss.lease_expires_s[s] = now + ttl
+            self.set_timer(s, now + ttl, TIMER_LEASE)
+        else:
+            ss.lease_expires_s[s] = 0.0
+            ss.timer_seq[s] = 0
+        self.emit(s, Action.PREFETCH_GPU, ttl, max(reload_s, until_use_s), reason)
+
+    # -- timers ------------------------------------------------------------------------
+
+    def on_timer(self, s: int, kind: int, now: float) -> None:
+        """A lease ran out or a prefetch is due."""
+        ss = self.state.sessions
+        if kind == TIMER_LEASE and ss.tier[s] == TIER_GPU and ss.lease_expires_s[s]:
+            # NOTE: the worker drops the blocks at expiry by itself (a lease, not
+            # a pin); the RELEASE makes the end explicit and keeps both views equal.
+            ss.lease_expires_s[s] = 0.0
+            self.state.release(s)
+            self.emit(s, Action.RELEASE, 0.0, 0.0, "lease_expired")
+        elif kind == TIMER_PREFETCH and ss.tier[s] == TIER_HOST:
+            self.prefetch(s, now, "prefetch_before_return")
+
+    # -- pressure ----------------------------------------------------------------------
+
+    def relieve(self, w: int, now: float, exclude: int = NO_SLOT) -> None:
+        """If ``w`` is under its low watermark, evict idle sessions up to the high one."""
+        c = self.config
+        ws, ss = self.state.workers, self.state.sessions
+        cap = int(ws.gpu_cap_blocks[w])
+        free = cap - int(ws.gpu_used_blocks[w])
+        if cap <= 0 or free >= c.low_watermark * cap:
+            return
+        need = math.ceil(c.high_watermark * cap) - free
+        victims = self.kernels.rank_victims(
+            int(ws.head[w]),
+            ss.next,
+            ss.tier,
+            ss.state,
+            ss.gpu_blocks,
+            ss.context_tokens,
+            ss.next_use_s,
+            ss.p_continue,
+            ss.tenant,
+            self.fair.protection,
+            float(now),
+            float(ws.prefill_tokens_per_s[w]),
+            float(c.knee_tokens),
+            int(need),
+            int(exclude),
+        )
+        for v in victims:
+            self.evict(int(v), w, now)
+
+    def evict(self, s: int, w: int, now: float) -> None:
+        """Free a victim's GPU blocks: to the host tier when that is cheaper than rebuilding."""
+        ss = self.state.sessions
+        blocks = int(ss.gpu_blocks[s])
+        pc = float(ss.p_continue[s])
+        move_s = self.transfer_s(s, w, blocks)
+        ss.lease_expires_s[s] = 0.0
+        if (
+            self.host_room(w, blocks)
+            and self.config.transfer_weight * 2.0 * move_s < pc * self.rebuild_s(s, w)
+        ):
+            self.state.to_host(s)
+            self.emit(s, Action.OFFLOAD_HOST, 0.0, move_s, "pressure")
+            if ss.state[s] == STATE_TOOL_WAIT:
+                waited_pred = WaitPrediction(
+                    max(0.0, float(ss.next_use_s[s]) - now),
+                    max(0.0, float(ss.next_use_s[s]) - now),
+                    pc,
+                    0.0,
+                )
+                self.plan_prefetch(s, waited_pred, now, move_s)
+            else:
+                ss.timer_seq[s] = 0
+        else:
+            self.state.release(s)
+            ss.timer_seq[s] = 0
+            self.emit(s, Action.EVICT_NOW, 0.0, 0.0, "pressure")
+
+    def redecide_if_pricier(self, w: int, now: float) -> None:
+        """Re-price ``w``'s waiting leases when its shadow price rose enough."""
+        ws, ss = self.state.workers, self.state.sessions
+        price = self.shadow_price(w)
+        before = float(ws.price_at_decision[w])
+        if price <= before * self.config.redecide_price_ratio + 1e-9:
+            if price < before:
+                ws.price_at_decision[w] = price  # cheaper now: rises are measured from here
+            return
+        ws.price_at_decision[w] = price
+        for s in self.state.residents_of(w):
+            if ss.state[s] == STATE_TOOL_WAIT and ss.tier[s] == TIER_GPU and ss.node[s] != NO_SLOT:
+                pred = self.predict(s, int(ss.node[s]), now, 0.0, float(ss.p_continue[s]) == 0.0)
+                self.decide_wait(s, pred, now, "pressure_redecide")

@@ -1,0 +1,365 @@
+"""Cluster state as struct-of-arrays: workers and sessions in dense numpy slots.
+
+Each table keeps one numpy array per field, indexed by a dense integer slot,
+a dict from public id to slot and a free list of released slots. Arrays grow
+by doubling, so a kernel reads the live arrays directly and nothing is copied
+per event. Sessions homed on a worker form an intrusive doubly-linked list
+(``prev``/``next`` arrays, ``head`` per worker): eviction walks one worker's
+residents without touching the other 10^5 sessions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from scheduler_service.domain import SessionId, SessionState, Tier, WorkerId, WorkerSpec
+
+NO_SLOT = -1
+
+#: Integer codes the kernels compare against (the domain enums' values).
+TIER_NONE = int(Tier.NONE)
+TIER_GPU = int(Tier.GPU)
+TIER_HOST = int(Tier.HOST)
+STATE_RUNNING = int(SessionState.RUNNING)
+STATE_TOOL_WAIT = int(SessionState.TOOL_WAIT)
+STATE_IDLE = int(SessionState.IDLE)
+
+IdT = TypeVar("IdT", bound=str)
+
+_WORKER_FIELDS: tuple[tuple[str, type, float], ...] = (
+    ("gpu_cap_blocks", np.int64, 0),
+    ("host_cap_blocks", np.int64, 0),
+    ("gpu_used_blocks", np.int64, 0),
+    ("host_used_blocks", np.int64, 0),
+    # NOTE: blocks the engine told the worker to free but whose REMOVED events
+    # have not arrived yet; the optimistic decrement is not counted twice.
+    ("pending_free_blocks", np.int64, 0),
+    ("queued_prefill_tokens", np.int64, 0),
+    ("running_steps", np.int64, 0),
+    ("prefill_tokens_per_s", np.float64, 1.0),
+    ("host_link_bytes_per_s", np.float64, 1.0),
+    ("block_size_tokens", np.int64, 1),
+    ("bytes_per_token", np.int64, 0),
+    ("epoch", np.int64, 0),
+    ("live", np.bool_, False),  # connected and not draining: may take new steps
+    ("connected", np.bool_, False),
+    ("draining", np.bool_, False),
+    ("kv_feed", np.bool_, False),  # publishes KV block events: trust those for usage
+    ("head", np.int32, NO_SLOT),  # first session homed here
+    ("residents", np.int32, 0),
+    ("price_at_decision", np.float64, 0.0),  # shadow price the waiting leases were set at
+)
+
+_SESSION_FIELDS: tuple[tuple[str, type, float], ...] = (
+    ("tenant", np.int32, NO_SLOT),
+    ("agent", np.int32, NO_SLOT),
+    ("home", np.int32, NO_SLOT),
+    ("prev", np.int32, NO_SLOT),
+    ("next", np.int32, NO_SLOT),
+    ("tier", np.int8, TIER_NONE),
+    ("state", np.int8, STATE_IDLE),
+    ("gpu_blocks", np.int64, 0),
+    ("host_blocks", np.int64, 0),
+    ("context_tokens", np.int64, 0),
+    ("wait_context_tokens", np.int64, 0),
+    ("step_index", np.int64, 0),
+    ("events", np.int64, 0),
+    ("node", np.int32, NO_SLOT),  # graph node of the current / last tool wait
+    ("timer_seq", np.int64, 0),  # seq of the one live timer; 0: none
+    ("last_event_s", np.float64, 0.0),
+    ("wait_started_s", np.float64, 0.0),
+    ("next_use_s", np.float64, 0.0),  # predicted time of the next step
+    ("lease_expires_s", np.float64, 0.0),  # 0: no lease
+    ("prefetch_at_s", np.float64, 0.0),  # 0: no prefetch planned
+    ("p_continue", np.float64, 1.0),
+    ("started_s", np.float64, 0.0),
+    ("ideal_s", np.float64, 0.0),  # standalone time of the work done (fair share)
+)
+
+
+class _Table(Generic[IdT]):
+    """Dense slots with an id→slot dict, a free list and doubling growth."""
+
+    _fields: tuple[tuple[str, type, float], ...] = ()
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self.slot_of: dict[IdT, int] = {}
+        self.ids: list[IdT | None] = []
+        self._free: list[int] = []
+        for name, dtype, fill in self._fields:
+            setattr(self, name, np.full(self.capacity, fill, dtype=dtype))
+
+    def __len__(self) -> int:
+        return len(self.slot_of)
+
+    @property
+    def high_water(self) -> int:
+        """Slots ever handed out: arrays past this index are untouched."""
+        return len(self.ids)
+
+    def add(self, key: IdT) -> int:
+        """A fresh slot for ``key`` with every field at its default."""
+        if self._free:
+            # NOTE: the most recently freed slot is reused first (its cache lines
+            # are warm); LIFO is deterministic, which a journal replay needs.
+            slot = self._free.pop()
+        else:
+            slot = len(self.ids)
+            if slot >= self.capacity:
+                self._grow()
+            self.ids.append(None)
+        self.ids[slot] = key
+        self.slot_of[key] = slot
+        return slot
+
+    def remove(self, key: IdT) -> int:
+        """Free ``key``'s slot and reset its fields; returns the slot."""
+        slot = self.slot_of.pop(key)
+        self.ids[slot] = None
+        for name, _dtype, fill in self._fields:
+            getattr(self, name)[slot] = fill
+        self._free.append(slot)
+        return slot
+
+    def _grow(self) -> None:
+        new_cap = self.capacity * 2
+        for name, dtype, fill in self._fields:
+            old = getattr(self, name)
+            arr: npt.NDArray[Any] = np.full(new_cap, fill, dtype=dtype)
+            arr[: self.capacity] = old
+            setattr(self, name, arr)
+        self.capacity = new_cap
+
+    def nbytes(self) -> int:
+        """Bytes held by the numpy arrays."""
+        return sum(int(getattr(self, n).nbytes) for n, _d, _f in self._fields)
+
+
+class WorkerTable(_Table[WorkerId]):
+    """Workers: capacity, usage, load, link speeds, epoch, liveness, residents."""
+
+    _fields = _WORKER_FIELDS
+    gpu_cap_blocks: npt.NDArray[np.int64]
+    host_cap_blocks: npt.NDArray[np.int64]
+    gpu_used_blocks: npt.NDArray[np.int64]
+    host_used_blocks: npt.NDArray[np.int64]
+    pending_free_blocks: npt.NDArray[np.int64]
+    queued_prefill_tokens: npt.NDArray[np.int64]
+    running_steps: npt.NDArray[np.int64]
+    prefill_tokens_per_s: npt.NDArray[np.float64]
+    host_link_bytes_per_s: npt.NDArray[np.float64]
+    block_size_tokens: npt.NDArray[np.int64]
+    bytes_per_token: npt.NDArray[np.int64]
+    epoch: npt.NDArray[np.int64]
+    live: npt.NDArray[np.bool_]
+    connected: npt.NDArray[np.bool_]
+    draining: npt.NDArray[np.bool_]
+    kv_feed: npt.NDArray[np.bool_]
+    head: npt.NDArray[np.int32]
+    residents: npt.NDArray[np.int32]
+    price_at_decision: npt.NDArray[np.float64]
+
+    def __init__(self, capacity: int = 64) -> None:
+        super().__init__(capacity)
+        self.specs: list[WorkerSpec | None] = []
+
+    def set_spec(self, slot: int, spec: WorkerSpec) -> None:
+        """Copy a worker's declared cache into the arrays."""
+        while len(self.specs) <= slot:
+            self.specs.append(None)
+        self.specs[slot] = spec
+        c = spec.cache
+        self.gpu_cap_blocks[slot] = c.gpu_capacity_blocks
+        self.host_cap_blocks[slot] = c.host_capacity_blocks
+        self.prefill_tokens_per_s[slot] = max(c.prefill_tokens_per_s, 1.0)
+        self.host_link_bytes_per_s[slot] = max(c.host_link_bytes_per_s, 1.0)
+        self.block_size_tokens[slot] = max(c.block_size_tokens, 1)
+        self.bytes_per_token[slot] = c.bytes_per_token
+        self.epoch[slot] = spec.epoch
+
+    def spec(self, slot: int) -> WorkerSpec:
+        """The declared spec of the worker in ``slot``."""
+        s = self.specs[slot]
+        assert s is not None
+        return s
+
+    def free_blocks(self, slot: int) -> int:
+        """GPU blocks the engine believes are free on the worker."""
+        return int(self.gpu_cap_blocks[slot] - self.gpu_used_blocks[slot])
+
+
+class SessionTable(_Table[SessionId]):
+    """Sessions: owner, home, tier, size, state, timing, predictions, lease."""
+
+    _fields = _SESSION_FIELDS
+    tenant: npt.NDArray[np.int32]
+    agent: npt.NDArray[np.int32]
+    home: npt.NDArray[np.int32]
+    prev: npt.NDArray[np.int32]
+    next: npt.NDArray[np.int32]
+    tier: npt.NDArray[np.int8]
+    state: npt.NDArray[np.int8]
+    gpu_blocks: npt.NDArray[np.int64]
+    host_blocks: npt.NDArray[np.int64]
+    context_tokens: npt.NDArray[np.int64]
+    wait_context_tokens: npt.NDArray[np.int64]
+    step_index: npt.NDArray[np.int64]
+    events: npt.NDArray[np.int64]
+    node: npt.NDArray[np.int32]
+    timer_seq: npt.NDArray[np.int64]
+    last_event_s: npt.NDArray[np.float64]
+    wait_started_s: npt.NDArray[np.float64]
+    next_use_s: npt.NDArray[np.float64]
+    lease_expires_s: npt.NDArray[np.float64]
+    prefetch_at_s: npt.NDArray[np.float64]
+    p_continue: npt.NDArray[np.float64]
+    started_s: npt.NDArray[np.float64]
+    ideal_s: npt.NDArray[np.float64]
+
+    def __init__(self, capacity: int = 1024) -> None:
+        super().__init__(capacity)
+
+
+class Interned(Generic[IdT]):
+    """Strings (tenant ids, agent types) mapped to small dense integers."""
+
+    def __init__(self) -> None:
+        self.index: dict[IdT, int] = {}
+        self.names: list[IdT] = []
+
+    def get(self, name: IdT) -> int:
+        """The integer for ``name``, interning it on first sight."""
+        i = self.index.get(name)
+        if i is None:
+            i = len(self.names)
+            self.index[name] = i
+            self.names.append(name)
+        return i
+
+
+class ClusterState:
+    """Workers, sessions and the residency lists that join them."""
+
+    def __init__(self, worker_capacity: int = 64, session_capacity: int = 1024) -> None:
+        self.workers = WorkerTable(worker_capacity)
+        self.sessions = SessionTable(session_capacity)
+
+    def link(self, s: int, w: int) -> None:
+        """Make worker ``w`` the home of session ``s`` (unlinking any old home)."""
+        ss = self.sessions
+        if ss.home[s] == w:
+            return
+        if ss.home[s] != NO_SLOT:
+            self.unlink(s)
+        ws = self.workers
+        head = int(ws.head[w])
+        ss.prev[s] = NO_SLOT
+        ss.next[s] = head
+        if head != NO_SLOT:
+            ss.prev[head] = s
+        ws.head[w] = s
+        ws.residents[w] += 1
+        ss.home[s] = w
+
+    def unlink(self, s: int) -> None:
+        """Remove session ``s`` from its home's resident list."""
+        ss, ws = self.sessions, self.workers
+        w = int(ss.home[s])
+        if w == NO_SLOT:
+            return
+        p, n = int(ss.prev[s]), int(ss.next[s])
+        if p != NO_SLOT:
+            ss.next[p] = n
+        else:
+            ws.head[w] = n
+        if n != NO_SLOT:
+            ss.prev[n] = p
+        ss.prev[s] = ss.next[s] = NO_SLOT
+        ss.home[s] = NO_SLOT
+        ws.residents[w] -= 1
+
+    def residents_of(self, w: int) -> list[int]:
+        """Session slots homed on worker ``w``, most recently linked first."""
+        out: list[int] = []
+        s = int(self.workers.head[w])
+        nxt = self.sessions.next
+        while s != NO_SLOT:
+            out.append(s)
+            s = int(nxt[s])
+        return out
+
+    # -- residency accounting ----------------------------------------------------
+    # NOTE: a worker that publishes KV events reports its own growth (STORED);
+    # for it the engine only books the frees it orders, and parks them in
+    # ``pending_free_blocks`` so the REMOVED events that follow are not
+    # subtracted twice. A worker without a KV feed is booked from session sizes.
+
+    def set_gpu_blocks(self, s: int, blocks: int) -> None:
+        """Session ``s`` now holds ``blocks`` on its home GPU."""
+        ss, ws = self.sessions, self.workers
+        w = int(ss.home[s])
+        if ss.tier[s] == TIER_HOST:
+            self._drop_host(s)
+        delta = blocks - int(ss.gpu_blocks[s])
+        ss.gpu_blocks[s] = blocks
+        ss.tier[s] = TIER_GPU
+        if w != NO_SLOT and not ws.kv_feed[w]:
+            ws.gpu_used_blocks[w] += delta
+
+    def free_gpu(self, s: int) -> int:
+        """The engine ordered ``s``'s GPU blocks freed; returns how many."""
+        ss, ws = self.sessions, self.workers
+        n = int(ss.gpu_blocks[s])
+        w = int(ss.home[s])
+        ss.gpu_blocks[s] = 0
+        if ss.tier[s] == TIER_GPU:
+            ss.tier[s] = TIER_NONE
+        if w != NO_SLOT and n:
+            ws.gpu_used_blocks[w] = max(0, int(ws.gpu_used_blocks[w]) - n)
+            if ws.kv_feed[w]:
+                ws.pending_free_blocks[w] += n
+        return n
+
+    def to_host(self, s: int) -> int:
+        """Move ``s``'s GPU blocks to its home's host tier; returns how many."""
+        n = self.free_gpu(s)
+        ss = self.sessions
+        ss.host_blocks[s] = n
+        ss.tier[s] = TIER_HOST
+        w = int(ss.home[s])
+        if w != NO_SLOT:
+            self.workers.host_used_blocks[w] += n
+        return n
+
+    def release(self, s: int) -> None:
+        """The engine ordered every copy of ``s`` dropped."""
+        self.free_gpu(s)
+        self._drop_host(s)
+        self.sessions.tier[s] = TIER_NONE
+
+    def forget(self, s: int) -> None:
+        """``s`` holds nothing any more (the worker said so; usage came from it)."""
+        ss = self.sessions
+        ss.tier[s] = TIER_NONE
+        ss.gpu_blocks[s] = 0
+        ss.host_blocks[s] = 0
+        ss.lease_expires_s[s] = 0.0
+        ss.prefetch_at_s[s] = 0.0
+        ss.timer_seq[s] = 0
+
+    def _drop_host(self, s: int) -> None:
+        ss = self.sessions
+        n = int(ss.host_blocks[s])
+        w = int(ss.home[s])
+        ss.host_blocks[s] = 0
+        if w != NO_SLOT and n:
+            self.workers.host_used_blocks[w] = max(0, int(self.workers.host_used_blocks[w]) - n)
+
+    def nbytes(self) -> int:
+        """Bytes in the numpy arrays of both tables."""
+        return self.workers.nbytes() + self.sessions.nbytes()
+
