@@ -1,0 +1,193 @@
+"""The worker's outbound buffer: batching, seq numbering, cumulative acks, resend.
+
+Pure bookkeeping (no I/O, no clock), safe to call from engine threads: an
+engine reports events from any thread and never blocks; the stream task frames
+what is pending into messages, and keeps each one until the server acks it.
+
+Seqs: the Hello of every stream is seq 1; data messages take 2, 3, ... for the
+whole life of the worker epoch, so a message resent on a new stream keeps its
+seq and the server drops it as a duplicate when it already holds it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from kvsched_client._proto.kvsched.v1 import types_pb2, worker_pb2
+
+__all__ = ["HELLO_SEQ", "Outbox", "OutboxStats"]
+
+HELLO_SEQ = 1
+
+
+@dataclass(slots=True)
+class OutboxStats:
+    """Counters since the outbox was built."""
+
+    framed_messages: int = 0
+    resent_messages: int = 0
+    dropped_session_events: int = 0
+    dropped_kv_batches: int = 0
+    dropped_heartbeats: int = 0
+
+
+class Outbox:
+    """Pending events and unacked messages (see module doc)."""
+
+    def __init__(
+        self,
+        *,
+        max_batch_events: int = 256,
+        max_buffered_events: int = 100_000,
+        max_buffered_kv_batches: int = 10_000,
+    ) -> None:
+        if not 1 <= max_batch_events <= 4096:
+            raise ValueError("max_batch_events must be in 1..4096 (the wire limit)")
+        self.max_batch_events = max_batch_events
+        self.max_buffered_events = max_buffered_events
+        self.max_buffered_kv_batches = max_buffered_kv_batches
+        self._lock = threading.Lock()
+        self._events: deque[types_pb2.SessionEvent] = deque()
+        self._kv: deque[types_pb2.KvEventBatch] = deque()
+        self._control: deque[worker_pb2.WorkerMessage] = deque()
+        self._unacked: deque[worker_pb2.WorkerMessage] = deque()
+        self._unacked_events = 0  # session events inside unacked messages
+        self._unacked_kv = 0
+        self.next_seq = HELLO_SEQ + 1
+        self.acked_seq = 0
+        self.stats = OutboxStats()
+
+    # ------------------------------------------------------------------ input
+
+    def add_events(self, events: Iterable[types_pb2.SessionEvent]) -> None:
+        """Queues session events; drops the oldest ones past the bound."""
+        with self._lock:
+            self._events.extend(events)
+            self._bound_events()
+
+    def add_kv(self, batch: types_pb2.KvEventBatch) -> None:
+        """Queues one KV event batch; drops the oldest batch past the bound."""
+        with self._lock:
+            self._kv.append(batch)
+            while len(self._kv) + self._unacked_kv > self.max_buffered_kv_batches:
+                if self._drop_oldest_unacked("kv_events") is None:
+                    self._kv.popleft()
+                self.stats.dropped_kv_batches += 1
+
+    def add_control(self, msg: worker_pb2.WorkerMessage) -> None:
+        """Queues a DirectiveAck, PoolSnapshot or Heartbeat (never dropped for space)."""
+        with self._lock:
+            self._control.append(msg)
+
+    # ----------------------------------------------------------------- output
+
+    def pending_events(self) -> int:
+        """Returns session events not yet framed."""
+        return len(self._events)
+
+    def has_pending(self) -> bool:
+        """True when something waits to be framed."""
+        return bool(self._events or self._kv or self._control)
+
+    def idle(self) -> bool:
+        """True when everything reported has been acked."""
+        return not self.has_pending() and not self._unacked
+
+    def frame(self) -> list[worker_pb2.WorkerMessage]:
+        """Moves what is pending into new messages (with seqs) and returns them."""
+        out: list[worker_pb2.WorkerMessage] = []
+        with self._lock:
+            while self._control:
+                out.append(self._seal(self._control.popleft()))
+            while self._kv:
+                out.append(self._seal(worker_pb2.WorkerMessage(kv_events=self._kv.popleft())))
+                self._unacked_kv += 1
+            while self._events:
+                n = min(self.max_batch_events, len(self._events))
+                batch = [self._events.popleft() for _ in range(n)]
+                msg = worker_pb2.WorkerMessage(
+                    session_events=worker_pb2.SessionEventBatch(events=batch)
+                )
+                out.append(self._seal(msg))
+                self._unacked_events += n
+        return out
+
+    def ack(self, seq: int) -> int:
+        """Forgets every message with seq <= `seq`; returns how many."""
+        n = 0
+        with self._lock:
+            self.acked_seq = max(self.acked_seq, seq)
+            while self._unacked and self._unacked[0].seq <= seq:
+                self._forget(self._unacked.popleft())
+                n += 1
+        return n
+
+    def resume(self, last_acked_seq: int) -> list[worker_pb2.WorkerMessage]:
+        """After a Welcome: returns the unacked messages to resend, in seq order.
+
+        Heartbeats are not resent: a stale load figure is worse than none.
+        """
+        self.ack(last_acked_seq)
+        with self._lock:
+            kept: deque[worker_pb2.WorkerMessage] = deque()
+            for m in self._unacked:
+                if m.WhichOneof("body") == "heartbeat":
+                    self.stats.dropped_heartbeats += 1
+                else:
+                    kept.append(m)
+            self._unacked = kept
+            self.stats.resent_messages += len(kept)
+            return list(kept)
+
+    def drop_oldest_unacked(self) -> worker_pb2.WorkerMessage | None:
+        """Drops the oldest unacked message (one the server refused); returns it."""
+        with self._lock:
+            if not self._unacked:
+                return None
+            msg = self._unacked.popleft()
+            self._forget(msg)
+            return msg
+
+    def unacked(self) -> list[worker_pb2.WorkerMessage]:
+        """Returns the unacked messages (for tests and debugging)."""
+        with self._lock:
+            return list(self._unacked)
+
+    # -------------------------------------------------------------- internals
+
+    def _seal(self, msg: worker_pb2.WorkerMessage) -> worker_pb2.WorkerMessage:
+        msg.seq = self.next_seq
+        self.next_seq += 1
+        self._unacked.append(msg)
+        self.stats.framed_messages += 1
+        return msg
+
+    def _forget(self, msg: worker_pb2.WorkerMessage) -> None:
+        body = msg.WhichOneof("body")
+        if body == "session_events":
+            self._unacked_events -= len(msg.session_events.events)
+        elif body == "kv_events":
+            self._unacked_kv -= 1
+
+    def _bound_events(self) -> None:
+        # NOTE: the oldest events go first, and those already framed are older
+        # than those pending. A framed message that is dropped may still reach
+        # the server on the live stream; it is only no longer resent.
+        while len(self._events) + self._unacked_events > self.max_buffered_events:
+            msg = self._drop_oldest_unacked("session_events")
+            if msg is not None:
+                self.stats.dropped_session_events += len(msg.session_events.events)
+            else:
+                self._events.popleft()
+                self.stats.dropped_session_events += 1
+
+    def _drop_oldest_unacked(self, body: str) -> worker_pb2.WorkerMessage | None:
+        for i, m in enumerate(self._unacked):
+            if m.WhichOneof("body") == body:
+                del self._unacked[i]
+                self._forget(m)
+                return m
+        return None
