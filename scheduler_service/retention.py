@@ -38,6 +38,7 @@ SetTimer = Callable[[int, float, int], None]
 
 TIMER_LEASE = 1
 TIMER_PREFETCH = 2
+PREFETCHED = -1.0
 
 #: A re-decided lease is only replaced when it shrinks by more than this.
 _LEASE_CUT_SLACK_S = 0.5
@@ -184,7 +185,9 @@ class Retention:
         reload_s = self.transfer_s(s, w, blocks)
         until_use_s = max(0.0, float(ss.next_use_s[s]) - now)
         self.state.set_gpu_blocks(s, blocks)
-        ss.prefetch_at_s[s] = 0.0
+        # NOTE: -1 marks "reloaded for a use that is due": re-pricing must not
+        # send it straight back out (that would thrash the host link).
+        ss.prefetch_at_s[s] = PREFETCHED
         ttl = max(self.config.min_lease_ttl_s, 2.0 * until_use_s + reload_s)
         if ss.state[s] == STATE_TOOL_WAIT:
             ss.lease_expires_s[s] = now + ttl
@@ -278,6 +281,11 @@ class Retention:
             return
         ws.price_at_decision[w] = price
         for s in self.state.residents_of(w):
-            if ss.state[s] == STATE_TOOL_WAIT and ss.tier[s] == TIER_GPU and ss.node[s] != NO_SLOT:
+            if (
+                ss.state[s] == STATE_TOOL_WAIT
+                and ss.tier[s] == TIER_GPU
+                and ss.node[s] != NO_SLOT
+                and ss.prefetch_at_s[s] != PREFETCHED
+            ):
                 pred = self.predict(s, int(ss.node[s]), now, 0.0, float(ss.p_continue[s]) == 0.0)
                 self.decide_wait(s, pred, now, "pressure_redecide")

@@ -73,7 +73,7 @@ _SESSION_FIELDS: tuple[tuple[str, type, float], ...] = (
     ("wait_started_s", np.float64, 0.0),
     ("next_use_s", np.float64, 0.0),  # predicted time of the next step
     ("lease_expires_s", np.float64, 0.0),  # 0: no lease
-    ("prefetch_at_s", np.float64, 0.0),  # 0: no prefetch planned
+    ("prefetch_at_s", np.float64, 0.0),  # 0: none planned; -1: reloaded, awaiting use
     ("p_continue", np.float64, 1.0),
     ("started_s", np.float64, 0.0),
     ("ideal_s", np.float64, 0.0),  # standalone time of the work done (fair share)

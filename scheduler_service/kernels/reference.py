@@ -8,6 +8,7 @@ agree exactly, not just approximately.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -40,25 +41,31 @@ def remaining_time(
     quantile: float,
 ) -> tuple[float, float, float]:
     """(mean remaining s, quantile remaining s, surviving mass) given ``waited_s``."""
-    live = [
-        (float(h), 0.5 * (waited_s + float(u)) if m < waited_s else float(m))
-        for h, u, m in zip(hist, upper_edges, mids, strict=True)
-        if u > waited_s and h > 0.0
-    ]
+    live = []  # (mass, representative, lower, upper, mid) of buckets the wait allows
+    for b, (h, u, m) in enumerate(zip(hist, upper_edges, mids, strict=True)):
+        if u <= waited_s or h <= 0.0:
+            continue
+        lower = max(float(upper_edges[b - 1]) if b > 0 else 0.0, waited_s)
+        v = 0.5 * (waited_s + float(u)) if m < waited_s else float(m)
+        live.append((float(h), v, lower, float(u), float(m)))
     mass = 0.0
     acc = 0.0
-    for h, v in live:
+    for h, v, _lo, _up, _mid in live:
         mass += h
         acc += h * (v - waited_s)
     if mass <= 0.0:
         return waited_s, waited_s, 0.0
+    target = quantile * mass
     cum = 0.0
     q_value = 0.0
-    for h, v in live:
-        cum += h
-        q_value = v - waited_s
-        if cum >= quantile * mass:
+    for h, _v, lower, upper, mid in live:
+        if cum + h >= target:
+            if upper == math.inf:
+                q_value = max(mid, lower) - waited_s
+            else:
+                q_value = lower + (upper - lower) * ((target - cum) / h) - waited_s
             break
+        cum += h
     return acc / mass, q_value, mass
 
 

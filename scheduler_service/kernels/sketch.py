@@ -40,17 +40,22 @@ def remaining_time(
         # NOTE: waited longer than anything seen: assume as long again (Lindy),
         # the conservative guess for heavy-tailed tool latencies.
         return waited_s, waited_s, 0.0
+    # the quantile interpolates linearly inside its bucket (the open last
+    # bucket uses its representative): an early estimate must not overshoot
     target = quantile * mass
     cum = 0.0
     q_value = 0.0
     for b in range(n):
         if upper_edges[b] <= waited_s or hist[b] <= 0.0:
             continue
-        v = mids[b]
-        if v < waited_s:
-            v = 0.5 * (waited_s + upper_edges[b])
-        cum += hist[b]
-        q_value = v - waited_s
-        if cum >= target:
+        lower = upper_edges[b - 1] if b > 0 else 0.0
+        if lower < waited_s:
+            lower = waited_s
+        if cum + hist[b] >= target:
+            if upper_edges[b] == np.inf:
+                q_value = max(mids[b], lower) - waited_s
+            else:
+                q_value = lower + (upper_edges[b] - lower) * ((target - cum) / hist[b]) - waited_s
             break
+        cum += hist[b]
     return acc / mass, q_value, mass

@@ -1,0 +1,239 @@
+"""Scripted sessions: the exact directives the engine sends, in order.
+
+Worker figures used throughout: 16-token blocks, 131,072 B/token (an 8B
+model), 20,000 prefill tokens/s, 25 GB/s host link, 10,000 GPU blocks.
+A 16,000-token context is 1,000 blocks and rebuilds in
+0.8 s × (1 + 16,000 / 65,536) = 0.9953125 s.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from scheduler_service.domain import Action, EventKind, SessionId, Tier, WorkerId
+
+K = EventKind
+REBUILD_16K_S = 0.8 * (1 + 16_000 / 65_536)
+P_CONTINUE_PRIOR = 0.95
+
+
+def brief(ds: list[Any]) -> list[tuple[str, str, str]]:
+    return [(d.action.name, d.session_id, d.reason) for d in ds]
+
+
+def test_short_wait_under_low_pressure_is_a_ski_rental_lease_released_by_tick(script: Any) -> None:
+    sc = script()
+    sc.worker("w1")
+    assert sc.event(1.0, "s1", K.STEP_START, 16_000) == []
+    # the rest of the pool is busy: 7,500 of 10,000 blocks used -> shadow price
+    # ((0.75 - 0.5) / 0.5)^2 = 0.25 GPU-s/s for the whole pool
+    assert sc.heartbeat(2.0, "w1", free_blocks=2_500) == []
+    assert sc.event(3.0, "s1", K.STEP_END, 16_000) == []
+    [d] = sc.event(3.0, "s1", K.TOOL_CALL_WAIT, 16_000, tool_name="bash")
+    # holding 1,000 of 10,000 blocks costs 0.025 GPU-s/s; rebuilding costs
+    # P(continue) × 0.9953 s; the lease lasts until those are equal
+    ttl = P_CONTINUE_PRIOR * REBUILD_16K_S / (0.25 * 1_000 / 10_000)
+    assert d.action is Action.RETAIN_GPU
+    assert d.lease_ttl_s == pytest.approx(ttl, rel=1e-12)
+    assert (d.directive_id, d.worker_id, d.session_id, d.leader_epoch) == ("d1-1", "w1", "s1", 1)
+    assert sc.tick(3.0 + ttl - 0.01) == []
+    [rel] = sc.tick(3.0 + ttl)
+    assert (rel.action, rel.reason, rel.directive_id) == (Action.RELEASE, "lease_expired", "d1-2")
+    view = sc.engine.session_view(SessionId("s1"), 3.0 + ttl)
+    assert view.tier is Tier.NONE and view.lease_remaining_s == 0.0
+    assert sc.event(60.0, "s1", K.TOOL_CALL_END, 16_100) == []
+    assert sc.event(60.0, "s1", K.STEP_START, 16_100) == []
+    [fin] = sc.event(61.0, "s1", K.SESSION_FINISH, 16_200)
+    assert (fin.action, fin.reason, fin.directive_id) == (Action.RELEASE, "session_finish", "d1-3")
+    assert sc.engine.session_view(SessionId("s1"), 61.0) is None
+    assert brief(sc.log) == [
+        ("RETAIN_GPU", "s1", "tool_wait"),
+        ("RELEASE", "s1", "lease_expired"),
+        ("RELEASE", "s1", "session_finish"),
+    ]
+
+
+def test_idle_pool_retains_for_the_longest_lease(script: Any) -> None:
+    sc = script(max_lease_ttl_s=120.0)
+    sc.worker("w1")
+    sc.event(1.0, "s1", K.STEP_START, 16_000)
+    [d] = sc.event(2.0, "s1", K.TOOL_CALL_WAIT, 16_000, tool_name="bash")
+    # holding is free below half utilisation: the lease is capped, never infinite
+    assert (d.action, d.lease_ttl_s) == (Action.RETAIN_GPU, 120.0)
+
+
+def _train_pytest_takes_60s(sc: Any, sessions: int = 10) -> float:
+    """Earlier sessions of the same agent type: pytest returns after 60 s, then one more step."""
+    t = 10.0
+    for i in range(sessions):
+        sid = f"train{i}"
+        sc.event(t, sid, K.STEP_START, 1_600)
+        sc.event(t + 1, sid, K.TOOL_CALL_WAIT, 1_600, tool_name="pytest")
+        sc.event(t + 61, sid, K.TOOL_CALL_END, 1_700)
+        sc.event(t + 61, sid, K.STEP_START, 1_700)
+        sc.event(t + 62, sid, K.STEP_END, 1_800)
+        sc.event(t + 62, sid, K.SESSION_FINISH, 1_800)
+        t += 100.0
+    sc.log.clear()
+    return t
+
+
+def test_long_predicted_wait_under_pressure_offloads_then_prefetches_before_return(
+    script: Any,
+) -> None:
+    sc = script()
+    sc.worker("w1", gpu_blocks=10_000, host_blocks=20_000)
+    t = _train_pytest_takes_60s(sc)
+    sc.event(t, "s1", K.STEP_START, 16_000)
+    # 9,000 of 10,000 blocks in use -> shadow price ((0.9 - 0.5) / 0.5)^2 = 0.64
+    assert sc.heartbeat(t + 0.5, "w1", free_blocks=1_000, host_free=20_000) == []
+    [off] = sc.event(t + 1, "s1", K.TOOL_CALL_WAIT, 16_000, tool_name="pytest")
+    # holding 10% of a pool at 0.64 for ~60 s (3.8 GPU-s) loses to a 2.1 GB copy
+    # out and back over the host link
+    move_s = 1_000 * 16 * 131_072 / 25e9
+    assert off.action is Action.OFFLOAD_HOST
+    assert off.complete_within_s == pytest.approx(move_s)
+    view = sc.engine.session_view(SessionId("s1"), t + 1)
+    assert view.tier is Tier.HOST
+    # tick four times a second: the reload starts before the tool's predicted return
+    prefetched_at = None
+    for quarter in range(8, 244):
+        sec = quarter / 4
+        ds = sc.tick(t + sec)
+        if ds:
+            assert prefetched_at is None
+            assert len(ds) == 1, ds
+            [pf] = ds
+            assert pf.action is Action.PREFETCH_GPU and pf.reason == "prefetch_before_return"
+            assert pf.lease_ttl_s > 0  # held until used, as a lease
+            prefetched_at = t + sec
+            # it has at least the reload time and at most the predicted wait left
+            assert move_s <= pf.complete_within_s <= 61.0 - sec
+    assert prefetched_at is not None and t + 55 <= prefetched_at < t + 61
+    # the tool returns at t + 61: KV is already back, nothing more to do
+    assert sc.event(t + 61, "s1", K.TOOL_CALL_END, 16_100) == []
+    assert sc.engine.session_view(SessionId("s1"), t + 61).tier is Tier.GPU
+    sc.event(t + 61, "s1", K.STEP_START, 16_100)
+    sc.event(t + 62, "s1", K.SESSION_FINISH, 16_200)
+    assert brief(sc.log) == [
+        ("OFFLOAD_HOST", "s1", "tool_wait"),
+        ("PREFETCH_GPU", "s1", "prefetch_before_return"),
+        ("RELEASE", "s1", "session_finish"),
+    ]
+
+
+def test_tool_returning_early_reloads_at_once(script: Any) -> None:
+    sc = script()
+    sc.worker("w1", gpu_blocks=10_000, host_blocks=20_000)
+    t = _train_pytest_takes_60s(sc)
+    sc.event(t, "s1", K.STEP_START, 16_000)
+    sc.heartbeat(t + 0.5, "w1", free_blocks=1_000, host_free=20_000)
+    sc.event(t + 1, "s1", K.TOOL_CALL_WAIT, 16_000, tool_name="pytest")
+    [pf] = sc.event(t + 5, "s1", K.TOOL_CALL_END, 16_000)
+    assert (pf.action, pf.reason) == (Action.PREFETCH_GPU, "tool_returned")
+    # the planned prefetch is cancelled: no second reload later
+    assert [d for sec in range(6, 90) for d in sc.tick(t + sec)] == []
+
+
+def test_lease_is_cut_short_when_pressure_rises(script: Any) -> None:
+    sc = script()
+    sc.worker("w1")
+    sc.event(1.0, "s1", K.STEP_START, 16_000)
+    [d] = sc.event(2.0, "s1", K.TOOL_CALL_WAIT, 16_000, tool_name="bash")
+    assert (d.action, d.lease_ttl_s) == (Action.RETAIN_GPU, 300.0)
+    # the pool fills to 95%: shadow price ((0.95 - 0.5) / 0.5)^2 = 0.81
+    [cut] = sc.heartbeat(3.0, "w1", free_blocks=500)
+    assert (cut.action, cut.reason) == (Action.RETAIN_GPU, "pressure_redecide")
+    assert cut.lease_ttl_s == pytest.approx(P_CONTINUE_PRIOR * REBUILD_16K_S / 0.081, rel=1e-12)
+    # the shorter lease is the one tick enforces
+    assert sc.tick(3.0 + cut.lease_ttl_s - 0.01) == []
+    assert brief(sc.tick(3.0 + cut.lease_ttl_s)) == [("RELEASE", "s1", "lease_expired")]
+
+
+def test_eviction_order_under_pressure_is_cost_aware_farthest_next_use(script: Any) -> None:
+    sc = script(high_watermark=0.25)
+    sc.worker("w1", gpu_blocks=1_400)
+    # six sessions of 100 blocks each wait on tools with very different hints
+    hints = {"a": 10.0, "b": 1_000.0, "c": 100.0, "d": 100.0, "e": 1.0, "f": 300.0}
+    for sid in hints:
+        sc.event(1.0, sid, K.STEP_START, 1_600)
+    for sid, hint in hints.items():
+        [d] = sc.event(
+            2.0, sid, K.TOOL_CALL_WAIT, 1_600, tool_name=f"tool_{sid}",
+            expected_tool_latency_s=hint, last_step=(sid == "d"),
+        )
+        assert d.action is Action.RETAIN_GPU  # 600 of 1,400 blocks: holding is free
+    # an 800-block step fills the pool: free 0 < 5% -> evict until 25% (350 blocks) is free
+    ds = sc.event(3.0, "g", K.STEP_START, 12_800)
+    # equal sizes: the order is predicted time to next use / P(continue):
+    # d said it was its last step (P(continue) 0 -> clamped 0.01), then the hints
+    assert brief(ds) == [
+        ("EVICT_NOW", "d", "pressure"),
+        ("EVICT_NOW", "b", "pressure"),
+        ("EVICT_NOW", "f", "pressure"),
+        ("EVICT_NOW", "c", "pressure"),
+    ]
+    assert all(d.worker_id == "w1" for d in ds)
+    views = {sid: sc.engine.session_view(SessionId(sid), 3.0).tier for sid in "abcdefg"}
+    assert views == {
+        "a": Tier.GPU, "b": Tier.NONE, "c": Tier.NONE, "d": Tier.NONE,
+        "e": Tier.GPU, "f": Tier.NONE, "g": Tier.GPU,
+    }
+    [w] = sc.engine.worker_views()
+    assert w.gpu_used_blocks == 1_000
+
+
+def test_eviction_offloads_when_the_host_tier_has_room(script: Any) -> None:
+    sc = script(high_watermark=0.1)
+    sc.worker("w1", gpu_blocks=2_100, host_blocks=10_000)
+    sc.event(1.0, "a", K.STEP_START, 16_000)  # 1,000 blocks: a reload beats a rebuild
+    [d] = sc.event(2.0, "a", K.TOOL_CALL_WAIT, 16_000, tool_name="bash")
+    assert d.action is Action.RETAIN_GPU  # under half full: holding is free
+    ds = sc.event(3.0, "g", K.STEP_START, 17_600)
+    assert brief(ds) == [("OFFLOAD_HOST", "a", "pressure")]
+    assert sc.engine.session_view(SessionId("a"), 3.0).tier is Tier.HOST
+
+
+def test_step_on_another_worker_releases_the_old_copy(script: Any) -> None:
+    sc = script()
+    sc.worker("w1")
+    sc.worker("w2")
+    sc.event(1.0, "s1", K.STEP_START, 16_000, worker="w1")
+    sc.event(2.0, "s1", K.STEP_END, 16_000, worker="w1")
+    [d] = sc.event(3.0, "s1", K.STEP_START, 16_500, worker="w2")
+    assert (d.action, d.worker_id, d.reason) == (Action.RELEASE, WorkerId("w1"), "moved")
+    view = sc.engine.session_view(SessionId("s1"), 3.0)
+    assert (view.home_worker_id, view.tier) == ("w2", Tier.GPU)
+    assert [w.gpu_used_blocks for w in sc.engine.worker_views()] == [0, 1_032]
+
+
+def test_abort_releases_and_unknown_abort_is_a_no_op(script: Any) -> None:
+    sc = script()
+    sc.worker("w1")
+    assert sc.event(1.0, "ghost", K.SESSION_ABORT, 0) == []
+    sc.event(1.0, "s1", K.STEP_START, 1_000)
+    assert brief(sc.event(2.0, "s1", K.SESSION_ABORT, 1_000)) == [("RELEASE", "s1", "session_abort")]
+    stats = sc.engine.stats(2.0)
+    assert stats.tenants[0].completed_sessions == 0 and stats.tenants[0].events == 3
+
+
+def test_same_calls_give_the_same_decisions(script: Any) -> None:
+    def run() -> list[Any]:
+        sc = script(high_watermark=0.25)
+        sc.worker("w1", gpu_blocks=1_400, host_blocks=500)
+        sc.worker("w2", gpu_blocks=1_400)
+        for i in range(30):
+            sid, w = f"s{i % 9}", f"w{1 + i % 2}"
+            sc.event(i, sid, K.STEP_START, 1_600 + 160 * i, worker=w)
+            sc.event(i + 0.5, sid, K.TOOL_CALL_WAIT, 1_600 + 160 * i, worker=w,
+                     tool_name=f"t{i % 3}", expected_tool_latency_s=float(i % 4))
+            sc.tick(i + 0.7)
+            sc.event(i + 0.9, sid, K.TOOL_CALL_END, 1_700 + 160 * i, worker=w)
+        sc.tick(1_000.0)
+        return sc.log
+
+    first, second = run(), run()
+    assert len(first) > 10
+    assert first == second
