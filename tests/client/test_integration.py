@@ -113,6 +113,73 @@ async def test_directives_are_enforced_exactly_by_every_worker(service) -> None:
         await c.stop()
 
 
+class RecordingPool(BlockPool):
+    """BlockPool that records each directive with the session's residency right after it."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.log: list[tuple[str, int, worker_pb2.SessionResidency]] = []
+
+    def apply_directive(self, directive, now):
+        res = super().apply_directive(directive, now)
+        assert res.ok, res.reason
+        self.log.append(
+            (directive.session_id, directive.action, self.residency(directive.session_id, now))
+        )
+        return res
+
+
+async def test_retain_offload_prefetch_release_are_enforced_exactly(service) -> None:
+    # A small GPU: five 20-block sessions waiting on tools do not all fit, so the
+    # scheduler retains some, offloads the rest, prefetches them back before their
+    # tools return, and releases a finished session.
+    target = f"127.0.0.1:{service.port}"
+    pool = RecordingPool(
+        gpu_capacity_blocks=100, block_size_tokens=BS, host_capacity_blocks=400,
+        prefill_tokens_per_s=2000.0,
+    )  # fmt: skip
+    hello = worker_pb2.Hello(
+        worker_id="w1", epoch=1, endpoint="127.0.0.1:9001", engine_name="reference"
+    )
+    c = WorkerClient(target, hello, pool, heartbeat_interval_s=0.2, lease_check_interval_s=0.02)
+    await c.start()
+    assert await c.wait_connected(5.0)
+    for i in range(5):
+        sid, n = f"s{i}", 320
+        with c.pool_lock:
+            pool.start_step(sid, "t", [i * 10_000 + j for j in range(n)], c._clock())
+            pool.end_step(sid, c._clock())
+        c.report(
+            session_event(sid, K.STEP_START, tenant_id="t", context_tokens=n, new_tokens=n),
+            session_event(sid, K.STEP_END, tenant_id="t", context_tokens=n),
+            session_event(
+                sid, K.TOOL_CALL_WAIT, tenant_id="t", context_tokens=n, tool_name="pytest"
+            ),
+        )
+        assert await c.flush(5.0)
+        await until(lambda i=i: len({e[0] for e in pool.log}) == i + 1)
+    c.report(session_event("s0", K.SESSION_FINISH, tenant_id="t", context_tokens=320))
+    wanted = {
+        worker_pb2.RETAIN_GPU,
+        worker_pb2.OFFLOAD_HOST,
+        worker_pb2.PREFETCH_GPU,
+        worker_pb2.RELEASE,
+    }
+    await until(lambda: wanted <= {a for _, a, _ in pool.log}, 10.0)
+    for sid, action, r in pool.log:
+        if action == worker_pb2.RETAIN_GPU:
+            assert (r.gpu_blocks, r.host_blocks) == (20, 0) and r.lease_remaining_s > 0, sid
+        elif action == worker_pb2.OFFLOAD_HOST:
+            assert (r.gpu_blocks, r.host_blocks, r.lease_remaining_s) == (0, 20, 0.0), sid
+        elif action == worker_pb2.PREFETCH_GPU:
+            assert (r.gpu_blocks, r.host_blocks) == (20, 0) and r.lease_remaining_s > 0, sid
+        elif action == worker_pb2.RELEASE:
+            assert r.lease_remaining_s == 0.0, sid
+    pool.check_invariants()
+    assert c.stats.directives_applied == len(pool.log) and c.stats.directives_rejected == 0
+    await c.stop()
+
+
 async def test_leases_expire_when_the_server_is_gone_longer_than_every_ttl(service) -> None:
     target = f"127.0.0.1:{service.port}"
     clock = VirtualClock()
