@@ -75,7 +75,7 @@ class _Fallback:
 
     def result(self, request: placement_pb2.PlaceRequest, why: str) -> PlaceResult:
         self.fallbacks += 1
-        pool = self.live.keys()
+        pool: Iterable[str] = self.live.keys()
         if request.candidate_worker_ids:
             pool = [w for w in request.candidate_worker_ids if w in self.live]
         k = request.max_candidates or 3

@@ -22,8 +22,9 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
 
@@ -34,6 +35,7 @@ from kvsched_client.pool_api import KVPool
 __all__ = ["SyncWorkerClient", "WorkerClient", "WorkerClientStats", "session_event"]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 _RECENT_DIRECTIVES = 4096
 
@@ -429,20 +431,19 @@ class SyncWorkerClient:
         async def build() -> WorkerClient:
             return WorkerClient(target, hello, pool, **kwargs)  # type: ignore[arg-type]
 
-        self.client = self._call(build(), timeout_s=5.0)
+        self.client: WorkerClient = self._call(build(), timeout_s=5.0)
         self.pool_lock = self.client.pool_lock
         self.stats = self.client.stats
 
-    def _call(self, coro: object, timeout_s: float | None) -> object:
-        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
-        return fut.result(timeout_s)
+    def _call(self, coro: Coroutine[Any, Any, _T], timeout_s: float | None) -> _T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
 
     def start(self, connect_timeout_s: float = 0.0) -> bool:
         """Starts the client; waits up to `connect_timeout_s` for a stream."""
         self._call(self.client.start(), timeout_s=5.0)
         if connect_timeout_s <= 0:
             return self.client.connected
-        return bool(self._call(self.client.wait_connected(connect_timeout_s), None))
+        return self._call(self.client.wait_connected(connect_timeout_s), None)
 
     def report(self, *events: types_pb2.SessionEvent) -> None:
         """Queues session events; never blocks."""
@@ -459,7 +460,7 @@ class SyncWorkerClient:
 
     def flush(self, timeout_s: float) -> bool:
         """Waits until everything reported is acked; returns False on timeout."""
-        return bool(self._call(self.client.flush(timeout_s), None))
+        return self._call(self.client.flush(timeout_s), None)
 
     def stop(self, flush_timeout_s: float = 1.0) -> None:
         """Flushes (bounded), stops the client and its thread."""

@@ -29,11 +29,11 @@ def build_connector_class() -> type:
     )
 
     @dataclass
-    class KvschedMetadata(KVConnectorMetadata):  # type: ignore[misc]
+    class KvschedMetadata(KVConnectorMetadata):  # type: ignore[misc,unused-ignore]
         # Finished requests whose held blocks may be freed now.
         free_req_ids: list[str] = field(default_factory=list)
 
-    class _KvschedConnector(KVConnectorBase_V1):  # type: ignore[misc]
+    class _KvschedConnector(KVConnectorBase_V1):  # type: ignore[misc,unused-ignore]
         """Delays freeing the blocks of leased sessions; reports session events."""
 
         def __init__(self, vllm_config: Any, role: Any, kv_cache_config: Any = None) -> None:

@@ -24,7 +24,7 @@ _STORED_FIELDS = (
 )  # fmt: skip
 _REMOVED_FIELDS = ("block_hashes", "medium", "group_idx")
 _BATCH_FIELDS = ("ts", "events", "data_parallel_rank")
-_MEDIUM_TO_TIER = {
+_MEDIUM_TO_TIER: dict[Any, types_pb2.Tier.ValueType] = {
     None: types_pb2.TIER_GPU,  # vLLM's prefix cache lives on the GPU unless told otherwise
     "GPU": types_pb2.TIER_GPU,
     "CPU": types_pb2.TIER_HOST,
@@ -116,7 +116,7 @@ def _event(obj: Any) -> types_pb2.KvEvent:
     raise KvEventDecodeError(f"unknown KV event tag {tag!r}")
 
 
-def _tier(medium: Any) -> types_pb2.Tier:
+def _tier(medium: Any) -> types_pb2.Tier.ValueType:
     return _MEDIUM_TO_TIER.get(medium, types_pb2.TIER_EXTERNAL)
 
 
