@@ -375,10 +375,7 @@ class Engine:
             if ss.timer_seq[s] == seq:
                 ss.timer_seq[s] = 0
                 self.retention.on_timer(s, kind, now)
-        ws = self.state.workers
-        for w in range(ws.high_water):
-            if ws.residents[w] and ws.connected[w]:
-                self.retention.redecide_if_pricier(w, now)
+        self.retention.redecide_pricier_workers(now)
         return self._flush()
 
     def _set_timer(self, s: int, due: float, kind: int) -> None:
@@ -391,20 +388,20 @@ class Engine:
     # -- directives ----------------------------------------------------------------
 
     def _emit(self, s: int, action: Action, ttl_s: float, within_s: float, reason: str) -> None:
-        ss, ws = self.state.sessions, self.state.workers
+        ss = self.state.sessions
         self._directive_seq += 1
         self.directives_total += 1
         self._out.append(
             RetentionDirective(
-                directive_id=DirectiveId(f"d{self.leader_epoch}-{self._directive_seq}"),
-                worker_id=WorkerId(ws.ids[int(ss.home[s])] or ""),
-                session_id=SessionId(ss.ids[s] or ""),
-                action=action,
-                lease_ttl_s=ttl_s,
-                priority=self.fair.step_priority(int(ss.tenant[s])),
-                leader_epoch=self.leader_epoch,
-                complete_within_s=within_s,
-                reason=reason,
+                f"d{self.leader_epoch}-{self._directive_seq}",  # type: ignore[arg-type]
+                self.state.workers.ids[ss.home[s]],  # type: ignore[arg-type]
+                ss.ids[s],  # type: ignore[arg-type]
+                action,
+                ttl_s,
+                self.fair.priority[ss.tenant[s]],
+                self.leader_epoch,
+                within_s,
+                reason,
             )
         )
 

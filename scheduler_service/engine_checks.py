@@ -27,14 +27,12 @@ def check_events(
     born: dict[SessionId, TenantId] = {}
     ended: set[SessionId] = set()
     for i, ev in enumerate(events):
-        if ev.context_tokens < 0:
-            raise Rejected(f"events[{i}].context_tokens", "must be >= 0")
-        if ev.new_tokens < 0:
-            raise Rejected(f"events[{i}].new_tokens", "must be >= 0")
-        if ev.step_index < 0:
-            raise Rejected(f"events[{i}].step_index", "must be >= 0")
-        lat = ev.expected_tool_latency_s
-        if lat < 0 or math.isnan(lat) or math.isinf(lat):
+        if ev.context_tokens < 0 or ev.new_tokens < 0 or ev.step_index < 0:
+            for name in ("context_tokens", "new_tokens", "step_index"):
+                if getattr(ev, name) < 0:
+                    raise Rejected(f"events[{i}].{name}", "must be >= 0")
+        # one comparison catches negative, NaN (compares false) and infinite
+        if not 0.0 <= ev.expected_tool_latency_s < math.inf:
             raise Rejected(f"events[{i}].expected_tool_latency_s", "must be a finite number >= 0")
         if ev.worker_id and ev.worker_id not in workers:
             raise Rejected(f"events[{i}].worker_id", f"unknown worker {ev.worker_id!r}")

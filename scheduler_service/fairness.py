@@ -34,6 +34,7 @@ class FairShare:
         self.completed: list[int] = []
         self.events: list[int] = []
         self.protection: npt.NDArray[np.float64] = np.ones(16, dtype=np.float64)
+        self.priority: list[int] = []  # step priority per tenant slot, kept current
 
     def slot(self, tenant_id: TenantId) -> int:
         """The tenant's dense slot (tenants are interned on first sight)."""
@@ -43,6 +44,7 @@ class FairShare:
             self.slowdown.append(1.0)
             self.completed.append(0)
             self.events.append(0)
+            self.priority.append(MAX_PRIORITY // 2)
             if t >= self.protection.shape[0]:
                 grown = np.ones(self.protection.shape[0] * 2, dtype=np.float64)
                 grown[: t] = self.protection[:t]
@@ -67,10 +69,9 @@ class FairShare:
 
     def step_priority(self, t: int) -> int:
         """Priority for a step of tenant slot ``t`` (higher runs sooner)."""
-        if t < 0 or t >= len(self.weight):
+        if t < 0 or t >= len(self.priority):
             return MAX_PRIORITY // 2
-        rel = float(self.protection[t])
-        return max(0, min(MAX_PRIORITY, round(MAX_PRIORITY / 2 * rel)))
+        return self.priority[t]
 
     def mean_slowdown(self, t: int) -> float:
         """The tenant's smoothed slowdown (0 before any completion)."""
@@ -85,4 +86,6 @@ class FairShare:
         norm = {i: self.slowdown[i] * self.weight[i] for i in active}
         mean = sum(norm.values()) / len(norm)
         for i, v in norm.items():
-            self.protection[i] = min(MAX_PROTECTION, max(MIN_PROTECTION, v / mean))
+            rel = min(MAX_PROTECTION, max(MIN_PROTECTION, v / mean))
+            self.protection[i] = rel
+            self.priority[i] = max(0, min(MAX_PRIORITY, round(MAX_PRIORITY / 2 * rel)))

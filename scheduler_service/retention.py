@@ -14,6 +14,9 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import numpy as np
+import numpy.typing as npt
+
 from scheduler_service.costs import prefill_time_s
 from scheduler_service.domain import Action
 from scheduler_service.fairness import FairShare
@@ -130,6 +133,7 @@ class Retention:
         ss.next_use_s[s] = now + pred.expected_remaining_s
         ss.p_continue[s] = pred.p_continue
         ws.price_at_decision[w] = max(float(ws.price_at_decision[w]), price)
+        move_s = self.transfer_s(s, w, blocks)
         action, ttl, _cr, _co, _cx = self.kernels.retention_choice(
             blocks,
             int(ws.gpu_cap_blocks[w]),
@@ -137,8 +141,8 @@ class Retention:
             pred.expected_remaining_s,
             pred.p_continue,
             self.rebuild_s(s, w),
-            self.transfer_s(s, w, blocks),
-            self.transfer_s(s, w, blocks),
+            move_s,
+            move_s,  # the link is symmetric: reload takes what the copy out took
             self.host_room(w, blocks),
             c.transfer_weight,
             c.min_lease_ttl_s,
@@ -153,11 +157,10 @@ class Retention:
             self.set_timer(s, expires, TIMER_LEASE)
             self.emit(s, Action.RETAIN_GPU, ttl, 0.0, reason)
         elif action == OFFLOAD_HOST:
-            out_s = self.transfer_s(s, w, blocks)
             self.state.to_host(s)
             ss.lease_expires_s[s] = 0.0
-            self.emit(s, Action.OFFLOAD_HOST, 0.0, out_s, reason)
-            self.plan_prefetch(s, pred, now, out_s)
+            self.emit(s, Action.OFFLOAD_HOST, 0.0, move_s, reason)
+            self.plan_prefetch(s, pred, now, move_s)
         else:
             self.state.release(s)
             ss.lease_expires_s[s] = 0.0
@@ -209,6 +212,13 @@ class Retention:
             self.state.release(s)
             self.emit(s, Action.RELEASE, 0.0, 0.0, "lease_expired")
         elif kind == TIMER_PREFETCH and ss.tier[s] == TIER_HOST:
+            w = int(ss.home[s])
+            ws = self.state.workers
+            free_after = int(ws.gpu_cap_blocks[w] - ws.gpu_used_blocks[w]) - int(ss.host_blocks[s])
+            if free_after < self.config.low_watermark * int(ws.gpu_cap_blocks[w]):
+                # NOTE: reloading into a pool under pressure would only evict
+                # someone else; the session reloads on demand when its tool returns.
+                return
             self.prefetch(s, now, "prefetch_before_return")
 
     # -- pressure ----------------------------------------------------------------------
@@ -269,6 +279,34 @@ class Retention:
             self.state.release(s)
             ss.timer_seq[s] = 0
             self.emit(s, Action.EVICT_NOW, 0.0, 0.0, "pressure")
+
+    def prices(self) -> npt.NDArray[np.float64]:
+        """``shadow_price`` of every worker at once (same formula, vectorised)."""
+        c = self.config
+        ws = self.state.workers
+        n = ws.high_water
+        cap = ws.gpu_cap_blocks[:n]
+        util = ws.gpu_used_blocks[:n] / np.maximum(cap, 1)
+        over = np.clip((util - c.idle_utilization) / (1.0 - c.idle_utilization), 0.0, 1.0)
+        demand_s = ws.queued_prefill_tokens[:n] / ws.prefill_tokens_per_s[:n]
+        price = c.max_shadow_price * over**2 + c.demand_weight * demand_s / (
+            demand_s + c.demand_horizon_s
+        )
+        return np.where(cap > 0, price, c.max_shadow_price)
+
+    def redecide_pricier_workers(self, now: float) -> None:
+        """Re-price the waiting leases of every worker whose shadow price rose enough."""
+        ws = self.state.workers
+        n = ws.high_water
+        if n == 0:
+            return
+        price = self.prices()
+        before = ws.price_at_decision[:n]
+        rose = (price > before * self.config.redecide_price_ratio + 1e-9) & (ws.residents[:n] > 0)
+        # cheaper now: later rises are measured from here
+        np.minimum(before, price, out=before)
+        for w in np.flatnonzero(rose & ws.connected[:n]):
+            self.redecide_if_pricier(int(w), now)
 
     def redecide_if_pricier(self, w: int, now: float) -> None:
         """Re-price ``w``'s waiting leases when its shadow price rose enough."""

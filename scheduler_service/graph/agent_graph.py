@@ -62,6 +62,7 @@ class AgentGraph:
         self.prior = prior or GraphPrior()
         self._tau_s = self.prior.half_life_s / math.log(2.0)
         self._t_ref: float | None = None
+        self._w_at: tuple[float, float] = (math.nan, 1.0)  # (now, weight) of the last call
         self.index: dict[NodeKey, int] = {}
         self.keys: list[NodeKey] = []
         cap = 8
@@ -71,6 +72,10 @@ class AgentGraph:
         self.tokens = np.zeros((cap, nt), dtype=np.float64)
         self.continued = np.zeros(cap, dtype=np.float64)
         self.finished = np.zeros(cap, dtype=np.float64)
+        # NOTE: exact aged sums beside the token sketch: the mean the engine asks
+        # for on every wait is then O(1), and free of bucket rounding.
+        self.tokens_sum = np.zeros(cap, dtype=np.float64)
+        self.tokens_weight = np.zeros(cap, dtype=np.float64)
         self.node(FINISH_KEY, 0.0)
 
     # -- learning ----------------------------------------------------------------
@@ -90,6 +95,8 @@ class AgentGraph:
         typical_s = hint_s or (p.idle_s if key[0] == EventKind.STEP_END else p.tool_s)
         self.duration[i] += DURATION_BUCKETS.spread(typical_s, w)
         self.tokens[i] += TOKEN_BUCKETS.spread(p.tokens, w)
+        self.tokens_sum[i] += p.tokens * w
+        self.tokens_weight[i] += w
         self.continued[i] += (1.0 - p.p_finish) * w
         self.finished[i] += p.p_finish * w
         return i
@@ -104,7 +111,10 @@ class AgentGraph:
 
     def observe_tokens(self, node: int, tokens: int, now: float) -> None:
         """The context grew by ``tokens`` between entering ``node`` and the next step."""
-        self.tokens[node, TOKEN_BUCKETS.index(float(tokens))] += self._weight(now)
+        w = self._weight(now)
+        self.tokens[node, TOKEN_BUCKETS.index(float(tokens))] += w
+        self.tokens_sum[node] += tokens * w
+        self.tokens_weight[node] += w
 
     def observe_outcome(self, node: int, continued: bool, now: float) -> None:
         """After waiting in ``node`` the session ran another step (or finished)."""
@@ -140,7 +150,7 @@ class AgentGraph:
             expected_remaining_s=float(mean_s),
             early_remaining_s=float(early_s),
             p_continue=p_continue,
-            expected_next_tokens=TOKEN_BUCKETS.mean(self.tokens[node]),
+            expected_next_tokens=float(self.tokens_sum[node] / self.tokens_weight[node]),
         )
 
     def mean_duration_s(self, node: int) -> float:
@@ -158,16 +168,23 @@ class AgentGraph:
     # -- internals -----------------------------------------------------------------
 
     def _weight(self, now: float) -> float:
+        if now == self._w_at[0]:
+            return self._w_at[1]
         if self._t_ref is None:
             self._t_ref = now
         x = (now - self._t_ref) / self._tau_s
         if x > _RESCALE_AT_EXPONENT:
             scale = math.exp(-x)
-            for arr in (self.trans, self.duration, self.tokens, self.continued, self.finished):
+            for arr in (
+                self.trans, self.duration, self.tokens, self.continued, self.finished,
+                self.tokens_sum, self.tokens_weight,
+            ):
                 arr *= scale
             self._t_ref = now
             x = 0.0
-        return math.exp(x)
+        w = math.exp(x)
+        self._w_at = (now, w)
+        return w
 
     def _grow(self) -> None:
         cap = self.trans.shape[0] * 2
@@ -179,6 +196,8 @@ class AgentGraph:
         self.tokens = _grow_rows(self.tokens, cap)
         self.continued = _grow_rows(self.continued, cap)
         self.finished = _grow_rows(self.finished, cap)
+        self.tokens_sum = _grow_rows(self.tokens_sum, cap)
+        self.tokens_weight = _grow_rows(self.tokens_weight, cap)
 
 
 def _grow_rows(a: npt.NDArray[np.float64], cap: int) -> npt.NDArray[np.float64]:

@@ -1,0 +1,102 @@
+"""Placement: affinity, work stealing, bin-packing; state: slots, growth, residency lists."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from scheduler_service.domain import EventKind, PlaceRequest, SessionId, TenantId, Tier, WorkerId
+from scheduler_service.state import NO_SLOT, ClusterState
+
+K = EventKind
+
+
+def _req(sid: str, ctx: int, **kw: Any) -> PlaceRequest:
+    return PlaceRequest(SessionId(sid), TenantId("t1"), "coder", 1, ctx, **kw)
+
+
+def test_affinity_puts_the_home_first_with_its_cached_tokens(script: Any) -> None:
+    sc = script()
+    for w in ("w1", "w2", "w3"):
+        sc.worker(w)
+    sc.event(1.0, "s1", K.STEP_START, 16_000, worker="w2")
+    p = sc.engine.place(_req("s1", 16_500), 2.0)
+    assert p.reason == "affinity"
+    home, *rest = p.candidates
+    assert (home.worker_id, home.expected_cached_tokens, home.cached_tier) == ("w2", 16_000, Tier.GPU)
+    assert [c.worker_id for c in rest] == ["w1", "w3"]  # equal scores: lower slot first
+    assert all(c.expected_cached_tokens == 0 for c in rest)
+    assert home.score > rest[0].score
+    assert p.affinity_ttl_s == 30.0
+
+
+def test_an_overloaded_home_loses_the_step_when_waiting_costs_more_than_rebuilding(
+    script: Any,
+) -> None:
+    sc = script()
+    sc.worker("w1")
+    sc.worker("w2")
+    sc.event(1.0, "s1", K.STEP_START, 16_000, worker="w1")
+    # rebuilding 16k tokens costs ~1 s; a 0.5 s queue is worth waiting for ...
+    sc.heartbeat(2.0, "w1", free_blocks=9_000, queued=10_000)
+    assert sc.engine.place(_req("s1", 16_000), 2.0).candidates[0].worker_id == "w1"
+    # ... a 5 s queue is not: the idle worker steals the step
+    sc.heartbeat(3.0, "w1", free_blocks=9_000, queued=100_000)
+    p = sc.engine.place(_req("s1", 16_000), 3.0)
+    assert (p.reason, [c.worker_id for c in p.candidates]) == ("steal", ["w2", "w1"])
+
+
+def test_new_sessions_bin_pack_into_the_tightest_fit(script: Any) -> None:
+    sc = script()
+    sc.worker("w1", gpu_blocks=1_000)
+    sc.worker("w2", gpu_blocks=1_000)
+    sc.worker("w3", gpu_blocks=1_000)
+    sc.event(1.0, "a", K.STEP_START, 8_000, worker="w1")  # 500 blocks used
+    sc.event(1.0, "b", K.STEP_START, 14_400, worker="w3")  # 900 blocks used
+    # 200 blocks fit w1 (slack 300) and w2 (slack 800), not w3: the tightest fit wins
+    p = sc.engine.place(_req("new", 3_200), 2.0)
+    assert p.reason == "bin_pack"
+    assert [c.worker_id for c in p.candidates] == ["w1", "w2", "w3"]
+    # a restricted candidate list is honoured, unknown ids are ignored
+    p = sc.engine.place(_req("new", 3_200, candidate_worker_ids=(WorkerId("w3"), WorkerId("zz"))), 2.0)
+    assert [c.worker_id for c in p.candidates] == ["w3"]
+    assert [c.worker_id for c in sc.engine.place(_req("new", 3_200, max_candidates=1), 2.0).candidates] == ["w1"]
+
+
+def test_place_changes_no_decision_state(script: Any) -> None:
+    sc = script()
+    sc.worker("w1")
+    sc.event(1.0, "s1", K.STEP_START, 16_000)
+    before = [getattr(sc.engine.state.workers, n).copy() for n, _d, _f in sc.engine.state.workers._fields]
+    for _ in range(5):
+        sc.engine.place(_req("s1", 16_000), 2.0)
+    after = [getattr(sc.engine.state.workers, n) for n, _d, _f in sc.engine.state.workers._fields]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    assert sc.engine.stats(2.0).placements_total == 5
+
+
+def test_slots_are_reused_and_arrays_double() -> None:
+    st = ClusterState(worker_capacity=2, session_capacity=2)
+    w = st.workers.add(WorkerId("w"))
+    slots = [st.sessions.add(SessionId(f"s{i}")) for i in range(5)]
+    assert slots == [0, 1, 2, 3, 4]
+    assert st.sessions.capacity == 8 and st.sessions.tier.shape == (8,)
+    st.sessions.context_tokens[3] = 77
+    assert st.sessions.remove(SessionId("s3")) == 3
+    assert st.sessions.context_tokens[3] == 0  # fields reset on release
+    assert st.sessions.add(SessionId("s5")) == 3  # the freed slot comes back first
+    assert len(st.sessions) == 5 and st.sessions.high_water == 5
+    for s in (0, 2, 4):
+        st.link(s, w)
+    assert st.residents_of(w) == [4, 2, 0]
+    st.unlink(2)
+    assert st.residents_of(w) == [4, 0] and st.workers.residents[w] == 2
+    assert st.sessions.home[2] == NO_SLOT
+
+
+def test_state_for_100k_sessions_and_1024_workers_fits_the_budget() -> None:
+    st = ClusterState(worker_capacity=1_024, session_capacity=131_072)
+    # the arrays alone: well under the 2 KB per session and 200 MB in all
+    assert st.nbytes() / 100_000 < 200
+    assert st.nbytes() < 20 * 2**20
