@@ -221,3 +221,18 @@ def test_snapshot_and_heartbeat() -> None:
     assert (by["B"].gpu_blocks, by["B"].cached_tokens) == (1, 4)
     hb = pool.heartbeat(now=1.0)
     assert (hb.gpu_free_blocks, hb.host_free_blocks, hb.running_steps) == (6, 4, 1)
+
+
+def test_a_block_refilled_on_gpu_leaves_the_host_tier() -> None:
+    # Found by the state machine: decode fills a block whose hash is still on host.
+    pool = BlockPool(gpu_capacity_blocks=8, block_size_tokens=BS, host_capacity_blocks=8)
+    prompt = [7, 7, 7, 7, 4, 5, 6]
+    pool.start_step("a", "t", prompt, now=0.0)
+    pool.end_step("a", now=0.0, generated_token_ids=[900])
+    assert pool.offload("a", now=0.0).ok
+    pool.finish_session("a", now=0.0)
+    pool.start_step("b", "t", prompt, now=1.0)
+    pool.end_step("b", now=1.0, generated_token_ids=[900])
+    pool.check_invariants()
+    r = pool.residency("b", now=1.0)
+    assert (r.gpu_blocks, r.host_blocks) == (2, 0)

@@ -504,6 +504,8 @@ class BlockPool:
         self._free.move_to_end(blk.block_id, last=False)
 
     def _cache_block(self, block_id: int, h: bytes, s: _Session, index: int) -> None:
+        if h in self._host:
+            self._host.pop(h)  # the GPU now holds it: one tier per block
         self._blocks[block_id].block_hash = h
         self._cached[h] = block_id
         parent = s.chain[index - 1] if index else None
