@@ -29,6 +29,8 @@ class ServeConfig:
     keepalive_timeout_s: float = 10.0
     grace_s: float = 5.0
     tick_interval_s: float = 0.25
+    snapshot_interval_s: float = 60.0  # snapshot at most this often when anything changed
+    snapshot_every_records: int = 100_000  # ... and sooner once this many records piled up
     server_id: str = ""
 
     def validate(self) -> None:
@@ -41,7 +43,15 @@ class ServeConfig:
             raise ValueError("journal_synchronous: expected FULL or NORMAL")
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port: out of range: {self.metrics_port}")
-        for name in ("grace_s", "tick_interval_s", "keepalive_time_s", "keepalive_timeout_s"):
+        if self.snapshot_every_records < 1:
+            raise ValueError("snapshot_every_records: must be >= 1")
+        for name in (
+            "grace_s",
+            "tick_interval_s",
+            "keepalive_time_s",
+            "keepalive_timeout_s",
+            "snapshot_interval_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0")
         if self.max_concurrent_rpcs < 1 or self.max_message_bytes < 1024:

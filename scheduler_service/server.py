@@ -149,12 +149,20 @@ class Service:
         return self.port
 
     async def _tick_loop(self) -> None:
-        assert self.dispatcher is not None
+        d = self.dispatcher
+        assert d is not None
+        cfg = self.config
+        last_snapshot = self.clock()
         while True:
-            await asyncio.sleep(self.config.tick_interval_s)
-            applied = self.dispatcher.tick(self.clock())
+            await asyncio.sleep(cfg.tick_interval_s)
+            now = self.clock()
+            applied = d.tick(now)
             await applied.durable
-            self.dispatcher.route(applied.decisions)
+            d.route(applied.decisions)
+            due = now - last_snapshot >= cfg.snapshot_interval_s and d.appends_since_snapshot > 0
+            if due or d.appends_since_snapshot >= cfg.snapshot_every_records:
+                await d.snapshot(now)
+                last_snapshot = now
 
     async def stop(self) -> None:
         """Graceful: NOT_SERVING, Drain to every stream, stop(grace), flush the journal."""
@@ -169,6 +177,8 @@ class Service:
                 await self._tick_task
         await self._server.stop(grace)
         if self.journal is not None:
+            # A final snapshot makes the next start a load instead of a long replay.
+            await self.dispatcher.snapshot(self.clock())
             await self.journal.close()
         if self._lock is not None:
             self._lock.close()

@@ -117,6 +117,9 @@ class Server:
                 "0",
                 "--log-level",
                 "warning",
+                # Snapshot often so kills also land between, during and after snapshots.
+                "--snapshot-every-records",
+                "40",
             ],
             cwd=ROOT,
             stdout=log,

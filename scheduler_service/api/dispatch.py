@@ -11,6 +11,7 @@ once the append is durable.
 from __future__ import annotations
 
 import asyncio
+import pickle
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,10 +30,13 @@ from scheduler_service.domain import (
     WorkerSpec,
 )
 from scheduler_service.engine import Engine
-from scheduler_service.journal import Journal, LoadReport, Record, RecordKind
+from scheduler_service.journal import Journal, LoadReport, Record, RecordKind, Snapshot
 from scheduler_service.telemetry import Metrics
 
 log = structlog.get_logger(__name__)
+
+#: Bumped whenever the pickled state's shape changes incompatibly.
+SNAPSHOT_FORMAT = "kvsched-state-1"
 
 #: ReportSessionEvents remembers this many event ids for idempotency.
 EVENT_ID_MEMORY = 1 << 20
@@ -71,13 +75,17 @@ class Dispatcher:
         self._last_seq: dict[tuple[str, int], int] = {}
         self._event_ids: OrderedDict[str, None] = OrderedDict()
         self.undeliverable_directives = 0
+        self.appends_since_snapshot = 0
 
     # -- recovery -------------------------------------------------------------------
 
     def replay(self) -> LoadReport:
-        """Rebuild engine state from the journal; returns what was found."""
+        """Rebuild state from the latest snapshot plus the journal after it."""
+        snap, records = self.journal.load()
+        if snap is not None:
+            self._restore(snap.blob)
         n = 0
-        for rec in self.journal.load():
+        for rec in records:
             try:
                 self._apply(rec)
             except Exception as exc:  # a record that once applied must apply again
@@ -86,6 +94,37 @@ class Dispatcher:
         report = self.journal.load_report()
         log.info("journal.replayed", records=n, dropped=report.dropped)
         return report
+
+    def snapshot(self, now: float) -> asyncio.Future[None]:
+        """Queue a snapshot of the full state; the journal drops what it covers."""
+        self.appends_since_snapshot = 0
+        return self.journal.snapshot(Snapshot(now, self._dump()))
+
+    def _dump(self) -> bytes:
+        # NOTE: pickle of our own objects into our own data dir: the engine's
+        # numpy arrays and dicts round-trip exactly, which replay relies on.
+        state = {
+            "format": SNAPSHOT_FORMAT,
+            "engine": self.engine,
+            "last_seq": self._last_seq,
+            "event_ids": self._event_ids,
+        }
+        return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def _restore(self, blob: bytes) -> None:
+        state = pickle.loads(blob)
+        if state.get("format") != SNAPSHOT_FORMAT:
+            raise RuntimeError(
+                f"snapshot format {state.get('format')!r} is not {SNAPSHOT_FORMAT!r}:"
+                " written by an incompatible kvsched version"
+            )
+        self.engine = state["engine"]
+        self._last_seq = state["last_seq"]
+        self._event_ids = state["event_ids"]
+
+    def _append(self, rec: Record) -> asyncio.Future[None]:
+        self.appends_since_snapshot += 1
+        return self.journal.append(rec)
 
     # -- worker stream ----------------------------------------------------------------
 
@@ -98,7 +137,7 @@ class Dispatcher:
         spec = convert.hello_from_pb(pb)
         rec = Record(RecordKind.HELLO, now, pb.SerializeToString(), spec.worker_id, spec.epoch)
         decisions = self._apply_hello(spec, now)
-        return spec, Applied(decisions, self.journal.append(rec))
+        return spec, Applied(decisions, self._append(rec))
 
     def attach(self, handle: StreamHandle) -> None:
         """Route a worker's directives to this stream (replacing an older stream)."""
@@ -116,7 +155,7 @@ class Dispatcher:
         del self._streams[handle.worker_id]
         rec = Record(RecordKind.DISCONNECT, now, b"", handle.worker_id, handle.epoch)
         self._apply(rec)
-        return self.journal.append(rec)
+        return self._append(rec)
 
     def worker_message(
         self, handle: StreamHandle, msg: worker_pb2.WorkerMessage, now: float
@@ -146,7 +185,7 @@ class Dispatcher:
             seq,
         )
         decisions = self._apply_worker_message(rec, msg)
-        return Applied(decisions, self.journal.append(rec))
+        return Applied(decisions, self._append(rec))
 
     # -- unary inputs -----------------------------------------------------------------
 
@@ -156,13 +195,13 @@ class Dispatcher:
         """Apply events idempotently; returns (accepted, duplicates, applied)."""
         rec = Record(RecordKind.REPORT_EVENTS, now, req.SerializeToString(), req.worker_id)
         accepted, dups, decisions = self._apply_report(req, now)
-        return accepted, dups, Applied(decisions, self.journal.append(rec))
+        return accepted, dups, Applied(decisions, self._append(rec))
 
     def tick(self, now: float) -> Applied:
         """Run the engine's periodic work (lease expiry)."""
         rec = Record(RecordKind.TICK, now)
         decisions = self._apply(rec)
-        return Applied(decisions, self.journal.append(rec))
+        return Applied(decisions, self._append(rec))
 
     def admin(
         self, kind: RecordKind, pb: object, now: float
@@ -171,7 +210,7 @@ class Dispatcher:
         payload = pb.SerializeToString()  # type: ignore[attr-defined]
         rec = Record(kind, now, payload)
         result = self._apply_admin(kind, pb, now)
-        return result, self.journal.append(rec)
+        return result, self._append(rec)
 
     # -- routing --------------------------------------------------------------------------
 

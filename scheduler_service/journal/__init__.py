@@ -46,6 +46,15 @@ class LoadReport:
     records: int
     dropped: int
     last_now: float
+    snapshot_now: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Serialized state covering every record appended before it."""
+
+    now: float
+    blob: bytes
 
 
 class Journal(Protocol):
@@ -59,8 +68,12 @@ class Journal(Protocol):
         """A future that resolves once everything appended so far is durable."""
         ...
 
-    def load(self) -> Iterator[Record]:
-        """Every intact record in append order (call before appending)."""
+    def snapshot(self, snap: Snapshot) -> asyncio.Future[None]:
+        """Queue a snapshot; once durable, the records it covers are dropped."""
+        ...
+
+    def load(self) -> tuple[Snapshot | None, Iterator[Record]]:
+        """The latest snapshot and every intact record after it (call before appending)."""
         ...
 
     def load_report(self) -> LoadReport:
@@ -77,6 +90,7 @@ class MemoryJournal:
 
     def __init__(self) -> None:
         self.records: list[Record] = []
+        self.latest: Snapshot | None = None
 
     def append(self, record: Record) -> asyncio.Future[None]:
         self.records.append(record)
@@ -87,12 +101,23 @@ class MemoryJournal:
         fut.set_result(None)
         return fut
 
-    def load(self) -> Iterator[Record]:
-        return iter(list(self.records))
+    def snapshot(self, snap: Snapshot) -> asyncio.Future[None]:
+        self.latest = snap
+        self.records.clear()
+        return self.barrier()
+
+    def load(self) -> tuple[Snapshot | None, Iterator[Record]]:
+        return self.latest, iter(list(self.records))
 
     def load_report(self) -> LoadReport:
         last = self.records[-1].now if self.records else 0.0
-        return LoadReport(records=len(self.records), dropped=0, last_now=last)
+        snap_now = self.latest.now if self.latest else None
+        return LoadReport(
+            records=len(self.records),
+            dropped=0,
+            last_now=max(last, snap_now or 0.0),
+            snapshot_now=snap_now,
+        )
 
     async def close(self) -> None:
         return None

@@ -19,16 +19,18 @@ import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import structlog
 
-from scheduler_service.journal import LoadReport, Record, RecordKind
+from scheduler_service.journal import LoadReport, Record, RecordKind, Snapshot
 
 log = structlog.get_logger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS journal (
-    id INTEGER PRIMARY KEY,
+    -- AUTOINCREMENT: ids are never reused after a snapshot deletes the rows it covers.
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     kind TEXT NOT NULL,
     now REAL NOT NULL,
     worker_id TEXT NOT NULL,
@@ -37,9 +39,16 @@ CREATE TABLE IF NOT EXISTS journal (
     payload BLOB NOT NULL,
     crc INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS snapshots (
+    id INTEGER PRIMARY KEY,
+    upto_id INTEGER NOT NULL,
+    now REAL NOT NULL,
+    blob BLOB NOT NULL,
+    crc INTEGER NOT NULL
+);
 """
 
-_Item = tuple[Record | None, asyncio.Future[None], asyncio.AbstractEventLoop]
+_Item = tuple[Record | Snapshot | None, asyncio.Future[None], asyncio.AbstractEventLoop]
 
 
 def _crc(r: Record) -> int:
@@ -59,6 +68,7 @@ class SqliteJournal:
         self._report = LoadReport(records=0, dropped=0, last_now=0.0)
         self.commits = 0
         self.records_written = 0
+        self.snapshots_written = 0
         conn = self._connect()
         conn.executescript(_SCHEMA)
         conn.close()
@@ -81,6 +91,12 @@ class SqliteJournal:
         self._queue.put((record, fut, loop))
         return fut
 
+    def snapshot(self, snap: Snapshot) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._queue.put((snap, fut, loop))
+        return fut
+
     def barrier(self) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
@@ -94,16 +110,37 @@ class SqliteJournal:
 
     # -- recovery ----------------------------------------------------------------
 
-    def load(self) -> Iterator[Record]:
+    def load(self) -> tuple[Snapshot | None, Iterator[Record]]:
         conn = self._connect()
         try:
+            snap_row = conn.execute(
+                "SELECT upto_id, now, blob, crc FROM snapshots ORDER BY id DESC LIMIT 1"
+            ).fetchone()
+            upto = 0
+            snap: Snapshot | None = None
+            if snap_row is not None:
+                upto, snap_now, blob, crc = snap_row
+                if zlib.crc32(bytes(blob)) != crc:
+                    # The records it covered are gone: recovering without it would be wrong.
+                    raise RuntimeError(
+                        f"snapshot in {self.path} is corrupt (CRC mismatch); restore the data"
+                        " directory from a backup"
+                    )
+                snap = Snapshot(float(snap_now), bytes(blob))
             rows = conn.execute(
-                "SELECT id, kind, now, worker_id, epoch, seq, payload, crc FROM journal ORDER BY id"
+                "SELECT id, kind, now, worker_id, epoch, seq, payload, crc FROM journal"
+                " WHERE id > ? ORDER BY id",
+                (upto,),
             ).fetchall()
         finally:
             conn.close()
+        records = self._check(rows, snap)
+        return snap, records
+
+    def _check(self, rows: list[tuple[Any, ...]], snap: Snapshot | None) -> Iterator[Record]:
         good = 0
-        last_now = 0.0
+        last_now = snap.now if snap else 0.0
+        snap_now = snap.now if snap else None
         out: list[Record] = []
         for i, (rid, kind, now, wid, epoch, seq, payload, crc) in enumerate(rows):
             try:
@@ -115,13 +152,13 @@ class SqliteJournal:
             if rec is None or _crc(rec) != crc:
                 dropped = len(rows) - i
                 log.warning("journal.torn_tail", first_bad_id=rid, dropped=dropped)
-                self._truncate_from(rid)
-                self._report = LoadReport(records=good, dropped=dropped, last_now=last_now)
+                self._truncate_from(int(rid))
+                self._report = LoadReport(good, dropped, last_now, snap_now)
                 return iter(out)
             out.append(rec)
             good += 1
             last_now = rec.now
-        self._report = LoadReport(records=good, dropped=0, last_now=last_now)
+        self._report = LoadReport(good, 0, last_now, snap_now)
         return iter(out)
 
     def load_report(self) -> LoadReport:
@@ -161,10 +198,46 @@ class SqliteJournal:
             conn.close()
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Item]) -> None:
+        # A snapshot covers exactly the records queued before it, so commit the
+        # records ahead of it first, then the snapshot, then what follows.
+        start = 0
+        for i, (item, _, _) in enumerate(batch):
+            if isinstance(item, Snapshot):
+                self._commit_records(conn, batch[start:i])
+                self._commit_snapshot(conn, batch[i])
+                start = i + 1
+        self._commit_records(conn, batch[start:])
+
+    def _commit_snapshot(self, conn: sqlite3.Connection, item: _Item) -> None:
+        snap, fut, loop = item
+        assert isinstance(snap, Snapshot)
+        error: BaseException | None = None
+        try:
+            conn.execute("BEGIN")
+            upto = conn.execute("SELECT COALESCE(MAX(id), 0) FROM journal").fetchone()[0]
+            cur = conn.execute(
+                "INSERT INTO snapshots (upto_id, now, blob, crc) VALUES (?, ?, ?, ?)",
+                (upto, snap.now, snap.blob, zlib.crc32(snap.blob)),
+            )
+            conn.execute("DELETE FROM snapshots WHERE id < ?", (cur.lastrowid,))
+            conn.execute("DELETE FROM journal WHERE id <= ?", (upto,))
+            conn.execute("COMMIT")
+            self.snapshots_written += 1
+        except sqlite3.Error as exc:
+            log.error("journal.snapshot_failed", error=str(exc))
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            error = exc
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_resolve, [fut], error)
+
+    def _commit_records(self, conn: sqlite3.Connection, batch: list[_Item]) -> None:
+        if not batch:
+            return
         rows = [
             (r.kind.value, r.now, r.worker_id, r.epoch, r.seq, r.payload, _crc(r))
             for r, _, _ in batch
-            if r is not None
+            if isinstance(r, Record)
         ]
         error: BaseException | None = None
         if rows:
