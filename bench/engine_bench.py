@@ -5,8 +5,9 @@ sessions, replays a synthetic agent event mix in-process through
 ``Engine.handle_batch`` (ticks included), then times ``Engine.place`` one call
 at a time into an HDR histogram. The same run repeats on the plain-Python
 reference kernels (fewer events) so the ratio is measured on one machine in
-one process, and at ``--small-sessions`` sessions to show cost per event
-staying flat as sessions grow.
+one process (the reference continues on the same engine and state), and at
+``--small-sessions`` sessions to show how cost per event changes as sessions
+grow.
 
     python bench/engine_bench.py            # table
     python bench/engine_bench.py --json     # one JSON object
@@ -17,10 +18,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
+import os
 import platform
 import sys
 import time
-import tracemalloc
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -40,6 +42,7 @@ from scheduler_service.domain import (
     WorkerSpec,
 )
 from scheduler_service.engine import Engine, EngineConfig
+from scheduler_service.kernels import NUMBA, REFERENCE
 
 AGENTS = ("coder", "browser", "rag", "multi")
 TOOLS = ("bash", "pytest", "edit", "search", "fetch")
@@ -47,6 +50,7 @@ TENANTS = tuple(TenantId(f"tenant{i}") for i in range(8))
 BATCH = 64
 SIM_EVENTS_PER_S = 20_000.0  # simulated-time rate: sets tool durations and tick spacing
 TICK_EVERY_S = 0.05
+BLOCKS_PER_SESSION = 330  # mean of the generated contexts (+ one step's output), in blocks
 
 
 @dataclass
@@ -141,21 +145,34 @@ class Fleet:
         return out
 
 
-def build(n_workers: int, n_sessions: int, reference: bool, seed: int) -> tuple[Engine, Fleet, float, int]:
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def build(
+    n_workers: int, n_sessions: int, fill: float, seed: int
+) -> tuple[Engine, Fleet, float, int]:
     """An engine with the fleet registered and every session started (time 0 → t)."""
-    engine = Engine(EngineConfig(use_reference_kernels=reference))
-    # NOTE: an 8B model on an H100: ~450k tokens of KV = 28k blocks of 16;
-    # with ~100 sessions of ~4k tokens per worker the pools run near full, so
-    # pressure, eviction and offload are all on the measured path.
-    cache = CacheSpec(16, 131_072, 28_000, 56_000, prefill_tokens_per_s=25_000.0,
+    engine = Engine(EngineConfig())
+    # NOTE: capacity scales with sessions per worker so pools start ~``fill``
+    # full at any scale: 10k and 100k sessions then run the same mix under the
+    # same pressure, and per-event cost can be compared. At 100k sessions on
+    # 1,024 workers that is ~38k blocks of 16 tokens (an H200 with an 8B model).
+    per_worker = n_sessions / n_workers
+    cap = max(1_000, math.ceil(per_worker * BLOCKS_PER_SESSION / fill))
+    cache = CacheSpec(16, 131_072, cap, 2 * cap, prefill_tokens_per_s=25_000.0,
                       host_link_bytes_per_s=40e9)
     fleet = Fleet(np.random.default_rng(seed), n_sessions, n_workers)
     for wid in fleet.worker_ids:
         engine.register_worker(WorkerSpec(wid, 1, cache, endpoint=f"{wid}:8000"), 0.0)
-        engine.heartbeat(wid, WorkerLoad(gpu_free_blocks=28_000, host_free_blocks=56_000), 0.0)
+        engine.heartbeat(wid, WorkerLoad(gpu_free_blocks=cap, host_free_blocks=2 * cap), 0.0)
     gc.collect()
-    tracemalloc.start()
-    base = tracemalloc.get_traced_memory()[0]
+    base = rss_bytes()
     now = 0.0
     batch: list[SessionEvent] = []
     for ev in fleet.populate():
@@ -168,8 +185,7 @@ def build(n_workers: int, n_sessions: int, reference: bool, seed: int) -> tuple[
         engine.handle_batch(batch, now)
     batch.clear()
     gc.collect()
-    per_session = (tracemalloc.get_traced_memory()[0] - base) // n_sessions
-    tracemalloc.stop()
+    per_session = (rss_bytes() - base) // n_sessions
     return engine, fleet, now, per_session
 
 
@@ -217,25 +233,33 @@ def run_places(engine: Engine, fleet: Fleet, n: int, now: float) -> dict[str, fl
 
 
 def measure(
-    n_workers: int, n_sessions: int, n_events: int, n_places: int, reference: bool, seed: int
-) -> dict[str, float]:
-    """Build, replay, place: the figures of one configuration."""
+    n_workers: int, n_sessions: int, n_events: int, n_places: int, fill: float, seed: int,
+    ref_events: int = 0, ref_places: int = 0,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Build, replay, place on numba; then the same engine on the reference twins."""
     t_build = time.perf_counter()
-    engine, fleet, now, per_session = build(n_workers, n_sessions, reference, seed)
+    engine, fleet, now, per_session = build(n_workers, n_sessions, fill, seed)
     build_s = time.perf_counter() - t_build
-    events = fleet.mix(n_events)
-    eps, now = run_events(engine, events, now)
-    places = run_places(engine, fleet, n_places, now)
-    stats = engine.stats(now)
-    return {
-        "events_per_s": eps,
-        **places,
-        "bytes_per_session": float(per_session),
-        "workers": float(n_workers),
-        "sessions": float(stats.sessions_running + stats.sessions_tool_wait + stats.sessions_idle),
-        "directives": float(stats.directives_total),
-        "build_s": build_s,
-    }
+    figures = []
+    for kernels, n_ev, n_pl in ((NUMBA, n_events, n_places), (REFERENCE, ref_events, ref_places)):
+        if not n_ev:
+            break
+        engine.use_kernels(kernels)
+        events = fleet.mix(n_ev)
+        d0 = engine.directives_total
+        eps, now = run_events(engine, events, now)
+        places = run_places(engine, fleet, n_pl, now)
+        stats = engine.stats(now)
+        figures.append({
+            "events_per_s": eps,
+            **places,
+            "bytes_per_session": float(per_session),
+            "workers": float(n_workers),
+            "sessions": float(stats.sessions_running + stats.sessions_tool_wait + stats.sessions_idle),
+            "directives_per_event": (engine.directives_total - d0) / n_ev,
+            "build_s": build_s,
+        })
+    return figures[0], (figures[1] if len(figures) > 1 else {})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,12 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ref-events", type=int, default=20_000)
     ap.add_argument("--ref-places", type=int, default=1_000)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--fill", type=float, default=0.85, help="starting pool fill")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
-    main_run = measure(a.workers, a.sessions, a.events, a.places, False, a.seed)
-    small = measure(a.workers, a.small_sessions, a.events, a.places // 4, False, a.seed)
-    ref = measure(a.workers, a.sessions, a.ref_events, a.ref_places, True, a.seed)
+    main_run, ref = measure(
+        a.workers, a.sessions, a.events, a.places, a.fill, a.seed, a.ref_events, a.ref_places
+    )
+    small, _ = measure(a.workers, a.small_sessions, a.events, a.places // 4, a.fill, a.seed)
     out: dict[str, object] = {
         **main_run,
         "small": small,
@@ -269,9 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"{'':24}{'numba':>14}{'numba small':>14}{'reference':>14}")
     rows = ("sessions", "events_per_s", "place_p50_us", "place_p99_us", "place_p999_us",
-            "bytes_per_session", "directives", "build_s")
+            "bytes_per_session", "directives_per_event", "build_s")
     for key in rows:
-        print(f"{key:24}{main_run[key]:>14,.1f}{small[key]:>14,.1f}{ref[key]:>14,.1f}")
+        print(f"{key:24}{main_run[key]:>14,.2f}{small[key]:>14,.2f}{ref[key]:>14,.2f}")
     print(f"speed-up (events/s): {out['speedup_events']:.1f}x; "
           f"Place p50: {out['speedup_place_p50']:.1f}x; wall {out['wall_s']:.0f} s")
     return 0

@@ -14,9 +14,10 @@ handles worker messages and ``engine_read`` builds the operator views.
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 from scheduler_service import kernels as kernel_sets
 from scheduler_service.costs import DEFAULT_ATTENTION_KNEE_TOKENS, blocks_for, prefill_time_s
@@ -52,6 +53,7 @@ from scheduler_service.placement import Placer
 from scheduler_service.retention import Retention
 from scheduler_service.state import (
     NO_SLOT,
+    NO_TIMER,
     STATE_IDLE,
     STATE_RUNNING,
     STATE_TOOL_WAIT,
@@ -115,8 +117,6 @@ class Engine:
         self.agents: Interned[str] = Interned()
         self.graphs = GraphStore(self.config.graph_prior)
         self._tenants: dict[TenantId, TenantSpec] = {}
-        self._timers: list[tuple[float, int, int, int]] = []  # (due, seq, slot, kind)
-        self._timer_seq = 0
         self._directive_seq = 0
         self._out: list[RetentionDirective] = []
         self.events_total = 0
@@ -129,6 +129,11 @@ class Engine:
         )
         self.placer = Placer(self.config, self.state, self.kernels, self.fair)
         self._workers = WorkerEvents(self.state, self.retention)
+        self.warm()
+
+    def use_kernels(self, kernels: kernel_sets.KernelSet) -> None:
+        """Run on another kernel set from now on (the benchmark compares the twins)."""
+        self.kernels = self.retention.kernels = self.placer.kernels = kernels
         self.warm()
 
     def warm(self) -> None:
@@ -248,7 +253,7 @@ class Engine:
         ss.state[s] = STATE_RUNNING
         ss.lease_expires_s[s] = 0.0
         ss.prefetch_at_s[s] = 0.0
-        ss.timer_seq[s] = 0
+        ss.timer_due_s[s] = NO_TIMER
         ss.context_tokens[s] = ev.context_tokens
         w = int(ss.home[s])
         if w == NO_SLOT:
@@ -294,7 +299,7 @@ class Engine:
         ss.state[s] = STATE_RUNNING
         ss.context_tokens[s] = max(int(ss.context_tokens[s]), ev.context_tokens)
         ss.lease_expires_s[s] = 0.0
-        ss.timer_seq[s] = 0
+        ss.timer_due_s[s] = NO_TIMER
         if ss.tier[s] == TIER_HOST and ss.home[s] != NO_SLOT:
             # the tool returned before the planned prefetch: reload now
             ss.next_use_s[s] = now
@@ -361,7 +366,7 @@ class Engine:
             self.state.release(s)
             self._emit(s, Action.RELEASE, 0.0, 0.0, "moved")
         ss.lease_expires_s[s] = 0.0
-        ss.timer_seq[s] = 0
+        ss.timer_due_s[s] = NO_TIMER
         self.state.link(s, w)
 
     # -- timers ------------------------------------------------------------------
@@ -369,21 +374,21 @@ class Engine:
     def tick(self, now: float) -> Decisions:
         """Expire leases, start due prefetches, re-price leases where pressure rose."""
         ss = self.state.sessions
-        timers = self._timers
-        while timers and timers[0][0] <= now:
-            _due, seq, s, kind = heapq.heappop(timers)
-            if ss.timer_seq[s] == seq:
-                ss.timer_seq[s] = 0
+        due = ss.timer_due_s[: ss.high_water]
+        fire = np.flatnonzero(due <= now)
+        if fire.size:
+            # earliest first, slot breaking ties: the same order on every replay
+            for s in fire[np.lexsort((fire, due[fire]))].tolist():
+                kind = int(ss.timer_kind[s])
+                ss.timer_due_s[s] = NO_TIMER
                 self.retention.on_timer(s, kind, now)
         self.retention.redecide_pricier_workers(now)
         return self._flush()
 
     def _set_timer(self, s: int, due: float, kind: int) -> None:
-        # NOTE: one live timer per session; a newer one invalidates the older
-        # by seq, so stale heap entries are skipped instead of searched for.
-        self._timer_seq += 1
-        self.state.sessions.timer_seq[s] = self._timer_seq
-        heapq.heappush(self._timers, (due, self._timer_seq, s, kind))
+        ss = self.state.sessions
+        ss.timer_due_s[s] = due
+        ss.timer_kind[s] = kind
 
     # -- directives ----------------------------------------------------------------
 
@@ -394,7 +399,7 @@ class Engine:
         self._out.append(
             RetentionDirective(
                 f"d{self.leader_epoch}-{self._directive_seq}",  # type: ignore[arg-type]
-                self.state.workers.ids[ss.home[s]],  # type: ignore[arg-type]
+                self.state.workers.ids[ss.home[s]],
                 ss.ids[s],  # type: ignore[arg-type]
                 action,
                 ttl_s,

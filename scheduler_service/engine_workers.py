@@ -24,7 +24,7 @@ from scheduler_service.domain import (
     WorkerSpec,
 )
 from scheduler_service.retention import TIMER_LEASE, Retention
-from scheduler_service.state import TIER_GPU, TIER_HOST, TIER_NONE, ClusterState
+from scheduler_service.state import NO_TIMER, TIER_GPU, TIER_HOST, TIER_NONE, ClusterState
 
 NewSession = Callable[[SessionId, TenantId, str, float], int]
 
@@ -163,5 +163,5 @@ class WorkerEvents:
                 self.retention.set_timer(s, now + r.lease_remaining_s, TIMER_LEASE)
             else:
                 ss.lease_expires_s[s] = 0.0
-                ss.timer_seq[s] = 0
+                ss.timer_due_s[s] = NO_TIMER
         self.retention.relieve(w, now)

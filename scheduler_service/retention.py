@@ -25,6 +25,7 @@ from scheduler_service.kernels import KernelSet
 from scheduler_service.kernels.retention import OFFLOAD_HOST, RETAIN_GPU
 from scheduler_service.state import (
     NO_SLOT,
+    NO_TIMER,
     STATE_TOOL_WAIT,
     TIER_GPU,
     TIER_HOST,
@@ -164,14 +165,14 @@ class Retention:
         else:
             self.state.release(s)
             ss.lease_expires_s[s] = 0.0
-            ss.timer_seq[s] = 0
+            ss.timer_due_s[s] = NO_TIMER
             self.emit(s, Action.RELEASE, 0.0, 0.0, reason)
 
     def plan_prefetch(self, s: int, pred: WaitPrediction, now: float, offload_s: float) -> None:
         """Schedule the reload so it completes before the early end of the wait."""
         ss = self.state.sessions
         if pred.p_continue <= 0.0:
-            ss.timer_seq[s] = 0
+            ss.timer_due_s[s] = NO_TIMER
             return  # nothing will come back to use it
         w = int(ss.home[s])
         reload_s = self.transfer_s(s, w, int(ss.host_blocks[s]))
@@ -197,7 +198,7 @@ class Retention:
             self.set_timer(s, now + ttl, TIMER_LEASE)
         else:
             ss.lease_expires_s[s] = 0.0
-            ss.timer_seq[s] = 0
+            ss.timer_due_s[s] = NO_TIMER
         self.emit(s, Action.PREFETCH_GPU, ttl, max(reload_s, until_use_s), reason)
 
     # -- timers ------------------------------------------------------------------------
@@ -215,7 +216,7 @@ class Retention:
             w = int(ss.home[s])
             ws = self.state.workers
             free_after = int(ws.gpu_cap_blocks[w] - ws.gpu_used_blocks[w]) - int(ss.host_blocks[s])
-            if free_after < self.config.low_watermark * int(ws.gpu_cap_blocks[w]):
+            if free_after < self.config.high_watermark * int(ws.gpu_cap_blocks[w]):
                 # NOTE: reloading into a pool under pressure would only evict
                 # someone else; the session reloads on demand when its tool returns.
                 return
@@ -274,10 +275,10 @@ class Retention:
                 )
                 self.plan_prefetch(s, waited_pred, now, move_s)
             else:
-                ss.timer_seq[s] = 0
+                ss.timer_due_s[s] = NO_TIMER
         else:
             self.state.release(s)
-            ss.timer_seq[s] = 0
+            ss.timer_due_s[s] = NO_TIMER
             self.emit(s, Action.EVICT_NOW, 0.0, 0.0, "pressure")
 
     def prices(self) -> npt.NDArray[np.float64]:

@@ -10,6 +10,7 @@ residents without touching the other 10^5 sessions.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -18,6 +19,7 @@ import numpy.typing as npt
 from scheduler_service.domain import SessionId, SessionState, Tier, WorkerId, WorkerSpec
 
 NO_SLOT = -1
+NO_TIMER = math.inf
 
 #: Integer codes the kernels compare against (the domain enums' values).
 TIER_NONE = int(Tier.NONE)
@@ -68,7 +70,11 @@ _SESSION_FIELDS: tuple[tuple[str, type, float], ...] = (
     ("step_index", np.int64, 0),
     ("events", np.int64, 0),
     ("node", np.int32, NO_SLOT),  # graph node of the current / last tool wait
-    ("timer_seq", np.int64, 0),  # seq of the one live timer; 0: none
+    # NOTE: one timer per session (a lease expiry or a planned prefetch), kept
+    # in the arrays: setting or cancelling is one write, and tick finds the due
+    # ones with a vectorised scan instead of a heap full of stale entries.
+    ("timer_due_s", np.float64, math.inf),
+    ("timer_kind", np.int8, 0),
     ("last_event_s", np.float64, 0.0),
     ("wait_started_s", np.float64, 0.0),
     ("next_use_s", np.float64, 0.0),  # predicted time of the next step
@@ -210,7 +216,8 @@ class SessionTable(_Table[SessionId]):
     step_index: npt.NDArray[np.int64]
     events: npt.NDArray[np.int64]
     node: npt.NDArray[np.int32]
-    timer_seq: npt.NDArray[np.int64]
+    timer_due_s: npt.NDArray[np.float64]
+    timer_kind: npt.NDArray[np.int8]
     last_event_s: npt.NDArray[np.float64]
     wait_started_s: npt.NDArray[np.float64]
     next_use_s: npt.NDArray[np.float64]
@@ -349,7 +356,7 @@ class ClusterState:
         ss.host_blocks[s] = 0
         ss.lease_expires_s[s] = 0.0
         ss.prefetch_at_s[s] = 0.0
-        ss.timer_seq[s] = 0
+        ss.timer_due_s[s] = NO_TIMER
 
     def _drop_host(self, s: int) -> None:
         ss = self.sessions

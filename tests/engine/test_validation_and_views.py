@@ -47,7 +47,7 @@ def _snapshot(engine: Any) -> tuple[Any, ...]:
     graphs = tuple(g.duration.copy() for g in engine.graphs.graphs.values())
     return (
         arrays, graphs, dict(st.sessions.slot_of), engine.events_total, engine.directives_total,
-        engine._directive_seq, list(engine.fair.events), len(engine._timers),
+        engine._directive_seq, list(engine.fair.events),
     )
 
 
