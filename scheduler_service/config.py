@@ -29,6 +29,7 @@ class ServeConfig:
     keepalive_timeout_s: float = 10.0
     grace_s: float = 5.0
     tick_interval_s: float = 0.25
+    max_pending_appends: int = 50_000  # journal backlog past which new work is refused
     snapshot_interval_s: float = 60.0  # snapshot at most this often when anything changed
     snapshot_every_records: int = 100_000  # ... and sooner once this many records piled up
     server_id: str = ""

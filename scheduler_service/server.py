@@ -85,7 +85,7 @@ class Service:
         warm = getattr(engine, "warm", None)
         if callable(warm):
             warm()  # numba kernels compile (or load from cache) before the first request
-        self.dispatcher = Dispatcher(engine, journal, self.metrics)
+        self.dispatcher = Dispatcher(engine, journal, self.metrics, cfg.max_pending_appends)
         report = self.dispatcher.replay()
         self.clock = ServiceClock(report.last_now)
         started_at = self.clock()

@@ -496,3 +496,51 @@ async def test_acked_events_survive_a_restart(
 def test_status_codes_are_google_rpc_codes() -> None:
     # The error helpers use google.rpc codes that match grpc.StatusCode values.
     assert grpc.StatusCode.INVALID_ARGUMENT.value[0] == code_pb2.INVALID_ARGUMENT
+
+
+async def test_reconnect_with_the_same_epoch_is_asked_for_a_resync(
+    channel: grpc.aio.Channel,
+) -> None:
+    s, _ = await connect(channel)
+    await s.send(batch(2, event("s1", K.STEP_START)))
+    await s.recv_until_ack(2)
+    await s.close()
+    await asyncio.sleep(0.05)
+    again, _ = await connect(channel, resume=2)
+    nxt = await again.recv()
+    assert nxt.WhichOneof("body") == "resync"
+    await again.send(
+        worker_pb2.WorkerMessage(
+            seq=3,
+            pool_snapshot=worker_pb2.PoolSnapshot(
+                gpu_used_blocks=0, complete=True
+            ),  # the worker lost s1's KV
+        )
+    )
+    await again.recv_until_ack(3)
+    info = await admin_pb2_grpc.AdminServiceStub(channel).GetSession(
+        admin_pb2.GetSessionRequest(session_id="s1")
+    )
+    assert info.tier == types_pb2.TIER_UNSPECIFIED  # reconciled to the worker's truth
+    await again.close()
+    fresh, _ = await connect(channel, epoch=2)  # a new epoch holds nothing: no resync needed
+    await fresh.send(batch(2, event("s9", K.STEP_START)))
+    kinds = [m.WhichOneof("body") for m in await fresh.recv_until_ack(2)]
+    assert "resync" not in kinds
+    await fresh.close()
+
+
+async def test_journal_backlog_is_resource_exhausted_with_retry_info(
+    service: Service, channel: grpc.aio.Channel
+) -> None:
+    assert service.dispatcher is not None
+    service.dispatcher.max_pending_appends = -1  # any backlog counts as overload
+    s = Stream(channel)
+    await s.send(hello())
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        await s.recv()
+    assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    status = rpc_status.from_call(ei.value)  # type: ignore[arg-type]
+    retry = error_details_pb2.RetryInfo()
+    assert status is not None and status.details[0].Unpack(retry)
+    assert retry.retry_delay.ToNanoseconds() > 0

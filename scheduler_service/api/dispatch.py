@@ -66,7 +66,13 @@ class Applied:
 class Dispatcher:
     """Owns the engine, the journal and the routing of directives to streams."""
 
-    def __init__(self, engine: Engine, journal: Journal, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        journal: Journal,
+        metrics: Metrics,
+        max_pending_appends: int = 50_000,
+    ) -> None:
         self.engine = engine
         self.journal = journal
         self.metrics = metrics
@@ -76,6 +82,8 @@ class Dispatcher:
         self._event_ids: OrderedDict[str, None] = OrderedDict()
         self.undeliverable_directives = 0
         self.appends_since_snapshot = 0
+        self.pending_appends = 0
+        self.max_pending_appends = max_pending_appends
 
     # -- recovery -------------------------------------------------------------------
 
@@ -124,7 +132,17 @@ class Dispatcher:
 
     def _append(self, rec: Record) -> asyncio.Future[None]:
         self.appends_since_snapshot += 1
-        return self.journal.append(rec)
+        self.pending_appends += 1
+        fut = self.journal.append(rec)
+        fut.add_done_callback(self._appended)
+        return fut
+
+    def _appended(self, _: asyncio.Future[None]) -> None:
+        self.pending_appends -= 1
+
+    def overloaded(self) -> bool:
+        """True while the journal is further behind than ``max_pending_appends``."""
+        return self.pending_appends > self.max_pending_appends
 
     # -- worker stream ----------------------------------------------------------------
 

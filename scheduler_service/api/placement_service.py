@@ -47,6 +47,11 @@ class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
     ) -> placement_pb2.ReportSessionEventsResponse:
         if self._d.draining:
             await errors.abort(context, errors.unavailable("scheduler is draining", 2.0))
+        if self._d.overloaded():
+            self._d.metrics.rejected.add(1, {"code": "RESOURCE_EXHAUSTED"})
+            await errors.abort(
+                context, errors.resource_exhausted("journal is behind; retry shortly", 0.5)
+            )
         try:
             accepted, dups, applied = self._d.report_events(request, self._clock())
         except Rejected as r:

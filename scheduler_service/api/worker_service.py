@@ -19,7 +19,7 @@ from opentelemetry import trace
 from kvsched_client._proto.kvsched.v1 import worker_pb2, worker_pb2_grpc
 from scheduler_service.api import errors
 from scheduler_service.api.dispatch import Applied, Dispatcher, StreamHandle
-from scheduler_service.domain import Rejected, StaleEpoch
+from scheduler_service.domain import Rejected, StaleEpoch, WorkerId
 
 log = structlog.get_logger(__name__)
 _tracer = trace.get_tracer(__name__)
@@ -47,6 +47,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     ) -> AsyncIterator[worker_pb2.ServerMessage]:
         if self._d.draining:
             await errors.abort(context, errors.unavailable("scheduler is draining", 2.0))
+        if self._d.overloaded():
+            self._d.metrics.rejected.add(1, {"code": "RESOURCE_EXHAUSTED"})
+            await errors.abort(
+                context, errors.resource_exhausted("journal is behind; retry shortly", 0.5)
+            )
         out: asyncio.Queue[object] = asyncio.Queue()
         first = await _next(request_iterator)
         if first is None:
@@ -56,6 +61,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             if first.WhichOneof("body") != "hello":
                 raise _Fail(errors.resync_required("the first message of a stream must be Hello"))
             now = self._clock()
+            # Same worker, same epoch: a reconnect (our restart, or a network blip).
+            # Its pool may have moved on while directives went undelivered, so ask
+            # for a full inventory; the worker is the truth about residency.
+            reconnect = self._d.engine.worker_epoch(WorkerId(first.hello.worker_id)) == (
+                first.hello.epoch
+            )
             spec, applied = self._d.hello(first.hello, now)
             await applied.durable
             handle = StreamHandle(
@@ -87,6 +98,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 heartbeat_interval_s=HEARTBEAT_INTERVAL_S,
             )
         )
+        if reconnect:
+            yield worker_pb2.ServerMessage(
+                resync=worker_pb2.ResyncRequest(reason="reconnected; send a full PoolSnapshot")
+            )
         span = _tracer.start_span(
             "kvsched.v1.WorkerService/Connect",
             kind=trace.SpanKind.SERVER,
