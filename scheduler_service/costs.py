@@ -170,4 +170,3 @@ def model(name: str) -> ModelConfig:
 def session_rebuild_s(context_tokens: int, prefill_tokens_per_s: float) -> float:
     """GPU seconds to rebuild a session's whole context from scratch."""
     return prefill_time_s(float(context_tokens), prefill_tokens_per_s)
-

@@ -71,6 +71,9 @@ _K_STEP_END = EventKind.STEP_END
 _K_FINISH = EventKind.SESSION_FINISH
 _K_ABORT = EventKind.SESSION_ABORT
 
+#: Directives remembered until acked (older ones are forgotten first).
+UNACKED_MEMORY = 1 << 18
+
 
 @dataclass(slots=True)
 class EngineConfig:
@@ -119,13 +122,20 @@ class Engine:
         self._tenants: dict[TenantId, TenantSpec] = {}
         self._directive_seq = 0
         self._out: list[RetentionDirective] = []
+        # directives not yet acked: id -> (session, action), oldest first
+        self._unacked: dict[DirectiveId, tuple[SessionId, Action]] = {}
         self.events_total = 0
         self.placements_total = 0
         self.directives_total = 0
         self.acks: dict[DirectiveOutcome, int] = dict.fromkeys(DirectiveOutcome, 0)
         self.retention = Retention(
-            self.config, self.state, self.kernels, self.fair, self.graphs,
-            self._emit, self._set_timer,
+            self.config,
+            self.state,
+            self.kernels,
+            self.fair,
+            self.graphs,
+            self._emit,
+            self._set_timer,
         )
         self.placer = Placer(self.config, self.state, self.kernels, self.fair)
         self._workers = WorkerEvents(self.state, self.retention)
@@ -185,9 +195,15 @@ class Engine:
         reason: str,
         now: float,
     ) -> None:
-        """Record a worker's answer to a directive."""
+        """Record a worker's answer; a rejected move means the KV stayed where it was."""
         self._workers.require(worker_id, "directive_ack")
         self.acks[outcome] = self.acks.get(outcome, 0) + 1
+        sent = self._unacked.pop(directive_id, None)
+        if sent is None or outcome is not DirectiveOutcome.REJECTED:
+            return
+        s = self.state.sessions.slot_of.get(sent[0])
+        if s is not None and self.state.sessions.home[s] == self.state.workers.slot_of[worker_id]:
+            self.retention.rejected(s, sent[1])
 
     # -- session events --------------------------------------------------------
 
@@ -247,7 +263,9 @@ class Engine:
             # the wait in ``node`` ends here (a tool wait may end without TOOL_CALL_END)
             graph.observe_duration(node, waited, now)
         if node != NO_SLOT and ss.wait_started_s[s] >= 0.0:
-            graph.observe_tokens(node, max(0, ev.context_tokens - int(ss.wait_context_tokens[s])), now)
+            graph.observe_tokens(
+                node, max(0, ev.context_tokens - int(ss.wait_context_tokens[s])), now
+            )
             graph.observe_outcome(node, True, now)
             ss.wait_started_s[s] = -1.0  # outcome credited once per wait
         ss.state[s] = STATE_RUNNING
@@ -260,7 +278,9 @@ class Engine:
             return
         ws = self.state.workers
         rate = float(ws.prefill_tokens_per_s[w])
-        added = max(0, ev.context_tokens - prev_ctx) if ss.tier[s] != TIER_NONE else ev.context_tokens
+        added = (
+            max(0, ev.context_tokens - prev_ctx) if ss.tier[s] != TIER_NONE else ev.context_tokens
+        )
         ss.ideal_s[s] += prefill_time_s(float(added), rate, self.config.knee_tokens)
         blocks = blocks_for(ev.context_tokens + ev.new_tokens, int(ws.block_size_tokens[w]))
         self.state.set_gpu_blocks(s, blocks)
@@ -318,7 +338,9 @@ class Engine:
         w = int(ss.home[s])
         if w != NO_SLOT and ss.tier[s] == TIER_GPU:
             ws = self.state.workers
-            self.state.set_gpu_blocks(s, blocks_for(ev.context_tokens, int(ws.block_size_tokens[w])))
+            self.state.set_gpu_blocks(
+                s, blocks_for(ev.context_tokens, int(ws.block_size_tokens[w]))
+            )
             self.retention.relieve(w, now)
 
     def _enter_node(self, s: int, node: int, ev: SessionEvent, now: float) -> None:
@@ -344,7 +366,9 @@ class Engine:
             self.fair.record_completion(t, now - float(ss.started_s[s]), float(ss.ideal_s[s]))
         if ss.home[s] != NO_SLOT and ss.tier[s] != TIER_NONE:
             self.state.release(s)
-            self._emit(s, Action.RELEASE, 0.0, 0.0, "session_finish" if finished else "session_abort")
+            self._emit(
+                s, Action.RELEASE, 0.0, 0.0, "session_finish" if finished else "session_abort"
+            )
         self.state.unlink(s)
         self.state.sessions.remove(SessionId(ss.ids[s] or ""))
 
@@ -396,11 +420,13 @@ class Engine:
         ss = self.state.sessions
         self._directive_seq += 1
         self.directives_total += 1
+        did = DirectiveId(f"d{self.leader_epoch}-{self._directive_seq}")
+        sid: SessionId = ss.ids[s]  # type: ignore[assignment]
         self._out.append(
             RetentionDirective(
-                f"d{self.leader_epoch}-{self._directive_seq}",  # type: ignore[arg-type]
+                did,
                 self.state.workers.ids[ss.home[s]],
-                ss.ids[s],  # type: ignore[arg-type]
+                sid,
                 action,
                 ttl_s,
                 self.fair.priority[ss.tenant[s]],
@@ -409,6 +435,10 @@ class Engine:
                 reason,
             )
         )
+        unacked = self._unacked
+        unacked[did] = (sid, action)
+        if len(unacked) > UNACKED_MEMORY:
+            del unacked[next(iter(unacked))]  # a worker that never acks costs bounded memory
 
     def _flush(self) -> Decisions:
         if not self._out:

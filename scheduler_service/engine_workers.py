@@ -57,8 +57,11 @@ class WorkerEvents:
             for s in self.state.residents_of(w):
                 self.state.forget(s)
             for name in (
-                "gpu_used_blocks", "host_used_blocks", "pending_free_blocks",
-                "queued_prefill_tokens", "running_steps",
+                "gpu_used_blocks",
+                "host_used_blocks",
+                "pending_free_blocks",
+                "queued_prefill_tokens",
+                "running_steps",
             ):
                 getattr(ws, name)[w] = 0
             ws.draining[w] = False

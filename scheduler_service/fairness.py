@@ -47,7 +47,7 @@ class FairShare:
             self.priority.append(MAX_PRIORITY // 2)
             if t >= self.protection.shape[0]:
                 grown = np.ones(self.protection.shape[0] * 2, dtype=np.float64)
-                grown[: t] = self.protection[:t]
+                grown[:t] = self.protection[:t]
                 self.protection = grown
         return t
 

@@ -111,7 +111,9 @@ class Retention:
 
     # -- the tool wait --------------------------------------------------------------
 
-    def predict(self, s: int, node: int, now: float, hint_s: float, last_step: bool) -> WaitPrediction:
+    def predict(
+        self, s: int, node: int, now: float, hint_s: float, last_step: bool
+    ) -> WaitPrediction:
         """The graph's prediction for session ``s`` waiting in ``node`` since its wait began."""
         ss = self.state.sessions
         graph = self.graphs.graphs[int(ss.agent[s])]
@@ -201,6 +203,26 @@ class Retention:
             ss.timer_due_s[s] = NO_TIMER
         self.emit(s, Action.PREFETCH_GPU, ttl, max(reload_s, until_use_s), reason)
 
+    def rejected(self, s: int, action: Action) -> None:
+        """The home worker refused a directive: put the session back where its KV is."""
+        ss = self.state.sessions
+        if action is Action.OFFLOAD_HOST and ss.tier[s] == TIER_HOST:
+            # the copy out never happened: the blocks are still on the GPU
+            self.state.set_gpu_blocks(s, int(ss.host_blocks[s]))
+            ss.prefetch_at_s[s] = 0.0
+            ss.timer_due_s[s] = NO_TIMER
+        elif action is Action.PREFETCH_GPU and ss.tier[s] == TIER_GPU:
+            # the reload never happened: the blocks are still on the host
+            self.state.to_host(s)
+            ss.prefetch_at_s[s] = 0.0
+            ss.lease_expires_s[s] = 0.0
+            ss.timer_due_s[s] = NO_TIMER
+        elif action is Action.RETAIN_GPU and ss.lease_expires_s[s]:
+            # no lease on the worker: its own LRU may drop the blocks at any time
+            ss.lease_expires_s[s] = 0.0
+            if ss.timer_kind[s] == TIMER_LEASE:
+                ss.timer_due_s[s] = NO_TIMER
+
     # -- timers ------------------------------------------------------------------------
 
     def on_timer(self, s: int, kind: int, now: float) -> None:
@@ -260,10 +282,9 @@ class Retention:
         pc = float(ss.p_continue[s])
         move_s = self.transfer_s(s, w, blocks)
         ss.lease_expires_s[s] = 0.0
-        if (
-            self.host_room(w, blocks)
-            and self.config.transfer_weight * 2.0 * move_s < pc * self.rebuild_s(s, w)
-        ):
+        if self.host_room(
+            w, blocks
+        ) and self.config.transfer_weight * 2.0 * move_s < pc * self.rebuild_s(s, w):
             self.state.to_host(s)
             self.emit(s, Action.OFFLOAD_HOST, 0.0, move_s, "pressure")
             if ss.state[s] == STATE_TOOL_WAIT:

@@ -369,4 +369,3 @@ class ClusterState:
     def nbytes(self) -> int:
         """Bytes in the numpy arrays of both tables."""
         return self.workers.nbytes() + self.sessions.nbytes()
-

@@ -136,7 +136,9 @@ class AgentGraph:
         """Remaining wait (mean, early quantile), P(continue), next-step tokens."""
         hist = self.duration[node]
         if hint_s > 0.0:
-            hist = hist + DURATION_BUCKETS.spread(hint_s, self.prior.hint_weight * self._weight(now))
+            hist = hist + DURATION_BUCKETS.spread(
+                hint_s, self.prior.hint_weight * self._weight(now)
+            )
         mean_s, early_s, _mass = remaining_time(  # type: ignore[operator]
             hist,
             DURATION_BUCKETS.upper_edges,
@@ -176,8 +178,13 @@ class AgentGraph:
         if x > _RESCALE_AT_EXPONENT:
             scale = math.exp(-x)
             for arr in (
-                self.trans, self.duration, self.tokens, self.continued, self.finished,
-                self.tokens_sum, self.tokens_weight,
+                self.trans,
+                self.duration,
+                self.tokens,
+                self.continued,
+                self.finished,
+                self.tokens_sum,
+                self.tokens_weight,
             ):
                 arr *= scale
             self._t_ref = now

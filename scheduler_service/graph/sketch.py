@@ -25,6 +25,7 @@ class LogBuckets:
     upper_edges: npt.NDArray[np.float64] = field(init=False, repr=False, compare=False)
     mids: npt.NDArray[np.float64] = field(init=False, repr=False, compare=False)
     _log_ratio: float = field(init=False, repr=False, compare=False)
+    _unit_spreads: npt.NDArray[np.float64] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         uppers = np.array([self.lo * self.ratio**i for i in range(self.n)], dtype=np.float64)
@@ -37,6 +38,12 @@ class LogBuckets:
         object.__setattr__(self, "upper_edges", uppers)
         object.__setattr__(self, "mids", mids)
         object.__setattr__(self, "_log_ratio", math.log(self.ratio))
+        # one unit-weight spread per bucket, built once (hints ask for one per wait)
+        units = np.zeros((self.n, self.n), dtype=np.float64)
+        for i in range(self.n):
+            for off, share in ((-2, 0.1), (-1, 0.2), (0, 0.4), (1, 0.2), (2, 0.1)):
+                units[i, min(max(i + off, 0), self.n - 1)] += share
+        object.__setattr__(self, "_unit_spreads", units)
 
     def index(self, value: float) -> int:
         """The bucket ``value`` falls in."""
@@ -60,11 +67,7 @@ class LogBuckets:
 
     def spread(self, value: float, weight: float) -> npt.NDArray[np.float64]:
         """A prior: ``weight`` spread over the bucket of ``value`` and its neighbours."""
-        out = np.zeros(self.n, dtype=np.float64)
-        i = self.index(value)
-        for off, share in ((-2, 0.1), (-1, 0.2), (0, 0.4), (1, 0.2), (2, 0.1)):
-            j = min(max(i + off, 0), self.n - 1)
-            out[j] += weight * share
+        out: npt.NDArray[np.float64] = self._unit_spreads[self.index(value)] * weight
         return out
 
 

@@ -72,8 +72,26 @@ def _call_all(k: KernelSet) -> None:
     out_slots = np.zeros(n, dtype=np.int32)
     out_scores = np.zeros(n, dtype=np.float64)
     k.place_topk(
-        allowed, i64, i64, i64, f64, i64, i64, f64, n, 0, 1, 1, 1, 1.0, 1.0, 1.0, 1.0, 1,
-        out_slots, out_scores,
+        allowed,
+        i64,
+        i64,
+        i64,
+        f64,
+        i64,
+        i64,
+        f64,
+        n,
+        0,
+        1,
+        1,
+        1,
+        1.0,
+        1.0,
+        1.0,
+        1.0,
+        1,
+        out_slots,
+        out_scores,
     )
     tenant = np.zeros(n, dtype=np.int32)
     k.rank_victims(0, i32, i8, i8, i64, i64, f64, f64, tenant, f64, 0.0, 1.0, 1.0, 1, -1)

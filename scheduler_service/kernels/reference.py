@@ -112,7 +112,11 @@ def place_topk(
         need_blocks = -(-(step_tokens - on_gpu) // bs)
         free_blocks = int(gpu_cap_blocks[w]) - int(gpu_used_blocks[w])
         deficit = need_blocks - free_blocks
-        evict_s = evict_cost_factor * prefill_s(float(deficit * bs), rate, knee_tokens) if deficit > 0 else 0.0
+        evict_s = (
+            evict_cost_factor * prefill_s(float(deficit * bs), rate, knee_tokens)
+            if deficit > 0
+            else 0.0
+        )
         slack = max(free_blocks - need_blocks, 0)
         cap = max(int(gpu_cap_blocks[w]), 1)
         scored.append((saved - queue_s - evict_s - bestfit_weight_s * (slack / cap), w))
@@ -137,7 +141,9 @@ def victim_key(
     """Eviction priority of one session (higher: evict sooner)."""
     ttn = max(next_use_s - now, MIN_TIME_TO_NEXT_USE_S)
     pc = max(p_continue, MIN_P_CONTINUE)
-    rebuild = max(prefill_s(float(context_tokens), prefill_tokens_per_s, knee_tokens), MIN_REBUILD_S)
+    rebuild = max(
+        prefill_s(float(context_tokens), prefill_tokens_per_s, knee_tokens), MIN_REBUILD_S
+    )
     return ttn / pc * blocks / rebuild / protection
 
 
@@ -176,8 +182,14 @@ def rank_victims(
         t = int(tenant[c])
         prot = float(tenant_protection[t]) if t >= 0 else 1.0
         k = victim_key(
-            float(next_use_s[c]), now, float(p_continue[c]), int(gpu_blocks[c]),
-            int(context_tokens[c]), prefill_tokens_per_s, knee_tokens, prot,
+            float(next_use_s[c]),
+            now,
+            float(p_continue[c]),
+            int(gpu_blocks[c]),
+            int(context_tokens[c]),
+            prefill_tokens_per_s,
+            knee_tokens,
+            prot,
         )
         return (-k, c)
 
