@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # Packages held to `mypy --strict`.
 MYPY_PATHS := scheduler_service kvsched scripts
 
-.PHONY: serve test check lint typecheck proto bench venv clean
+.PHONY: serve test check lint typecheck proto bench venv clean system-deps
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,9 +31,16 @@ venv: $(DEV_STAMP)
 serve: $(RUNTIME_STAMP)
 	$(BIN)/kvsched serve $(ARGS)
 
-## test: lint, type-check, then the whole suite
-test: $(DEV_STAMP) check
+## test: lint, type-check, then the whole suite (installs redis-server for the HA tests)
+test: $(DEV_STAMP) check system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# System packages some tests need; installed with apt-get when missing and possible.
+system-deps:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else echo "redis-server missing and cannot be installed here; HA tests will skip"; fi; }
 
 check: lint typecheck
 

@@ -16,7 +16,11 @@ class ServeConfig:
 
     listen: str = "127.0.0.1:50051"
     data_dir: str = "./kvsched-data"
-    journal: str = "sqlite"  # sqlite | memory
+    journal: str = "sqlite"  # sqlite | memory | redis (shared, active/standby)
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    cell: str = "default"  # Redis key namespace: one leader per cell
+    lease_ttl_s: float = 2.0  # leader lease; a standby takes over within about this long
+    redis_wait_replicas: int = 0  # WAIT for this many replicas on every group commit
     journal_synchronous: str = "FULL"  # FULL | NORMAL
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464  # 0 disables the Prometheus endpoint
@@ -38,8 +42,14 @@ class ServeConfig:
         """Raise ValueError naming the first bad setting."""
         if ":" not in self.listen:
             raise ValueError(f"listen: expected host:port, got {self.listen!r}")
-        if self.journal not in ("sqlite", "memory"):
-            raise ValueError(f"journal: expected 'sqlite' or 'memory', got {self.journal!r}")
+        if self.journal not in ("sqlite", "memory", "redis"):
+            raise ValueError(
+                f"journal: expected 'sqlite', 'memory' or 'redis', got {self.journal!r}"
+            )
+        if self.journal == "redis" and not self.redis_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError(f"redis_url: expected redis://HOST:PORT/DB, got {self.redis_url!r}")
         if self.journal_synchronous.upper() not in ("FULL", "NORMAL"):
             raise ValueError("journal_synchronous: expected FULL or NORMAL")
         if not 0 <= self.metrics_port <= 65535:

@@ -31,7 +31,9 @@ from scheduler_service.api.placement_service import PlacementServicer
 from scheduler_service.api.worker_service import WorkerServicer
 from scheduler_service.config import ServeConfig
 from scheduler_service.engine import Engine
+from scheduler_service.ha import HaController
 from scheduler_service.journal import Journal, MemoryJournal
+from scheduler_service.journal.redis import LeaderLease, RedisJournal
 from scheduler_service.journal.sqlite import SqliteJournal
 from scheduler_service.telemetry import Metrics, configure_logging, configure_otel
 
@@ -68,12 +70,22 @@ class Service:
         self._health = health.aio.HealthServicer()
         self.dispatcher: Dispatcher | None = None
         self.journal: Journal | None = None
+        self.ha: HaController | None = None
+        self._ha_task: asyncio.Task[None] | None = None
+        self._lease: LeaderLease | None = None
+        self.stop_requested = asyncio.Event()
+        self.exit_code = 0
 
     async def start(self) -> int:
         """Recover state, bind, serve; returns the bound port."""
         cfg = self.config
+        server_id = cfg.server_id or f"{socket.gethostname()}:{os.getpid()}"
         journal: Journal
-        if cfg.journal == "sqlite":
+        if cfg.journal == "redis":
+            rj = RedisJournal(cfg.redis_url, cfg.cell, wait_replicas=cfg.redis_wait_replicas)
+            self._lease = rj.lease = LeaderLease(rj.client, cfg.cell, cfg.lease_ttl_s, server_id)
+            journal = rj
+        elif cfg.journal == "sqlite":
             data_dir = Path(cfg.data_dir)
             data_dir.mkdir(parents=True, exist_ok=True)
             self._lock = _lock_data_dir(data_dir)
@@ -89,7 +101,6 @@ class Service:
         report = self.dispatcher.replay()
         self.clock = ServiceClock(report.last_now)
         started_at = self.clock()
-        server_id = cfg.server_id or f"{socket.gethostname()}:{os.getpid()}"
 
         from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
@@ -135,9 +146,21 @@ class Service:
             raise OSError(f"could not bind {cfg.listen}")
         await server.start()
         self._server = server
-        for name in ("", *SERVICE_NAMES):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self._tick_task = asyncio.create_task(self._tick_loop())
+        if isinstance(journal, RedisJournal):
+            assert self._lease is not None
+            await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.ha = HaController(
+                self.dispatcher,
+                journal,
+                self._lease,
+                self.clock,
+                on_promoted=self._serve_as_leader,
+                on_deposed=self._deposed,
+            )
+            self._ha_task = asyncio.create_task(self.ha.run())
+            self._ha_task.add_done_callback(self._ha_done)
+        else:
+            await self._serve_as_leader()
         host = cfg.listen.rsplit(":", 1)[0]
         log.info(
             "server.serving",
@@ -147,6 +170,23 @@ class Service:
             dropped=report.dropped,
         )
         return self.port
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, status)
+
+    async def _serve_as_leader(self) -> None:
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._tick_task = asyncio.create_task(self._tick_loop())
+
+    def _ha_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("ha.failed", error=repr(exc))
+            self._deposed(1)
+
+    def _deposed(self, code: int) -> None:
+        self.exit_code = code
+        self.stop_requested.set()
 
     async def _tick_loop(self) -> None:
         d = self.dispatcher
@@ -171,14 +211,20 @@ class Service:
         self.dispatcher.draining = True
         await self._health.enter_graceful_shutdown()
         self.dispatcher.broadcast_drain("scheduler shutting down", grace)
-        if self._tick_task is not None:
-            self._tick_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._tick_task
+        for task in (self._tick_task, self._ha_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self._server.stop(grace)
+        leader = self.ha is None or self.ha.is_leader
         if self.journal is not None:
-            # A final snapshot makes the next start a load instead of a long replay.
-            await self.dispatcher.snapshot(self.clock())
+            if leader:
+                # A final snapshot makes the next start a load instead of a long replay.
+                with contextlib.suppress(Exception):
+                    await self.dispatcher.snapshot(self.clock())
+            if self._lease is not None and leader:
+                await self._lease.release()  # a standby takes over at once
             await self.journal.close()
         if self._lock is not None:
             self._lock.close()
@@ -202,11 +248,10 @@ async def serve(config: ServeConfig) -> int:
     service = Service(config, metrics)
     await service.start()
     print(f"kvsched listening on {config.listen.rsplit(':', 1)[0]}:{service.port}", flush=True)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("server.signal", action="draining")
+        loop.add_signal_handler(sig, service.stop_requested.set)
+    await service.stop_requested.wait()
+    log.info("server.stopping", exit_code=service.exit_code)
     await service.stop()
-    return 0
+    return service.exit_code

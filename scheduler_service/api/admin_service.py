@@ -26,6 +26,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def _mutate(
         self, kind: RecordKind, pb: object, context: grpc.aio.ServicerContext
     ) -> object:
+        if (reason := self._d.unavailable_reason) is not None:
+            await errors.abort(context, errors.unavailable(reason, 1.0))
         try:
             result, durable = self._d.admin(kind, pb, self._clock())
         except Rejected as r:

@@ -77,6 +77,7 @@ class Dispatcher:
         self.journal = journal
         self.metrics = metrics
         self.draining = False
+        self.standby = False  # a standby replica follows the leader's journal, serves nothing
         self._streams: dict[WorkerId, StreamHandle] = {}
         self._last_seq: dict[tuple[str, int], int] = {}
         self._event_ids: OrderedDict[str, None] = OrderedDict()
@@ -102,6 +103,29 @@ class Dispatcher:
         report = self.journal.load_report()
         log.info("journal.replayed", records=n, dropped=report.dropped)
         return report
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        """Why new work is refused right now, or None when serving."""
+        if self.draining:
+            return "scheduler is draining"
+        if self.standby:
+            return "standby replica: not the leader"
+        return None
+
+    def apply_record(self, rec: Record) -> None:
+        """Apply a record another replica journaled (standby catch-up)."""
+        self._apply(rec)
+
+    def restore_snapshot(self, blob: bytes) -> None:
+        """Replace the whole state with a snapshot's (standby behind a trimmed journal)."""
+        self._restore(blob)
+
+    def become_leader(self, epoch: int, now: float) -> asyncio.Future[None]:
+        """Journal and apply a new fencing epoch; directives from now on carry it."""
+        rec = Record(RecordKind.LEADER, now, str(epoch).encode())
+        self._apply(rec)
+        return self._append(rec)
 
     def snapshot(self, now: float) -> asyncio.Future[None]:
         """Queue a snapshot of the full state; the journal drops what it covers."""
@@ -275,6 +299,9 @@ class Dispatcher:
             return self._apply_report(req, rec.now)[2]
         if rec.kind is RecordKind.TICK:
             return self.engine.tick(rec.now)
+        if rec.kind is RecordKind.LEADER:
+            self.engine.leader_epoch = int(rec.payload.decode())
+            return NO_DECISIONS
         pb_type = _ADMIN_TYPES[rec.kind]
         self._apply_admin(rec.kind, pb_type.FromString(rec.payload), rec.now)
         return NO_DECISIONS

@@ -29,8 +29,8 @@ class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
         except Rejected as r:
             self._d.metrics.rejected.add(1, {"code": "INVALID_ARGUMENT"})
             await errors.abort(context, errors.invalid_argument(r.field, r.description))
-        if self._d.draining:
-            await errors.abort(context, errors.unavailable("scheduler is draining", 2.0))
+        if (reason := self._d.unavailable_reason) is not None:
+            await errors.abort(context, errors.unavailable(reason, 1.0))
         placement = self._d.engine.place(req, self._clock())
         if not placement.candidates:
             await errors.abort(
@@ -45,8 +45,8 @@ class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
         request: placement_pb2.ReportSessionEventsRequest,
         context: grpc.aio.ServicerContext,
     ) -> placement_pb2.ReportSessionEventsResponse:
-        if self._d.draining:
-            await errors.abort(context, errors.unavailable("scheduler is draining", 2.0))
+        if (reason := self._d.unavailable_reason) is not None:
+            await errors.abort(context, errors.unavailable(reason, 1.0))
         if self._d.overloaded():
             self._d.metrics.rejected.add(1, {"code": "RESOURCE_EXHAUSTED"})
             await errors.abort(

@@ -45,8 +45,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         request_iterator: AsyncIterator[worker_pb2.WorkerMessage],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[worker_pb2.ServerMessage]:
-        if self._d.draining:
-            await errors.abort(context, errors.unavailable("scheduler is draining", 2.0))
+        if (reason := self._d.unavailable_reason) is not None:
+            await errors.abort(context, errors.unavailable(reason, 1.0))
         if self._d.overloaded():
             self._d.metrics.rejected.add(1, {"code": "RESOURCE_EXHAUSTED"})
             await errors.abort(

@@ -25,6 +25,7 @@ class RecordKind(StrEnum):
     TENANT_CREATE = "tenant_create"  # admin_pb2.Tenant
     TENANT_UPDATE = "tenant_update"  # admin_pb2.UpdateTenantRequest
     TENANT_DELETE = "tenant_delete"  # admin_pb2.DeleteTenantRequest
+    LEADER = "leader"  # ASCII decimal fencing epoch of a new leader
 
 
 @dataclass(frozen=True, slots=True)
