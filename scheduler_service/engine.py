@@ -278,9 +278,9 @@ class Engine:
             return
         ws = self.state.workers
         rate = float(ws.prefill_tokens_per_s[w])
-        added = (
-            max(0, ev.context_tokens - prev_ctx) if ss.tier[s] != TIER_NONE else ev.context_tokens
-        )
+        # standalone time counts only the tokens this step adds (a perfect cache);
+        # rebuilding evicted context is exactly the slowdown fair share measures
+        added = max(0, ev.context_tokens - prev_ctx)
         ss.ideal_s[s] += prefill_time_s(float(added), rate, self.config.knee_tokens)
         blocks = blocks_for(ev.context_tokens + ev.new_tokens, int(ws.block_size_tokens[w]))
         self.state.set_gpu_blocks(s, blocks)
@@ -295,9 +295,13 @@ class Engine:
         pred = self.retention.predict(s, node, now, ev.expected_tool_latency_s, ev.last_step)
         ss.next_use_s[s] = now + pred.expected_remaining_s
         ss.p_continue[s] = pred.p_continue
-        if ss.home[s] == NO_SLOT:
+        w = int(ss.home[s])
+        if w == NO_SLOT:
             return
         if ss.tier[s] == TIER_GPU:
+            # the context now includes the step's output: that is what is held
+            bs = int(self.state.workers.block_size_tokens[w])
+            self.state.set_gpu_blocks(s, blocks_for(ev.context_tokens, bs))
             if ss.gpu_blocks[s] <= 0:
                 # size unknown: a plain lease, the one decision that needs no price
                 ttl = self.config.default_lease_ttl_s
