@@ -233,14 +233,14 @@ class Engine:
                 return
             s = self._new_session(ev.session_id, ev.tenant_id, ev.agent_type, now)
         else:
-            self.fair.events[int(ss.tenant[s])] += 1
-        ss.events[s] += 1
-        if ev.step_index > ss.step_index[s]:
-            ss.step_index[s] = ev.step_index
-        ss.last_event_s[s] = now
+            self.fair.events[int(ss.tenant_v[s])] += 1
+        ss.events_v[s] += 1
+        if ev.step_index > ss.step_index_v[s]:
+            ss.step_index_v[s] = ev.step_index
+        ss.last_event_s_v[s] = now
         if ev.worker_id:
             w = self.state.workers.slot_of[ev.worker_id]
-            if w != ss.home[s]:
+            if w != ss.home_v[s]:
                 self._move_home(s, w)
         if kind is _K_START:
             self._step_start(s, ev, now)
@@ -255,120 +255,120 @@ class Engine:
 
     def _step_start(self, s: int, ev: SessionEvent, now: float) -> None:
         ss = self.state.sessions
-        graph = self.graphs.graphs[int(ss.agent[s])]
-        node = int(ss.node[s])
-        prev_ctx = int(ss.context_tokens[s])
-        if node != NO_SLOT and ss.state[s] != STATE_RUNNING:
-            waited = now - float(ss.wait_started_s[s])
+        graph = self.graphs.graphs[int(ss.agent_v[s])]
+        node = int(ss.node_v[s])
+        prev_ctx = int(ss.context_tokens_v[s])
+        if node != NO_SLOT and ss.state_v[s] != STATE_RUNNING:
+            waited = now - float(ss.wait_started_s_v[s])
             # the wait in ``node`` ends here (a tool wait may end without TOOL_CALL_END)
             graph.observe_duration(node, waited, now)
-        if node != NO_SLOT and ss.wait_started_s[s] >= 0.0:
+        if node != NO_SLOT and ss.wait_started_s_v[s] >= 0.0:
             graph.observe_tokens(
-                node, max(0, ev.context_tokens - int(ss.wait_context_tokens[s])), now
+                node, max(0, ev.context_tokens - int(ss.wait_context_tokens_v[s])), now
             )
             graph.observe_outcome(node, True, now)
-            ss.wait_started_s[s] = -1.0  # outcome credited once per wait
-        ss.state[s] = STATE_RUNNING
-        ss.lease_expires_s[s] = 0.0
-        ss.prefetch_at_s[s] = 0.0
-        ss.timer_due_s[s] = NO_TIMER
-        ss.context_tokens[s] = ev.context_tokens
-        w = int(ss.home[s])
+            ss.wait_started_s_v[s] = -1.0  # outcome credited once per wait
+        ss.state_v[s] = STATE_RUNNING
+        ss.lease_expires_s_v[s] = 0.0
+        ss.prefetch_at_s_v[s] = 0.0
+        ss.timer_due_s_v[s] = NO_TIMER
+        ss.context_tokens_v[s] = ev.context_tokens
+        w = int(ss.home_v[s])
         if w == NO_SLOT:
             return
         ws = self.state.workers
-        rate = float(ws.prefill_tokens_per_s[w])
+        rate = float(ws.prefill_tokens_per_s_v[w])
         # standalone time counts only the tokens this step adds (a perfect cache);
         # rebuilding evicted context is exactly the slowdown fair share measures
         added = max(0, ev.context_tokens - prev_ctx)
-        ss.ideal_s[s] += prefill_time_s(float(added), rate, self.config.knee_tokens)
-        blocks = blocks_for(ev.context_tokens + ev.new_tokens, int(ws.block_size_tokens[w]))
+        ss.ideal_s_v[s] += prefill_time_s(float(added), rate, self.config.knee_tokens)
+        blocks = blocks_for(ev.context_tokens + ev.new_tokens, int(ws.block_size_tokens_v[w]))
         self.state.set_gpu_blocks(s, blocks)
         self.retention.relieve(w, now, exclude=s)
 
     def _tool_wait(self, s: int, ev: SessionEvent, now: float) -> None:
         ss = self.state.sessions
-        graph = self.graphs.graphs[int(ss.agent[s])]
+        graph = self.graphs.graphs[int(ss.agent_v[s])]
         node = graph.node((int(_K_WAIT), ev.tool_name), now, ev.expected_tool_latency_s)
         self._enter_node(s, node, ev, now)
-        ss.state[s] = STATE_TOOL_WAIT
+        ss.state_v[s] = STATE_TOOL_WAIT
         pred = self.retention.predict(s, node, now, ev.expected_tool_latency_s, ev.last_step)
-        ss.next_use_s[s] = now + pred.expected_remaining_s
-        ss.p_continue[s] = pred.p_continue
-        w = int(ss.home[s])
+        ss.next_use_s_v[s] = now + pred.expected_remaining_s
+        ss.p_continue_v[s] = pred.p_continue
+        w = int(ss.home_v[s])
         if w == NO_SLOT:
             return
-        if ss.tier[s] == TIER_GPU:
+        if ss.tier_v[s] == TIER_GPU:
             # the context now includes the step's output: that is what is held
             bs = int(self.state.workers.block_size_tokens[w])
             self.state.set_gpu_blocks(s, blocks_for(ev.context_tokens, bs))
-            if ss.gpu_blocks[s] <= 0:
+            if ss.gpu_blocks_v[s] <= 0:
                 # size unknown: a plain lease, the one decision that needs no price
                 ttl = self.config.default_lease_ttl_s
-                ss.lease_expires_s[s] = now + ttl
+                ss.lease_expires_s_v[s] = now + ttl
                 self._set_timer(s, now + ttl, 1)
                 self._emit(s, Action.RETAIN_GPU, ttl, 0.0, "tool_wait")
             else:
                 self.retention.decide_wait(s, pred, now, "tool_wait")
-        elif ss.tier[s] == TIER_HOST:
+        elif ss.tier_v[s] == TIER_HOST:
             self.retention.plan_prefetch(s, pred, now, 0.0)
 
     def _tool_end(self, s: int, ev: SessionEvent, now: float) -> None:
         ss = self.state.sessions
-        node = int(ss.node[s])
-        if ss.state[s] == STATE_TOOL_WAIT and node != NO_SLOT:
-            waited = now - float(ss.wait_started_s[s])
-            self.graphs.graphs[int(ss.agent[s])].observe_duration(node, waited, now)
-            ss.ideal_s[s] += waited
-        ss.state[s] = STATE_RUNNING
-        ss.context_tokens[s] = max(int(ss.context_tokens[s]), ev.context_tokens)
-        ss.lease_expires_s[s] = 0.0
-        ss.timer_due_s[s] = NO_TIMER
-        if ss.tier[s] == TIER_HOST and ss.home[s] != NO_SLOT:
+        node = int(ss.node_v[s])
+        if ss.state_v[s] == STATE_TOOL_WAIT and node != NO_SLOT:
+            waited = now - float(ss.wait_started_s_v[s])
+            self.graphs.graphs[int(ss.agent_v[s])].observe_duration(node, waited, now)
+            ss.ideal_s_v[s] += waited
+        ss.state_v[s] = STATE_RUNNING
+        ss.context_tokens_v[s] = max(int(ss.context_tokens_v[s]), ev.context_tokens)
+        ss.lease_expires_s_v[s] = 0.0
+        ss.timer_due_s_v[s] = NO_TIMER
+        if ss.tier_v[s] == TIER_HOST and ss.home_v[s] != NO_SLOT:
             # the tool returned before the planned prefetch: reload now
-            ss.next_use_s[s] = now
+            ss.next_use_s_v[s] = now
             self.retention.prefetch(s, now, "tool_returned")
-        ss.prefetch_at_s[s] = 0.0
+        ss.prefetch_at_s_v[s] = 0.0
 
     def _step_end(self, s: int, ev: SessionEvent, now: float) -> None:
         ss = self.state.sessions
-        graph = self.graphs.graphs[int(ss.agent[s])]
+        graph = self.graphs.graphs[int(ss.agent_v[s])]
         node = graph.node((int(_K_STEP_END), ""), now)
         self._enter_node(s, node, ev, now)
-        ss.state[s] = STATE_IDLE
+        ss.state_v[s] = STATE_IDLE
         pred = self.retention.predict(s, node, now, 0.0, ev.last_step)
-        ss.next_use_s[s] = now + pred.expected_remaining_s
-        ss.p_continue[s] = pred.p_continue
-        w = int(ss.home[s])
-        if w != NO_SLOT and ss.tier[s] == TIER_GPU:
+        ss.next_use_s_v[s] = now + pred.expected_remaining_s
+        ss.p_continue_v[s] = pred.p_continue
+        w = int(ss.home_v[s])
+        if w != NO_SLOT and ss.tier_v[s] == TIER_GPU:
             ws = self.state.workers
             self.state.set_gpu_blocks(
-                s, blocks_for(ev.context_tokens, int(ws.block_size_tokens[w]))
+                s, blocks_for(ev.context_tokens, int(ws.block_size_tokens_v[w]))
             )
             self.retention.relieve(w, now)
 
     def _enter_node(self, s: int, node: int, ev: SessionEvent, now: float) -> None:
         ss = self.state.sessions
-        prev = int(ss.node[s])
+        prev = int(ss.node_v[s])
         if prev != NO_SLOT:
-            self.graphs.graphs[int(ss.agent[s])].observe_transition(prev, node, now)
-        ss.node[s] = node
-        ss.wait_started_s[s] = now
-        ss.context_tokens[s] = ev.context_tokens
-        ss.wait_context_tokens[s] = ev.context_tokens
+            self.graphs.graphs[int(ss.agent_v[s])].observe_transition(prev, node, now)
+        ss.node_v[s] = node
+        ss.wait_started_s_v[s] = now
+        ss.context_tokens_v[s] = ev.context_tokens
+        ss.wait_context_tokens_v[s] = ev.context_tokens
 
     def _finish(self, s: int, finished: bool, now: float) -> None:
         ss = self.state.sessions
-        node = int(ss.node[s])
+        node = int(ss.node_v[s])
         if node != NO_SLOT:
-            graph = self.graphs.graphs[int(ss.agent[s])]
+            graph = self.graphs.graphs[int(ss.agent_v[s])]
             graph.observe_transition(node, FINISH_NODE, now)
-            if ss.wait_started_s[s] >= 0.0:
+            if ss.wait_started_s_v[s] >= 0.0:
                 graph.observe_outcome(node, False, now)
-        t = int(ss.tenant[s])
+        t = int(ss.tenant_v[s])
         if finished:
-            self.fair.record_completion(t, now - float(ss.started_s[s]), float(ss.ideal_s[s]))
-        if ss.home[s] != NO_SLOT and ss.tier[s] != TIER_NONE:
+            self.fair.record_completion(t, now - float(ss.started_s_v[s]), float(ss.ideal_s_v[s]))
+        if ss.home_v[s] != NO_SLOT and ss.tier_v[s] != TIER_NONE:
             self.state.release(s)
             self._emit(
                 s, Action.RELEASE, 0.0, 0.0, "session_finish" if finished else "session_abort"
@@ -379,22 +379,22 @@ class Engine:
     def _new_session(self, sid: SessionId, tenant_id: TenantId, agent_type: str, now: float) -> int:
         ss = self.state.sessions
         s = ss.add(sid)
-        ss.tenant[s] = self.fair.slot(tenant_id)
+        ss.tenant_v[s] = self.fair.slot(tenant_id)
         a = self.agents.get(agent_type)
         self.graphs.for_agent(a, agent_type)
-        ss.agent[s] = a
-        ss.started_s[s] = now
-        ss.wait_started_s[s] = -1.0
+        ss.agent_v[s] = a
+        ss.started_s_v[s] = now
+        ss.wait_started_s_v[s] = -1.0
         return s
 
     def _move_home(self, s: int, w: int) -> None:
         ss = self.state.sessions
-        if ss.home[s] != NO_SLOT and ss.tier[s] != TIER_NONE:
+        if ss.home_v[s] != NO_SLOT and ss.tier_v[s] != TIER_NONE:
             # the session runs elsewhere now: the old copy only wastes memory
             self.state.release(s)
             self._emit(s, Action.RELEASE, 0.0, 0.0, "moved")
-        ss.lease_expires_s[s] = 0.0
-        ss.timer_due_s[s] = NO_TIMER
+        ss.lease_expires_s_v[s] = 0.0
+        ss.timer_due_s_v[s] = NO_TIMER
         self.state.link(s, w)
 
     # -- timers ------------------------------------------------------------------
@@ -407,16 +407,16 @@ class Engine:
         if fire.size:
             # earliest first, slot breaking ties: the same order on every replay
             for s in fire[np.lexsort((fire, due[fire]))].tolist():
-                kind = int(ss.timer_kind[s])
-                ss.timer_due_s[s] = NO_TIMER
+                kind = int(ss.timer_kind_v[s])
+                ss.timer_due_s_v[s] = NO_TIMER
                 self.retention.on_timer(s, kind, now)
         self.retention.redecide_pricier_workers(now)
         return self._flush()
 
     def _set_timer(self, s: int, due: float, kind: int) -> None:
         ss = self.state.sessions
-        ss.timer_due_s[s] = due
-        ss.timer_kind[s] = kind
+        ss.timer_due_s_v[s] = due
+        ss.timer_kind_v[s] = kind
 
     # -- directives ----------------------------------------------------------------
 
@@ -429,11 +429,11 @@ class Engine:
         self._out.append(
             RetentionDirective(
                 did,
-                self.state.workers.ids[ss.home[s]],
+                self.state.workers.ids[ss.home_v[s]],
                 sid,
                 action,
                 ttl_s,
-                self.fair.priority[ss.tenant[s]],
+                self.fair.priority[ss.tenant_v[s]],
                 self.leader_epoch,
                 within_s,
                 reason,

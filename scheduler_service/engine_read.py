@@ -31,20 +31,20 @@ if TYPE_CHECKING:
 def session_view(engine: Engine, s: int, now: float) -> SessionView:
     """One session as operators see it."""
     ss, ws = engine.state.sessions, engine.state.workers
-    home = int(ss.home[s])
-    lease = float(ss.lease_expires_s[s])
+    home = int(ss.home_v[s])
+    lease = float(ss.lease_expires_s_v[s])
     return SessionView(
         session_id=SessionId(ss.ids[s] or ""),
-        tenant_id=engine.fair.tenants.names[int(ss.tenant[s])],
-        agent_type=engine.agents.names[int(ss.agent[s])],
+        tenant_id=engine.fair.tenants.names[int(ss.tenant_v[s])],
+        agent_type=engine.agents.names[int(ss.agent_v[s])],
         home_worker_id=WorkerId(ws.ids[home] or "") if home != NO_SLOT else None,
-        tier=Tier(int(ss.tier[s])),
-        state=SessionState(int(ss.state[s])),
-        step_index=int(ss.step_index[s]),
-        context_tokens=int(ss.context_tokens[s]),
-        idle_s=max(0.0, now - float(ss.last_event_s[s])),
+        tier=Tier(int(ss.tier_v[s])),
+        state=SessionState(int(ss.state_v[s])),
+        step_index=int(ss.step_index_v[s]),
+        context_tokens=int(ss.context_tokens_v[s]),
+        idle_s=max(0.0, now - float(ss.last_event_s_v[s])),
         lease_remaining_s=max(0.0, lease - now) if lease else 0.0,
-        events=int(ss.events[s]),
+        events=int(ss.events_v[s]),
     )
 
 
@@ -53,12 +53,12 @@ def worker_view(state: ClusterState, w: int) -> WorkerView:
     ws = state.workers
     return WorkerView(
         spec=ws.spec(w),
-        connected=bool(ws.connected[w]),
-        draining=bool(ws.draining[w]),
-        gpu_used_blocks=int(ws.gpu_used_blocks[w]),
-        sessions=int(ws.residents[w]),
-        running_steps=int(ws.running_steps[w]),
-        queued_prefill_tokens=int(ws.queued_prefill_tokens[w]),
+        connected=bool(ws.connected_v[w]),
+        draining=bool(ws.draining_v[w]),
+        gpu_used_blocks=int(ws.gpu_used_blocks_v[w]),
+        sessions=int(ws.residents_v[w]),
+        running_steps=int(ws.running_steps_v[w]),
+        queued_prefill_tokens=int(ws.queued_prefill_tokens_v[w]),
     )
 
 

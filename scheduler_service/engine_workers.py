@@ -47,11 +47,11 @@ class WorkerEvents:
         """Record a Hello; raises StaleEpoch for an epoch older than the known one."""
         ws = self.state.workers
         w = ws.slot_of.get(spec.worker_id)
-        if w is not None and spec.epoch < ws.epoch[w]:
-            raise StaleEpoch(spec.worker_id, spec.epoch, int(ws.epoch[w]))
+        if w is not None and spec.epoch < ws.epoch_v[w]:
+            raise StaleEpoch(spec.worker_id, spec.epoch, int(ws.epoch_v[w]))
         if w is None:
             w = ws.add(spec.worker_id)
-        elif spec.epoch > ws.epoch[w]:
+        elif spec.epoch > ws.epoch_v[w]:
             # a restarted worker holds nothing: its sessions keep it as home
             # (affinity) but their KV is gone
             for s in self.state.residents_of(w):
@@ -64,12 +64,12 @@ class WorkerEvents:
                 "running_steps",
             ):
                 getattr(ws, name)[w] = 0
-            ws.draining[w] = False
-            ws.kv_feed[w] = False
-            ws.price_at_decision[w] = 0.0
+            ws.draining_v[w] = False
+            ws.kv_feed_v[w] = False
+            ws.price_at_decision_v[w] = 0.0
         ws.set_spec(w, spec)
-        ws.connected[w] = True
-        ws.live[w] = not ws.draining[w]
+        ws.connected_v[w] = True
+        ws.live_v[w] = not ws.draining_v[w]
         return w
 
     def disconnected(self, worker_id: WorkerId) -> None:
@@ -77,8 +77,8 @@ class WorkerEvents:
         ws = self.state.workers
         w = ws.slot_of.get(worker_id)
         if w is not None:
-            ws.connected[w] = False
-            ws.live[w] = False
+            ws.connected_v[w] = False
+            ws.live_v[w] = False
 
     def drain(self, worker_id: WorkerId) -> int:
         """Stop placing steps on the worker; KeyError when unknown."""
@@ -86,20 +86,20 @@ class WorkerEvents:
         w = ws.slot_of.get(worker_id)
         if w is None:
             raise KeyError(worker_id)
-        ws.draining[w] = True
-        ws.live[w] = False
+        ws.draining_v[w] = True
+        ws.live_v[w] = False
         return w
 
     def heartbeat(self, worker_id: WorkerId, load: WorkerLoad, now: float) -> None:
         """Adopt the worker's usage and load, then react to the pressure."""
         ws = self.state.workers
         w = self.require(worker_id, "heartbeat")
-        ws.gpu_used_blocks[w] = max(0, int(ws.gpu_cap_blocks[w]) - load.gpu_free_blocks)
-        if ws.host_cap_blocks[w] > 0:
-            ws.host_used_blocks[w] = max(0, int(ws.host_cap_blocks[w]) - load.host_free_blocks)
-        ws.pending_free_blocks[w] = 0
-        ws.queued_prefill_tokens[w] = load.queued_prefill_tokens
-        ws.running_steps[w] = load.running_steps
+        ws.gpu_used_blocks_v[w] = max(0, int(ws.gpu_cap_blocks_v[w]) - load.gpu_free_blocks)
+        if ws.host_cap_blocks_v[w] > 0:
+            ws.host_used_blocks_v[w] = max(0, int(ws.host_cap_blocks_v[w]) - load.host_free_blocks)
+        ws.pending_free_blocks_v[w] = 0
+        ws.queued_prefill_tokens_v[w] = load.queued_prefill_tokens
+        ws.running_steps_v[w] = load.running_steps
         self.retention.relieve(w, now)
         self.retention.redecide_if_pricier(w, now)
 
@@ -107,22 +107,22 @@ class WorkerEvents:
         """Move the usage estimate by the worker's block events."""
         ws = self.state.workers
         w = self.require(worker_id, "kv_events")
-        ws.kv_feed[w] = True
+        ws.kv_feed_v[w] = True
         for ev in events:
             n = len(ev.block_hashes)
             on_gpu = ev.tier is Tier.GPU
             if ev.kind is KvEventKind.STORED:
                 if on_gpu:
-                    ws.gpu_used_blocks[w] += n
+                    ws.gpu_used_blocks_v[w] += n
                 else:
-                    ws.host_used_blocks[w] += n
+                    ws.host_used_blocks_v[w] += n
             elif ev.kind is KvEventKind.REMOVED:
                 if on_gpu:
-                    expected = min(n, int(ws.pending_free_blocks[w]))
-                    ws.pending_free_blocks[w] -= expected
-                    ws.gpu_used_blocks[w] = max(0, int(ws.gpu_used_blocks[w]) - (n - expected))
+                    expected = min(n, int(ws.pending_free_blocks_v[w]))
+                    ws.pending_free_blocks_v[w] -= expected
+                    ws.gpu_used_blocks_v[w] = max(0, int(ws.gpu_used_blocks_v[w]) - (n - expected))
                 else:
-                    ws.host_used_blocks[w] = max(0, int(ws.host_used_blocks[w]) - n)
+                    ws.host_used_blocks_v[w] = max(0, int(ws.host_used_blocks_v[w]) - n)
             else:
                 self._cleared(w, TIER_GPU if on_gpu else TIER_HOST)
         self.retention.relieve(w, now)
@@ -130,12 +130,12 @@ class WorkerEvents:
     def _cleared(self, w: int, tier: int) -> None:
         ws, ss = self.state.workers, self.state.sessions
         if tier == TIER_GPU:
-            ws.gpu_used_blocks[w] = 0
-            ws.pending_free_blocks[w] = 0
+            ws.gpu_used_blocks_v[w] = 0
+            ws.pending_free_blocks_v[w] = 0
         else:
-            ws.host_used_blocks[w] = 0
+            ws.host_used_blocks_v[w] = 0
         for s in self.state.residents_of(w):
-            if ss.tier[s] == tier:
+            if ss.tier_v[s] == tier:
                 self.state.forget(s)
 
     def reconcile(
@@ -144,9 +144,9 @@ class WorkerEvents:
         """Replace the engine's view of the worker with its inventory."""
         ws, ss = self.state.workers, self.state.sessions
         w = self.require(worker_id, "pool_snapshot")
-        ws.gpu_used_blocks[w] = inv.gpu_used_blocks
-        ws.host_used_blocks[w] = inv.host_used_blocks
-        ws.pending_free_blocks[w] = 0
+        ws.gpu_used_blocks_v[w] = inv.gpu_used_blocks
+        ws.host_used_blocks_v[w] = inv.host_used_blocks
+        ws.pending_free_blocks_v[w] = 0
         if inv.complete:
             held = {r.session_id for r in inv.sessions}
             for s in self.state.residents_of(w):
@@ -156,15 +156,15 @@ class WorkerEvents:
             known = ss.slot_of.get(r.session_id)
             s = new_session(r.session_id, r.tenant_id, "", now) if known is None else known
             self.state.link(s, w)
-            ss.gpu_blocks[s] = r.gpu_blocks
-            ss.host_blocks[s] = r.host_blocks
-            ss.tier[s] = TIER_GPU if r.gpu_blocks else (TIER_HOST if r.host_blocks else TIER_NONE)
-            ss.context_tokens[s] = max(int(ss.context_tokens[s]), r.cached_tokens)
-            ss.prefetch_at_s[s] = 0.0
-            if r.lease_remaining_s > 0 and ss.tier[s] == TIER_GPU:
-                ss.lease_expires_s[s] = now + r.lease_remaining_s
+            ss.gpu_blocks_v[s] = r.gpu_blocks
+            ss.host_blocks_v[s] = r.host_blocks
+            ss.tier_v[s] = TIER_GPU if r.gpu_blocks else (TIER_HOST if r.host_blocks else TIER_NONE)
+            ss.context_tokens_v[s] = max(int(ss.context_tokens_v[s]), r.cached_tokens)
+            ss.prefetch_at_s_v[s] = 0.0
+            if r.lease_remaining_s > 0 and ss.tier_v[s] == TIER_GPU:
+                ss.lease_expires_s_v[s] = now + r.lease_remaining_s
                 self.retention.set_timer(s, now + r.lease_remaining_s, TIMER_LEASE)
             else:
-                ss.lease_expires_s[s] = 0.0
-                ss.timer_due_s[s] = NO_TIMER
+                ss.lease_expires_s_v[s] = 0.0
+                ss.timer_due_s_v[s] = NO_TIMER
         self.retention.relieve(w, now)

@@ -49,18 +49,18 @@ class Placer:
             for wid in req.candidate_worker_ids:
                 w = ws.slot_of.get(wid)
                 if w is not None:
-                    allowed[w] = ws.live[w]
+                    allowed[w] = ws.live_v[w]
         else:
             allowed = ws.live
         ss = self.state.sessions
         s = ss.slot_of.get(req.session_id)
         home, tier, cached, t = NO_SLOT, TIER_NONE, 0, NO_SLOT
         if s is not None:
-            t = int(ss.tenant[s])
-            tier = int(ss.tier[s])
+            t = int(ss.tenant_v[s])
+            tier = int(ss.tier_v[s])
             if tier != TIER_NONE:
-                home = int(ss.home[s])
-                cached = int(ss.context_tokens[s])
+                home = int(ss.home_v[s])
+                cached = int(ss.context_tokens_v[s])
         else:
             t = self.fair.tenants.index.get(req.tenant_id, NO_SLOT)
         k = max(1, min(req.max_candidates or 3, self.config.max_candidates))

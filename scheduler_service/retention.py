@@ -81,12 +81,12 @@ class Retention:
         """
         c = self.config
         ws = self.state.workers
-        cap = int(ws.gpu_cap_blocks[w])
+        cap = int(ws.gpu_cap_blocks_v[w])
         if cap <= 0:
             return c.max_shadow_price
-        util = int(ws.gpu_used_blocks[w]) / cap
+        util = int(ws.gpu_used_blocks_v[w]) / cap
         over = max(0.0, (util - c.idle_utilization) / (1.0 - c.idle_utilization))
-        demand_s = int(ws.queued_prefill_tokens[w]) / float(ws.prefill_tokens_per_s[w])
+        demand_s = int(ws.queued_prefill_tokens_v[w]) / float(ws.prefill_tokens_per_s_v[w])
         return c.max_shadow_price * min(over, 1.0) ** 2 + c.demand_weight * demand_s / (
             demand_s + c.demand_horizon_s
         )
@@ -95,19 +95,19 @@ class Retention:
         """GPU seconds to recompute session ``s``'s whole context on ``w``."""
         ss, ws = self.state.sessions, self.state.workers
         return prefill_time_s(
-            float(ss.context_tokens[s]), float(ws.prefill_tokens_per_s[w]), self.config.knee_tokens
+            float(ss.context_tokens_v[s]), float(ws.prefill_tokens_per_s_v[w]), self.config.knee_tokens
         )
 
     def transfer_s(self, s: int, w: int, blocks: int) -> float:
         """Seconds to copy ``blocks`` of session ``s`` across ``w``'s host link."""
         ws = self.state.workers
-        nbytes = blocks * int(ws.block_size_tokens[w]) * int(ws.bytes_per_token[w])
-        return nbytes / float(ws.host_link_bytes_per_s[w])
+        nbytes = blocks * int(ws.block_size_tokens_v[w]) * int(ws.bytes_per_token_v[w])
+        return nbytes / float(ws.host_link_bytes_per_s_v[w])
 
     def host_room(self, w: int, blocks: int) -> bool:
         """True when ``w``'s host tier can take ``blocks`` more."""
         ws = self.state.workers
-        return int(ws.host_cap_blocks[w]) - int(ws.host_used_blocks[w]) >= blocks > 0
+        return int(ws.host_cap_blocks_v[w]) - int(ws.host_used_blocks_v[w]) >= blocks > 0
 
     # -- the tool wait --------------------------------------------------------------
 
@@ -116,8 +116,8 @@ class Retention:
     ) -> WaitPrediction:
         """The graph's prediction for session ``s`` waiting in ``node`` since its wait began."""
         ss = self.state.sessions
-        graph = self.graphs.graphs[int(ss.agent[s])]
-        waited = max(0.0, now - float(ss.wait_started_s[s]))
+        graph = self.graphs.graphs[int(ss.agent_v[s])]
+        waited = max(0.0, now - float(ss.wait_started_s_v[s]))
         pred = graph.predict(node, waited, now, self.kernels.remaining_time, hint_s)
         if last_step:
             # the agent said this is its last step: little chance it comes back
@@ -130,16 +130,16 @@ class Retention:
         """Choose and emit retain / offload / release for a waiting session on the GPU."""
         c = self.config
         ss, ws = self.state.sessions, self.state.workers
-        w = int(ss.home[s])
-        blocks = int(ss.gpu_blocks[s])
+        w = int(ss.home_v[s])
+        blocks = int(ss.gpu_blocks_v[s])
         price = self.shadow_price(w)
-        ss.next_use_s[s] = now + pred.expected_remaining_s
-        ss.p_continue[s] = pred.p_continue
-        ws.price_at_decision[w] = max(float(ws.price_at_decision[w]), price)
+        ss.next_use_s_v[s] = now + pred.expected_remaining_s
+        ss.p_continue_v[s] = pred.p_continue
+        ws.price_at_decision_v[w] = max(float(ws.price_at_decision_v[w]), price)
         move_s = self.transfer_s(s, w, blocks)
         action, ttl, _cr, _co, _cx = self.kernels.retention_choice(
             blocks,
-            int(ws.gpu_cap_blocks[w]),
+            int(ws.gpu_cap_blocks_v[w]),
             price,
             pred.expected_remaining_s,
             pred.p_continue,
@@ -153,92 +153,92 @@ class Retention:
         )
         if action == RETAIN_GPU:
             expires = now + ttl
-            current = float(ss.lease_expires_s[s])
+            current = float(ss.lease_expires_s_v[s])
             if current and expires >= current - _LEASE_CUT_SLACK_S:
                 return  # the lease already granted still stands
-            ss.lease_expires_s[s] = expires
+            ss.lease_expires_s_v[s] = expires
             self.set_timer(s, expires, TIMER_LEASE)
             self.emit(s, Action.RETAIN_GPU, ttl, 0.0, reason)
         elif action == OFFLOAD_HOST:
             self.state.to_host(s)
-            ss.lease_expires_s[s] = 0.0
+            ss.lease_expires_s_v[s] = 0.0
             self.emit(s, Action.OFFLOAD_HOST, 0.0, move_s, reason)
             self.plan_prefetch(s, pred, now, move_s)
         else:
             self.state.release(s)
-            ss.lease_expires_s[s] = 0.0
-            ss.timer_due_s[s] = NO_TIMER
+            ss.lease_expires_s_v[s] = 0.0
+            ss.timer_due_s_v[s] = NO_TIMER
             self.emit(s, Action.RELEASE, 0.0, 0.0, reason)
 
     def plan_prefetch(self, s: int, pred: WaitPrediction, now: float, offload_s: float) -> None:
         """Schedule the reload so it completes before the early end of the wait."""
         ss = self.state.sessions
         if pred.p_continue <= 0.0:
-            ss.timer_due_s[s] = NO_TIMER
+            ss.timer_due_s_v[s] = NO_TIMER
             return  # nothing will come back to use it
-        w = int(ss.home[s])
-        reload_s = self.transfer_s(s, w, int(ss.host_blocks[s]))
+        w = int(ss.home_v[s])
+        reload_s = self.transfer_s(s, w, int(ss.host_blocks_v[s]))
         lead_s = reload_s * (1.0 + self.config.prefetch_margin)
         at = now + max(offload_s, pred.early_remaining_s - lead_s)
-        ss.prefetch_at_s[s] = at
+        ss.prefetch_at_s_v[s] = at
         self.set_timer(s, at, TIMER_PREFETCH)
 
     def prefetch(self, s: int, now: float, reason: str) -> None:
         """Bring a host-tier session back to its home GPU, leased until it is used."""
         ss = self.state.sessions
-        w = int(ss.home[s])
-        blocks = int(ss.host_blocks[s])
+        w = int(ss.home_v[s])
+        blocks = int(ss.host_blocks_v[s])
         reload_s = self.transfer_s(s, w, blocks)
-        until_use_s = max(0.0, float(ss.next_use_s[s]) - now)
+        until_use_s = max(0.0, float(ss.next_use_s_v[s]) - now)
         self.state.set_gpu_blocks(s, blocks)
         # NOTE: -1 marks "reloaded for a use that is due": re-pricing must not
         # send it straight back out (that would thrash the host link).
-        ss.prefetch_at_s[s] = PREFETCHED
+        ss.prefetch_at_s_v[s] = PREFETCHED
         ttl = max(self.config.min_lease_ttl_s, 2.0 * until_use_s + reload_s)
-        if ss.state[s] == STATE_TOOL_WAIT:
-            ss.lease_expires_s[s] = now + ttl
+        if ss.state_v[s] == STATE_TOOL_WAIT:
+            ss.lease_expires_s_v[s] = now + ttl
             self.set_timer(s, now + ttl, TIMER_LEASE)
         else:
-            ss.lease_expires_s[s] = 0.0
-            ss.timer_due_s[s] = NO_TIMER
+            ss.lease_expires_s_v[s] = 0.0
+            ss.timer_due_s_v[s] = NO_TIMER
         self.emit(s, Action.PREFETCH_GPU, ttl, max(reload_s, until_use_s), reason)
 
     def rejected(self, s: int, action: Action) -> None:
         """The home worker refused a directive: put the session back where its KV is."""
         ss = self.state.sessions
-        if action is Action.OFFLOAD_HOST and ss.tier[s] == TIER_HOST:
+        if action is Action.OFFLOAD_HOST and ss.tier_v[s] == TIER_HOST:
             # the copy out never happened: the blocks are still on the GPU
-            self.state.set_gpu_blocks(s, int(ss.host_blocks[s]))
-            ss.prefetch_at_s[s] = 0.0
-            ss.timer_due_s[s] = NO_TIMER
-        elif action is Action.PREFETCH_GPU and ss.tier[s] == TIER_GPU:
+            self.state.set_gpu_blocks(s, int(ss.host_blocks_v[s]))
+            ss.prefetch_at_s_v[s] = 0.0
+            ss.timer_due_s_v[s] = NO_TIMER
+        elif action is Action.PREFETCH_GPU and ss.tier_v[s] == TIER_GPU:
             # the reload never happened: the blocks are still on the host
             self.state.to_host(s)
-            ss.prefetch_at_s[s] = 0.0
-            ss.lease_expires_s[s] = 0.0
-            ss.timer_due_s[s] = NO_TIMER
-        elif action is Action.RETAIN_GPU and ss.lease_expires_s[s]:
+            ss.prefetch_at_s_v[s] = 0.0
+            ss.lease_expires_s_v[s] = 0.0
+            ss.timer_due_s_v[s] = NO_TIMER
+        elif action is Action.RETAIN_GPU and ss.lease_expires_s_v[s]:
             # no lease on the worker: its own LRU may drop the blocks at any time
-            ss.lease_expires_s[s] = 0.0
-            if ss.timer_kind[s] == TIMER_LEASE:
-                ss.timer_due_s[s] = NO_TIMER
+            ss.lease_expires_s_v[s] = 0.0
+            if ss.timer_kind_v[s] == TIMER_LEASE:
+                ss.timer_due_s_v[s] = NO_TIMER
 
     # -- timers ------------------------------------------------------------------------
 
     def on_timer(self, s: int, kind: int, now: float) -> None:
         """A lease ran out or a prefetch is due."""
         ss = self.state.sessions
-        if kind == TIMER_LEASE and ss.tier[s] == TIER_GPU and ss.lease_expires_s[s]:
+        if kind == TIMER_LEASE and ss.tier_v[s] == TIER_GPU and ss.lease_expires_s_v[s]:
             # NOTE: the worker drops the blocks at expiry by itself (a lease, not
             # a pin); the RELEASE makes the end explicit and keeps both views equal.
-            ss.lease_expires_s[s] = 0.0
+            ss.lease_expires_s_v[s] = 0.0
             self.state.release(s)
             self.emit(s, Action.RELEASE, 0.0, 0.0, "lease_expired")
-        elif kind == TIMER_PREFETCH and ss.tier[s] == TIER_HOST:
-            w = int(ss.home[s])
+        elif kind == TIMER_PREFETCH and ss.tier_v[s] == TIER_HOST:
+            w = int(ss.home_v[s])
             ws = self.state.workers
-            free_after = int(ws.gpu_cap_blocks[w] - ws.gpu_used_blocks[w]) - int(ss.host_blocks[s])
-            if free_after < self.config.high_watermark * int(ws.gpu_cap_blocks[w]):
+            free_after = int(ws.gpu_cap_blocks_v[w] - ws.gpu_used_blocks_v[w]) - int(ss.host_blocks_v[s])
+            if free_after < self.config.high_watermark * int(ws.gpu_cap_blocks_v[w]):
                 # NOTE: reloading into a pool under pressure would only evict
                 # someone else; the session reloads on demand when its tool returns.
                 return
@@ -250,13 +250,13 @@ class Retention:
         """If ``w`` is under its low watermark, evict idle sessions up to the high one."""
         c = self.config
         ws, ss = self.state.workers, self.state.sessions
-        cap = int(ws.gpu_cap_blocks[w])
-        free = cap - int(ws.gpu_used_blocks[w])
+        cap = int(ws.gpu_cap_blocks_v[w])
+        free = cap - int(ws.gpu_used_blocks_v[w])
         if cap <= 0 or free >= c.low_watermark * cap:
             return
         need = math.ceil(c.high_watermark * cap) - free
         victims = self.kernels.rank_victims(
-            int(ws.head[w]),
+            int(ws.head_v[w]),
             ss.next,
             ss.tier,
             ss.state,
@@ -267,7 +267,7 @@ class Retention:
             ss.tenant,
             self.fair.protection,
             float(now),
-            float(ws.prefill_tokens_per_s[w]),
+            float(ws.prefill_tokens_per_s_v[w]),
             float(c.knee_tokens),
             int(need),
             int(exclude),
@@ -278,28 +278,28 @@ class Retention:
     def evict(self, s: int, w: int, now: float) -> None:
         """Free a victim's GPU blocks: to the host tier when that is cheaper than rebuilding."""
         ss = self.state.sessions
-        blocks = int(ss.gpu_blocks[s])
-        pc = float(ss.p_continue[s])
+        blocks = int(ss.gpu_blocks_v[s])
+        pc = float(ss.p_continue_v[s])
         move_s = self.transfer_s(s, w, blocks)
-        ss.lease_expires_s[s] = 0.0
+        ss.lease_expires_s_v[s] = 0.0
         if self.host_room(
             w, blocks
         ) and self.config.transfer_weight * 2.0 * move_s < pc * self.rebuild_s(s, w):
             self.state.to_host(s)
             self.emit(s, Action.OFFLOAD_HOST, 0.0, move_s, "pressure")
-            if ss.state[s] == STATE_TOOL_WAIT:
+            if ss.state_v[s] == STATE_TOOL_WAIT:
                 waited_pred = WaitPrediction(
-                    max(0.0, float(ss.next_use_s[s]) - now),
-                    max(0.0, float(ss.next_use_s[s]) - now),
+                    max(0.0, float(ss.next_use_s_v[s]) - now),
+                    max(0.0, float(ss.next_use_s_v[s]) - now),
                     pc,
                     0.0,
                 )
                 self.plan_prefetch(s, waited_pred, now, move_s)
             else:
-                ss.timer_due_s[s] = NO_TIMER
+                ss.timer_due_s_v[s] = NO_TIMER
         else:
             self.state.release(s)
-            ss.timer_due_s[s] = NO_TIMER
+            ss.timer_due_s_v[s] = NO_TIMER
             self.emit(s, Action.EVICT_NOW, 0.0, 0.0, "pressure")
 
     def prices(self) -> npt.NDArray[np.float64]:
@@ -334,18 +334,18 @@ class Retention:
         """Re-price ``w``'s waiting leases when its shadow price rose enough."""
         ws, ss = self.state.workers, self.state.sessions
         price = self.shadow_price(w)
-        before = float(ws.price_at_decision[w])
+        before = float(ws.price_at_decision_v[w])
         if price <= before * self.config.redecide_price_ratio + 1e-9:
             if price < before:
-                ws.price_at_decision[w] = price  # cheaper now: rises are measured from here
+                ws.price_at_decision_v[w] = price  # cheaper now: rises are measured from here
             return
-        ws.price_at_decision[w] = price
+        ws.price_at_decision_v[w] = price
         for s in self.state.residents_of(w):
             if (
-                ss.state[s] == STATE_TOOL_WAIT
-                and ss.tier[s] == TIER_GPU
-                and ss.node[s] != NO_SLOT
-                and ss.prefetch_at_s[s] != PREFETCHED
+                ss.state_v[s] == STATE_TOOL_WAIT
+                and ss.tier_v[s] == TIER_GPU
+                and ss.node_v[s] != NO_SLOT
+                and ss.prefetch_at_s_v[s] != PREFETCHED
             ):
-                pred = self.predict(s, int(ss.node[s]), now, 0.0, float(ss.p_continue[s]) == 0.0)
+                pred = self.predict(s, int(ss.node_v[s]), now, 0.0, float(ss.p_continue_v[s]) == 0.0)
                 self.decide_wait(s, pred, now, "pressure_redecide")

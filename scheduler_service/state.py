@@ -11,7 +11,7 @@ residents without touching the other 10^5 sessions.
 from __future__ import annotations
 
 import math
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -30,6 +30,14 @@ STATE_TOOL_WAIT = int(SessionState.TOOL_WAIT)
 STATE_IDLE = int(SessionState.IDLE)
 
 IdT = TypeVar("IdT", bound=str)
+
+
+class Elements(Protocol):
+    """Single-element access to one field's array (a memoryview of its buffer)."""
+
+    def __getitem__(self, i: int, /) -> Any: ...
+
+    def __setitem__(self, i: int, value: Any, /) -> None: ...
 
 _WORKER_FIELDS: tuple[tuple[str, type, float], ...] = (
     ("gpu_cap_blocks", np.int64, 0),
@@ -98,6 +106,15 @@ class _Table(Generic[IdT]):
         self._free: list[int] = []
         for name, dtype, fill in self._fields:
             setattr(self, name, np.full(self.capacity, fill, dtype=dtype))
+        self._refresh_views()
+
+    def _refresh_views(self) -> None:
+        # NOTE: ``<field>_v`` is a memoryview of the same buffer: Python code
+        # reads and writes single elements through it at about half the cost of
+        # numpy scalar indexing (and gets plain ints and floats back), while the
+        # kernels take the numpy arrays. Views are rebuilt whenever arrays grow.
+        for name, _dtype, _fill in self._fields:
+            setattr(self, f"{name}_v", memoryview(getattr(self, name)))
 
     def __len__(self) -> int:
         return len(self.slot_of)
@@ -139,6 +156,7 @@ class _Table(Generic[IdT]):
             arr[: self.capacity] = old
             setattr(self, name, arr)
         self.capacity = new_cap
+        self._refresh_views()
 
     def nbytes(self) -> int:
         """Bytes held by the numpy arrays."""
@@ -168,6 +186,25 @@ class WorkerTable(_Table[WorkerId]):
     head: npt.NDArray[np.int32]
     residents: npt.NDArray[np.int32]
     price_at_decision: npt.NDArray[np.float64]
+    gpu_cap_blocks_v: Elements
+    host_cap_blocks_v: Elements
+    gpu_used_blocks_v: Elements
+    host_used_blocks_v: Elements
+    pending_free_blocks_v: Elements
+    queued_prefill_tokens_v: Elements
+    running_steps_v: Elements
+    prefill_tokens_per_s_v: Elements
+    host_link_bytes_per_s_v: Elements
+    block_size_tokens_v: Elements
+    bytes_per_token_v: Elements
+    epoch_v: Elements
+    live_v: Elements
+    connected_v: Elements
+    draining_v: Elements
+    kv_feed_v: Elements
+    head_v: Elements
+    residents_v: Elements
+    price_at_decision_v: Elements
 
     def __init__(self, capacity: int = 64) -> None:
         super().__init__(capacity)
@@ -226,6 +263,30 @@ class SessionTable(_Table[SessionId]):
     p_continue: npt.NDArray[np.float64]
     started_s: npt.NDArray[np.float64]
     ideal_s: npt.NDArray[np.float64]
+    tenant_v: Elements
+    agent_v: Elements
+    home_v: Elements
+    prev_v: Elements
+    next_v: Elements
+    tier_v: Elements
+    state_v: Elements
+    gpu_blocks_v: Elements
+    host_blocks_v: Elements
+    context_tokens_v: Elements
+    wait_context_tokens_v: Elements
+    step_index_v: Elements
+    events_v: Elements
+    node_v: Elements
+    timer_due_s_v: Elements
+    timer_kind_v: Elements
+    last_event_s_v: Elements
+    wait_started_s_v: Elements
+    next_use_s_v: Elements
+    lease_expires_s_v: Elements
+    prefetch_at_s_v: Elements
+    p_continue_v: Elements
+    started_s_v: Elements
+    ideal_s_v: Elements
 
     def __init__(self, capacity: int = 1024) -> None:
         super().__init__(capacity)
@@ -258,36 +319,36 @@ class ClusterState:
     def link(self, s: int, w: int) -> None:
         """Make worker ``w`` the home of session ``s`` (unlinking any old home)."""
         ss = self.sessions
-        if ss.home[s] == w:
+        if ss.home_v[s] == w:
             return
-        if ss.home[s] != NO_SLOT:
+        if ss.home_v[s] != NO_SLOT:
             self.unlink(s)
         ws = self.workers
-        head = int(ws.head[w])
-        ss.prev[s] = NO_SLOT
-        ss.next[s] = head
+        head = int(ws.head_v[w])
+        ss.prev_v[s] = NO_SLOT
+        ss.next_v[s] = head
         if head != NO_SLOT:
-            ss.prev[head] = s
-        ws.head[w] = s
-        ws.residents[w] += 1
-        ss.home[s] = w
+            ss.prev_v[head] = s
+        ws.head_v[w] = s
+        ws.residents_v[w] += 1
+        ss.home_v[s] = w
 
     def unlink(self, s: int) -> None:
         """Remove session ``s`` from its home's resident list."""
         ss, ws = self.sessions, self.workers
-        w = int(ss.home[s])
+        w = int(ss.home_v[s])
         if w == NO_SLOT:
             return
-        p, n = int(ss.prev[s]), int(ss.next[s])
+        p, n = int(ss.prev_v[s]), int(ss.next_v[s])
         if p != NO_SLOT:
-            ss.next[p] = n
+            ss.next_v[p] = n
         else:
-            ws.head[w] = n
+            ws.head_v[w] = n
         if n != NO_SLOT:
-            ss.prev[n] = p
-        ss.prev[s] = ss.next[s] = NO_SLOT
-        ss.home[s] = NO_SLOT
-        ws.residents[w] -= 1
+            ss.prev_v[n] = p
+        ss.prev_v[s] = ss.next_v[s] = NO_SLOT
+        ss.home_v[s] = NO_SLOT
+        ws.residents_v[w] -= 1
 
     def residents_of(self, w: int) -> list[int]:
         """Session slots homed on worker ``w``, most recently linked first."""
@@ -308,36 +369,36 @@ class ClusterState:
     def set_gpu_blocks(self, s: int, blocks: int) -> None:
         """Session ``s`` now holds ``blocks`` on its home GPU."""
         ss, ws = self.sessions, self.workers
-        w = int(ss.home[s])
-        if ss.tier[s] == TIER_HOST:
+        w = int(ss.home_v[s])
+        if ss.tier_v[s] == TIER_HOST:
             self._drop_host(s)
-        delta = blocks - int(ss.gpu_blocks[s])
-        ss.gpu_blocks[s] = blocks
-        ss.tier[s] = TIER_GPU
-        if w != NO_SLOT and not ws.kv_feed[w]:
-            ws.gpu_used_blocks[w] += delta
+        delta = blocks - int(ss.gpu_blocks_v[s])
+        ss.gpu_blocks_v[s] = blocks
+        ss.tier_v[s] = TIER_GPU
+        if w != NO_SLOT and not ws.kv_feed_v[w]:
+            ws.gpu_used_blocks_v[w] += delta
 
     def free_gpu(self, s: int) -> int:
         """The engine ordered ``s``'s GPU blocks freed; returns how many."""
         ss, ws = self.sessions, self.workers
-        n = int(ss.gpu_blocks[s])
-        w = int(ss.home[s])
-        ss.gpu_blocks[s] = 0
-        if ss.tier[s] == TIER_GPU:
-            ss.tier[s] = TIER_NONE
+        n = int(ss.gpu_blocks_v[s])
+        w = int(ss.home_v[s])
+        ss.gpu_blocks_v[s] = 0
+        if ss.tier_v[s] == TIER_GPU:
+            ss.tier_v[s] = TIER_NONE
         if w != NO_SLOT and n:
-            ws.gpu_used_blocks[w] = max(0, int(ws.gpu_used_blocks[w]) - n)
-            if ws.kv_feed[w]:
-                ws.pending_free_blocks[w] += n
+            ws.gpu_used_blocks_v[w] = max(0, int(ws.gpu_used_blocks_v[w]) - n)
+            if ws.kv_feed_v[w]:
+                ws.pending_free_blocks_v[w] += n
         return n
 
     def to_host(self, s: int) -> int:
         """Move ``s``'s GPU blocks to its home's host tier; returns how many."""
         n = self.free_gpu(s)
         ss = self.sessions
-        ss.host_blocks[s] = n
-        ss.tier[s] = TIER_HOST
-        w = int(ss.home[s])
+        ss.host_blocks_v[s] = n
+        ss.tier_v[s] = TIER_HOST
+        w = int(ss.home_v[s])
         if w != NO_SLOT:
             self.workers.host_used_blocks[w] += n
         return n
@@ -351,18 +412,18 @@ class ClusterState:
     def forget(self, s: int) -> None:
         """``s`` holds nothing any more (the worker said so; usage came from it)."""
         ss = self.sessions
-        ss.tier[s] = TIER_NONE
-        ss.gpu_blocks[s] = 0
-        ss.host_blocks[s] = 0
-        ss.lease_expires_s[s] = 0.0
-        ss.prefetch_at_s[s] = 0.0
-        ss.timer_due_s[s] = NO_TIMER
+        ss.tier_v[s] = TIER_NONE
+        ss.gpu_blocks_v[s] = 0
+        ss.host_blocks_v[s] = 0
+        ss.lease_expires_s_v[s] = 0.0
+        ss.prefetch_at_s_v[s] = 0.0
+        ss.timer_due_s_v[s] = NO_TIMER
 
     def _drop_host(self, s: int) -> None:
         ss = self.sessions
-        n = int(ss.host_blocks[s])
-        w = int(ss.home[s])
-        ss.host_blocks[s] = 0
+        n = int(ss.host_blocks_v[s])
+        w = int(ss.home_v[s])
+        ss.host_blocks_v[s] = 0
         if w != NO_SLOT and n:
             self.workers.host_used_blocks[w] = max(0, int(self.workers.host_used_blocks[w]) - n)
 
