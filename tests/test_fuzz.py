@@ -283,3 +283,17 @@ async def test_raw_garbage_on_the_wire_is_a_clean_error(service: Service) -> Non
 
         r = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
         assert r.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@settings(max_examples=max(300, EXAMPLES // 3), deadline=None)
+@given(ev=session_event())
+def test_fast_path_conversion_agrees_with_the_field_by_field_checks(
+    ev: types_pb2.SessionEvent,
+) -> None:
+    def outcome(fn):  # type: ignore[no-untyped-def]
+        try:
+            return fn(ev, "e", WorkerId("w"))
+        except Rejected as r:
+            return ("rejected", r.field)
+
+    assert outcome(convert.session_event_from_pb) == outcome(convert._session_event_checked)

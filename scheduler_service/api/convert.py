@@ -57,6 +57,7 @@ MAX_DIGEST_BYTES = 64
 MAX_REASON_BYTES = 512
 
 _EVENT_KINDS = {k.value for k in EventKind}
+_KIND_BY_VALUE = {k.value: k for k in EventKind}
 _NO_WORKER = WorkerId("")
 _TIERS = {t.value for t in Tier}
 
@@ -152,6 +153,55 @@ def session_event_from_pb(
     pb: types_pb2.SessionEvent, field: str, worker_id: WorkerId = _NO_WORKER
 ) -> SessionEvent:
     """Validated SessionEvent."""
+    # NOTE: this runs once per event on the hot path. A value passes the fast
+    # check only if it is certainly valid (a string of n characters is at most
+    # 4n UTF-8 bytes); anything else takes the slow path, which checks field by
+    # field and names the first offender.
+    kind = _KIND_BY_VALUE.get(pb.kind)
+    eid, sid, tid, at, tool = pb.event_id, pb.session_id, pb.tenant_id, pb.agent_type, pb.tool_name
+    ctx, new, step, t = pb.context_tokens, pb.new_tokens, pb.step_index, pb.event_time_s
+    if pb.HasField("hints"):
+        h = pb.hints
+        lat, nxt, last = h.expected_tool_latency_s, h.declared_next_step, h.last_step
+    else:
+        lat, nxt, last = 0.0, "", False
+    if (
+        kind is None
+        or not 0 < len(eid) <= MAX_SHORT_BYTES // 4
+        or not 0 < len(sid) <= MAX_ID_BYTES // 4
+        or not 0 < len(tid) <= MAX_SHORT_BYTES // 4
+        or not 0 < len(at) <= MAX_SHORT_BYTES // 4
+        or len(tool) > MAX_SHORT_BYTES // 4
+        or len(nxt) > MAX_SHORT_BYTES // 4
+        or ctx > MAX_TOKENS
+        or new > MAX_TOKENS
+        or step > MAX_STEP_INDEX
+        or not 0.0 <= t <= 1e12
+        or not 0.0 <= lat <= MAX_HINT_S
+        or not (eid + sid + tid + at + tool + nxt).isprintable()
+    ):
+        return _session_event_checked(pb, field, worker_id)
+    return SessionEvent(
+        EventId(eid),
+        SessionId(sid),
+        TenantId(tid),
+        at,
+        step,
+        kind,
+        ctx,
+        new,
+        tool,
+        lat,
+        nxt,
+        last,
+        t,
+        worker_id,
+    )
+
+
+def _session_event_checked(
+    pb: types_pb2.SessionEvent, field: str, worker_id: WorkerId
+) -> SessionEvent:
     if pb.kind not in _EVENT_KINDS:
         raise Rejected(f"{field}.kind", f"unknown session event kind {pb.kind}")
     kind = EventKind(pb.kind)

@@ -1,0 +1,238 @@
+"""What durability costs: session events/s and ack latency with the SQLite journal on vs off.
+
+Runs a real ``kvsched serve`` process twice (``--journal sqlite`` with
+synchronous=FULL, then ``--journal memory``), each time driving ``--streams``
+worker streams that keep ``--window`` batches of ``--batch`` events in flight
+for ``--seconds``. Messages are pre-serialized so the client spends its CPU on
+the wire, not on protobuf. Prints events/s acked, ack p50/p99 (HDR histograms)
+and the ratio journal-on / journal-off measured in the same run.
+
+Usage: python bench/journal_bench.py [--seconds 8] [--streams 4] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hdrh.histogram import HdrHistogram
+
+from kvsched_client._proto.kvsched.v1 import types_pb2, worker_pb2
+
+ROOT = Path(__file__).resolve().parent.parent
+CONNECT = "/kvsched.v1.WorkerService/Connect"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _bodies(worker: int, batch: int) -> tuple[bytes, bytes]:
+    """Serialized WorkerMessage bodies (no seq): a STEP_START and a STEP_END batch."""
+    out = []
+    for kind in (types_pb2.STEP_START, types_pb2.STEP_END):
+        events = [
+            types_pb2.SessionEvent(
+                event_id=f"e{worker}-{j}-{kind}",
+                session_id=f"w{worker}-s{j}",
+                tenant_id="bench",
+                agent_type="swe-agent",
+                step_index=1,
+                kind=kind,
+                context_tokens=20_000 + j,
+                new_tokens=500,
+            )
+            for j in range(batch)
+        ]
+        out.append(
+            worker_pb2.WorkerMessage(
+                session_events=worker_pb2.SessionEventBatch(events=events)
+            ).SerializeToString()
+        )
+    return out[0], out[1]
+
+
+async def _stream(
+    port: int,
+    worker: int,
+    batch: int,
+    window: int,
+    seconds: float,
+    hist: HdrHistogram,
+    counts: list[int],
+) -> None:
+    start_body, end_body = _bodies(worker, batch)
+    hello = worker_pb2.WorkerMessage(
+        seq=1,
+        hello=worker_pb2.Hello(
+            worker_id=f"bench-{worker}",
+            epoch=int(time.time() * 1000),
+            cache_spec=types_pb2.CacheSpec(
+                block_size_tokens=16,
+                bytes_per_token=131072,
+                gpu_capacity_blocks=200_000,
+                prefill_tokens_per_s=2e4,
+            ),
+        ),
+    ).SerializeToString()
+    q: asyncio.Queue[bytes | None] = asyncio.Queue()
+    sent_at: dict[int, float] = {}
+
+    async def gen() -> AsyncIterator[bytes]:
+        while (m := await q.get()) is not None:
+            yield m
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        call = ch.stream_stream(
+            CONNECT,
+            request_serializer=None,
+            response_deserializer=worker_pb2.ServerMessage.FromString,
+        )(gen())
+        await q.put(hello)
+        await call.read()  # Welcome
+        seq, acked = 1, 1
+        deadline = time.perf_counter() + seconds
+
+        def send_one() -> None:
+            nonlocal seq
+            seq += 1
+            body = start_body if seq % 2 == 0 else end_body
+            sent_at[seq] = time.perf_counter()
+            q.put_nowait(b"\x08" + _varint(seq) + body)
+
+        for _ in range(window):
+            send_one()
+        while time.perf_counter() < deadline:
+            m = await call.read()
+            if m is grpc.aio.EOF:
+                break
+            if m.WhichOneof("body") != "ack":
+                continue
+            now = time.perf_counter()
+            for s in range(acked + 1, m.ack.seq + 1):
+                t = sent_at.pop(s, None)
+                if t is not None:
+                    hist.record_value(max(1, int((now - t) * 1e6)))
+                    counts[0] += batch
+                    send_one()
+            acked = max(acked, m.ack.seq)
+        await q.put(None)
+        call.cancel()
+
+
+def _run_server(journal: str, args: argparse.Namespace) -> dict[str, float]:
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kvsched",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--data-dir",
+                tmp,
+                "--journal",
+                journal,
+                "--metrics-port",
+                "0",
+                "--log-level",
+                "warning",
+                "--snapshot-interval-s",
+                "3600",
+            ],
+            cwd=ROOT,
+            env={**os.environ, "KVSCHED_LOG_JSON": "true"},
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+                grpc.channel_ready_future(ch).result(timeout=30)
+                health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            hist = HdrHistogram(1, 60_000_000, 3)
+            counts = [0]
+
+            async def main() -> float:
+                t0 = time.perf_counter()
+                await asyncio.gather(
+                    *(
+                        _stream(port, w, args.batch, args.window, args.seconds, hist, counts)
+                        for w in range(args.streams)
+                    )
+                )
+                return time.perf_counter() - t0
+
+            elapsed = asyncio.run(main())
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+    return {
+        "events_per_s": round(counts[0] / elapsed),
+        "ack_p50_ms": hist.get_value_at_percentile(50) / 1000,
+        "ack_p99_ms": hist.get_value_at_percentile(99) / 1000,
+        "ack_p999_ms": hist.get_value_at_percentile(99.9) / 1000,
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--streams", type=int, default=4)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--window", type=int, default=8, help="unacked batches in flight per stream")
+    p.add_argument("--json", action="store_true")
+    ns = p.parse_args()
+    on = _run_server("sqlite", ns)
+    off = _run_server("memory", ns)
+    result = {
+        "journal_on": on,
+        "journal_off": off,
+        "throughput_ratio_on_vs_off": round(on["events_per_s"] / off["events_per_s"], 3),
+        "streams": ns.streams,
+        "batch_events": ns.batch,
+        "window": ns.window,
+    }
+    if ns.json:
+        print(json.dumps(result))
+        return 0
+    print(
+        f"{ns.streams} streams x {ns.window} batches of {ns.batch} events in flight, {ns.seconds}s each"
+    )
+    for name, r in (("SQLite journal (FULL)", on), ("no journal (memory)", off)):
+        print(
+            f"  {name:<22} {r['events_per_s']:>9,} events/s   ack p50 {r['ack_p50_ms']:.2f} ms"
+            f"   p99 {r['ack_p99_ms']:.2f} ms   p99.9 {r['ack_p999_ms']:.2f} ms"
+        )
+    print(f"  durability keeps {result['throughput_ratio_on_vs_off']:.0%} of the throughput")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
