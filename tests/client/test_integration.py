@@ -298,9 +298,10 @@ async def test_server_killed_mid_stream_loses_nothing_and_applies_nothing_twice(
     await asyncio.to_thread(_wait_serving, port)
     for c in clients:
         assert await c.flush(10.0)
-    assert all(c.stats.connects == 2 for c in clients)
+    diag = [(c.stats, c.outbox.stats, c.outbox.acked_seq) for c in clients]
+    assert all(c.stats.connects == 2 for c in clients), diag
     stats = await cluster_stats(target)
-    assert stats.events_total == n == 1400
+    assert stats.events_total == n == 1400, (stats, diag)
     assert stats.sessions_running == n
     for c in clients:
         assert c.outbox.stats.dropped_session_events == 0

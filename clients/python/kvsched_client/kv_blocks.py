@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from kvsched_client._proto.kvsched.v1 import types_pb2
 
-__all__ = ["KvEventLog", "chain_hashes", "wire_hash"]
+__all__ = ["KvEventLog", "chain_hashes", "extend_chain", "wire_hash"]
 
 _ROOT_PARENT = b"kvsched-root"
 
@@ -35,6 +35,26 @@ def chain_hashes(
         parent = h.digest()
         out.append(parent)
     return out
+
+
+def extend_chain(
+    old_tokens: Sequence[int],
+    old_chain: list[bytes],
+    tokens: Sequence[int],
+    block_size_tokens: int,
+    salt: str,
+) -> list[bytes]:
+    """Returns the chain for `tokens`, reusing the hashes of blocks that did not change."""
+    bs = block_size_tokens
+    keep = 0
+    while (
+        keep < len(old_chain)
+        and (keep + 1) * bs <= len(tokens)
+        and tokens[keep * bs : (keep + 1) * bs] == old_tokens[keep * bs : (keep + 1) * bs]
+    ):
+        keep += 1
+    parent = old_chain[keep - 1] if keep else None
+    return old_chain[:keep] + chain_hashes(tokens[keep * bs :], bs, parent, None if keep else salt)
 
 
 def wire_hash(digest: bytes) -> types_pb2.BlockHash:

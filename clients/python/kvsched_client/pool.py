@@ -1,6 +1,6 @@
-"""KV pools: the `KVPool` protocol an engine adapter implements, and `BlockPool`.
+"""`BlockPool`: the reference KV block pool (the `KVPool` protocol is in pool_api).
 
-`BlockPool` is the reference paged KV cache: fixed-size GPU blocks, block hashes
+It is the reference paged KV cache: fixed-size GPU blocks, block hashes
 chained over the parent hash, ref counts, a free queue that evicts LRU and
 tail-first (as vLLM's `FreeKVCacheBlockQueue`), and a host tier with a capacity
 and a link bandwidth. It enforces retention directives (lease, offload,
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from kvsched_client._proto.kvsched.v1 import types_pb2, worker_pb2
 from kvsched_client.host_tier import HostLink, HostTier
-from kvsched_client.kv_blocks import KvEventLog, chain_hashes
+from kvsched_client.kv_blocks import KvEventLog, extend_chain
 from kvsched_client.pool_api import (
     BlockPoolStats,
     DirectiveResult,
@@ -30,17 +30,12 @@ from kvsched_client.pool_api import (
     StepAllocation,
 )
 
-__all__ = [
-    "BlockPool",
-    "BlockPoolStats",
-    "DirectiveResult",
-    "KVPool",
-    "PoolExhaustedError",
-    "StepAllocation",
-]
+# fmt: off
+__all__ = ["BlockPool", "BlockPoolStats", "DirectiveResult", "KVPool", "PoolExhaustedError",
+           "StepAllocation"]
+# fmt: on
 
 GPU = types_pb2.TIER_GPU
-HOST = types_pb2.TIER_HOST
 
 
 @dataclass(slots=True)
@@ -284,17 +279,16 @@ class BlockPool:
             to_load.append(h)
         if not gpu and not to_load:
             return DirectiveResult.rejected("nothing of the session is cached")
-        in_free = sum(1 for b in gpu if self._blocks[b].ref_cnt == 0 and b not in s.held)
+        held = set(s.held)
+        in_free = sum(1 for b in gpu if self._blocks[b].ref_cnt == 0 and b not in held)
         if len(self._free) - in_free < len(to_load):
             return DirectiveResult.rejected("not enough free GPU blocks")
-        held = set(s.held)
-        blocks = []
         for b in gpu:
             if b not in held:
                 self._touch(b)
-            blocks.append(b)
-        blocks.extend(self._host_to_gpu(h, s.session_id) for h in to_load)
-        self._free_blocks([b for b in s.held if b not in set(blocks)])
+        blocks = gpu + [self._host_to_gpu(h, s.session_id) for h in to_load]
+        keep = set(blocks)
+        self._free_blocks([b for b in s.held if b not in keep])
         s.held = blocks
         self.stats.prefetched_blocks += len(to_load)
         ready_s = self._transfer(len(to_load), now, to_gpu=True)
@@ -426,17 +420,7 @@ class BlockPool:
     # ------------------------------------------------------------- internals
 
     def _set_tokens(self, s: _Session, token_ids: list[int]) -> None:
-        bs = self.block_size_tokens
-        keep = 0
-        while (
-            keep < len(s.chain)
-            and (keep + 1) * bs <= len(token_ids)
-            and token_ids[keep * bs : (keep + 1) * bs] == s.token_ids[keep * bs : (keep + 1) * bs]
-        ):
-            keep += 1
-        parent = s.chain[keep - 1] if keep else None
-        new = chain_hashes(token_ids[keep * bs :], bs, parent, s.tenant_id if not keep else None)
-        s.chain = s.chain[:keep] + new
+        s.chain = extend_chain(s.token_ids, s.chain, token_ids, self.block_size_tokens, s.tenant_id)
         s.token_ids = token_ids
 
     def _gpu_prefix(self, chain: list[bytes]) -> list[int]:
