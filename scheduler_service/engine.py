@@ -292,6 +292,9 @@ class Engine:
         node = graph.node((int(_K_WAIT), ev.tool_name), now, ev.expected_tool_latency_s)
         self._enter_node(s, node, ev, now)
         ss.state_v[s] = STATE_TOOL_WAIT
+        # a new wait gets its own decision; a lease from an earlier one is superseded
+        ss.lease_expires_s_v[s] = 0.0
+        ss.hint_s_v[s] = ev.expected_tool_latency_s
         pred = self.retention.predict(s, node, now, ev.expected_tool_latency_s, ev.last_step)
         ss.next_use_s_v[s] = now + pred.expected_remaining_s
         ss.p_continue_v[s] = pred.p_continue

@@ -95,7 +95,9 @@ class Retention:
         """GPU seconds to recompute session ``s``'s whole context on ``w``."""
         ss, ws = self.state.sessions, self.state.workers
         return prefill_time_s(
-            float(ss.context_tokens_v[s]), float(ws.prefill_tokens_per_s_v[w]), self.config.knee_tokens
+            float(ss.context_tokens_v[s]),
+            float(ws.prefill_tokens_per_s_v[w]),
+            self.config.knee_tokens,
         )
 
     def transfer_s(self, s: int, w: int, blocks: int) -> float:
@@ -237,7 +239,9 @@ class Retention:
         elif kind == TIMER_PREFETCH and ss.tier_v[s] == TIER_HOST:
             w = int(ss.home_v[s])
             ws = self.state.workers
-            free_after = int(ws.gpu_cap_blocks_v[w] - ws.gpu_used_blocks_v[w]) - int(ss.host_blocks_v[s])
+            free_after = int(ws.gpu_cap_blocks_v[w] - ws.gpu_used_blocks_v[w]) - int(
+                ss.host_blocks_v[s]
+            )
             if free_after < self.config.high_watermark * int(ws.gpu_cap_blocks_v[w]):
                 # NOTE: reloading into a pool under pressure would only evict
                 # someone else; the session reloads on demand when its tool returns.
@@ -347,5 +351,7 @@ class Retention:
                 and ss.node_v[s] != NO_SLOT
                 and ss.prefetch_at_s_v[s] != PREFETCHED
             ):
-                pred = self.predict(s, int(ss.node_v[s]), now, 0.0, float(ss.p_continue_v[s]) == 0.0)
+                pred = self.predict(
+                    s, int(ss.node_v[s]), now, float(ss.hint_s_v[s]), ss.p_continue_v[s] == 0.0
+                )
                 self.decide_wait(s, pred, now, "pressure_redecide")

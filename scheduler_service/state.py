@@ -39,6 +39,7 @@ class Elements(Protocol):
 
     def __setitem__(self, i: int, value: Any, /) -> None: ...
 
+
 _WORKER_FIELDS: tuple[tuple[str, type, float], ...] = (
     ("gpu_cap_blocks", np.int64, 0),
     ("host_cap_blocks", np.int64, 0),
@@ -89,6 +90,7 @@ _SESSION_FIELDS: tuple[tuple[str, type, float], ...] = (
     ("lease_expires_s", np.float64, 0.0),  # 0: no lease
     ("prefetch_at_s", np.float64, 0.0),  # 0: none planned; -1: reloaded, awaiting use
     ("p_continue", np.float64, 1.0),
+    ("hint_s", np.float64, 0.0),  # declared latency of the current tool wait (0: none)
     ("started_s", np.float64, 0.0),
     ("ideal_s", np.float64, 0.0),  # standalone time of the work done (fair share)
 )
@@ -261,6 +263,7 @@ class SessionTable(_Table[SessionId]):
     lease_expires_s: npt.NDArray[np.float64]
     prefetch_at_s: npt.NDArray[np.float64]
     p_continue: npt.NDArray[np.float64]
+    hint_s: npt.NDArray[np.float64]
     started_s: npt.NDArray[np.float64]
     ideal_s: npt.NDArray[np.float64]
     tenant_v: Elements
@@ -285,6 +288,7 @@ class SessionTable(_Table[SessionId]):
     lease_expires_s_v: Elements
     prefetch_at_s_v: Elements
     p_continue_v: Elements
+    hint_s_v: Elements
     started_s_v: Elements
     ideal_s_v: Elements
 

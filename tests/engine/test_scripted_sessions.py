@@ -237,3 +237,17 @@ def test_same_calls_give_the_same_decisions(script: Any) -> None:
     first, second = run(), run()
     assert len(first) > 10
     assert first == second
+
+
+def test_a_second_tool_wait_gets_its_own_lease(script: Any) -> None:
+    sc = script()
+    sc.worker("w1")
+    sc.event(1.0, "s1", K.STEP_START, 16_000)
+    sc.heartbeat(1.5, "w1", free_blocks=2_500)
+    [first] = sc.event(2.0, "s1", K.TOOL_CALL_WAIT, 16_000, tool_name="bash")
+    # a second call while the first is out: a fresh decision, not the old lease
+    [second] = sc.event(4.0, "s1", K.TOOL_CALL_WAIT, 16_000, tool_name="grep")
+    assert (first.action, second.action) == (Action.RETAIN_GPU, Action.RETAIN_GPU)
+    assert second.lease_ttl_s == pytest.approx(first.lease_ttl_s)
+    assert sc.tick(2.0 + first.lease_ttl_s) == []  # the first expiry no longer applies
+    assert brief(sc.tick(4.0 + second.lease_ttl_s)) == [("RELEASE", "s1", "lease_expired")]
