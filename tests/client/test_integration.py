@@ -228,25 +228,30 @@ async def test_place_falls_back_within_its_deadline_when_the_server_stops(servic
 
 
 def _spawn(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "kvsched", "serve", "--listen", f"127.0.0.1:{port}",
-         "--data-dir", str(data_dir), "--metrics-port", "0", "--grace-s", "0.5"],
-        cwd=ROOT, env={**os.environ, "KVSCHED_LOG_JSON": "true"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with (data_dir.parent / "server.log").open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "kvsched", "serve", "--listen", f"127.0.0.1:{port}",
+             "--data-dir", str(data_dir), "--metrics-port", "0", "--grace-s", "0.5"],
+            cwd=ROOT, env={**os.environ, "KVSCHED_LOG_JSON": "true"},
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
 
 
-def _wait_serving(port: int, timeout_s: float = 30.0) -> None:
+def _wait_serving(
+    proc: subprocess.Popen[bytes], port: int, log: Path, timeout_s: float = 30.0
+) -> None:
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
         stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and proc.poll() is None:
             try:
                 if stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5).status == 1:
                     return
             except grpc.RpcError:
                 time.sleep(0.05)
-    raise TimeoutError("kvsched did not become SERVING")
+    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+    raise TimeoutError(f"kvsched did not become SERVING (exit {proc.poll()}):\n{tail}")
 
 
 @pytest.fixture
@@ -254,7 +259,7 @@ def server_proc(tmp_path: Path, dead_target: str) -> Iterator[dict]:
     port = int(dead_target.rsplit(":", 1)[1])
     state = {"port": port, "data_dir": tmp_path / "data", "proc": None}
     state["proc"] = _spawn(state["data_dir"], port)
-    _wait_serving(port)
+    _wait_serving(state["proc"], port, tmp_path / "server.log")
     yield state
     proc = state["proc"]
     if proc is not None and proc.poll() is None:
@@ -295,7 +300,8 @@ async def test_server_killed_mid_stream_loses_nothing_and_applies_nothing_twice(
     burst("c", 100)  # reported while it is gone
     assert all(c.outbox.unacked() or c.outbox.has_pending() for c in clients)
     server_proc["proc"] = _spawn(server_proc["data_dir"], port)
-    await asyncio.to_thread(_wait_serving, port)
+    log = server_proc["data_dir"].parent / "server.log"
+    await asyncio.to_thread(_wait_serving, server_proc["proc"], port, log)
     for c in clients:
         assert await c.flush(10.0)
     diag = [(c.stats, c.outbox.stats, c.outbox.acked_seq) for c in clients]
