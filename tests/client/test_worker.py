@@ -181,11 +181,15 @@ async def test_refused_message_is_dropped_and_the_stream_goes_on(fake_server) ->
     c = client(fake_server.target)
     await c.start()
     await c.wait_connected(3.0)
-    c.report(session_event("poison", K.STEP_START))
-    await asyncio.wait_for(_until(lambda: c.stats.refused_messages == 1), 3.0)
-    c.report(*events(2))
+    c.report(*events(2, "a"))
     assert await c.flush(3.0)
-    assert event_ids(fake.of("session_events")) == ["s-e0", "s-e1"]
+    c.report(session_event("poison", K.STEP_START))
+    await asyncio.sleep(0.01)
+    c.report(*events(2, "b"))  # framed behind the refused message
+    await asyncio.wait_for(_until(lambda: c.stats.refused_messages == 1), 3.0)
+    assert await c.flush(3.0)
+    assert event_ids(fake.of("session_events")) == ["a-e0", "a-e1", "b-e0", "b-e1"]
+    assert c.stats.connects == 2
     await c.stop()
 
 

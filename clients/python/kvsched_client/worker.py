@@ -156,6 +156,8 @@ class WorkerClient:
         self._acked = asyncio.Event()
         self._connected = asyncio.Event()
         self._stopping = False
+        self._welcomed = False  # the current stream got its Welcome
+        self._drop_first_resend = False
         self._tasks: list[asyncio.Task[None]] = []
 
     # --------------------------------------------------------- engine-facing
@@ -235,9 +237,9 @@ class WorkerClient:
         async with grpc.aio.insecure_channel(self.target, options=self._channel_options) as ch:
             stub = worker_pb2_grpc.WorkerServiceStub(ch)
             while not self._stopping:
-                welcomed = False
+                self._welcomed = False
                 try:
-                    welcomed = await self._stream(stub)
+                    await self._stream(stub)
                 except asyncio.CancelledError:
                     raise
                 except grpc.aio.AioRpcError as err:
@@ -247,23 +249,19 @@ class WorkerClient:
                 finally:
                     self._connected.clear()
                 self.stats.stream_failures += 1
-                attempt = 0 if welcomed else attempt + 1
+                attempt = 0 if self._welcomed else attempt + 1
                 await asyncio.sleep(self.backoff_s(attempt))
 
     def _stream_failed(self, err: grpc.aio.AioRpcError) -> None:
         log.info("kvsched stream closed: %s %s", err.code().name, err.details())
-        # NOTE: the server refuses a bad message and closes the stream; resending
-        # it would fail forever. The oldest unacked one is the first it had not
-        # accepted, so that one goes.
-        if (
-            err.code() == grpc.StatusCode.INVALID_ARGUMENT
-            and self.outbox.drop_oldest_unacked() is not None
-        ):
-            self.stats.refused_messages += 1
+        # NOTE: the server applies a stream in order and closes it at the first
+        # message it refuses; resending that one would fail forever. The next
+        # Welcome says what it holds, and the first message after that is the bad one.
+        if err.code() == grpc.StatusCode.INVALID_ARGUMENT and self._welcomed:
+            self._drop_first_resend = True
 
-    async def _stream(self, stub: worker_pb2_grpc.WorkerServiceStub) -> bool:
+    async def _stream(self, stub: worker_pb2_grpc.WorkerServiceStub) -> None:
         call = stub.Connect()
-        welcomed = False
         reader: asyncio.Task[None] | None = None
         try:
             hello = worker_pb2.Hello()
@@ -273,10 +271,16 @@ class WorkerClient:
             first = await call.read()
             if first is grpc.aio.EOF or first.WhichOneof("body") != "welcome":
                 await _raise_status(call)  # the server refused the Hello
-                return False
-            welcomed = True
+                return
+            self._welcomed = True
             self._on_welcome(first.welcome)
-            for msg in self.outbox.resume(first.welcome.last_acked_seq):
+            resend = self.outbox.resume(first.welcome.last_acked_seq)
+            if self._drop_first_resend and resend:
+                self._drop_first_resend = False
+                self.outbox.drop_oldest_unacked()
+                self.stats.refused_messages += 1
+                resend = resend[1:]
+            for msg in resend:
                 await call.write(msg)
             self._connected.set()
             self.stats.connects += 1
@@ -288,7 +292,6 @@ class WorkerClient:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await reader
             call.cancel()
-        return welcomed
 
     def _on_welcome(self, w: worker_pb2.Welcome) -> None:
         self.welcome = w
