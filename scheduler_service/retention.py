@@ -191,6 +191,11 @@ class Retention:
         w = int(ss.home_v[s])
         blocks = int(ss.host_blocks_v[s])
         reload_s = self.transfer_s(s, w, blocks)
+        node = int(ss.node_v[s])
+        if ss.state_v[s] == STATE_TOOL_WAIT and node != NO_SLOT:
+            # hold it for what is left of the wait, given how long it has lasted
+            pred = self.predict(s, node, now, float(ss.hint_s_v[s]), ss.p_continue_v[s] == 0.0)
+            ss.next_use_s_v[s] = now + pred.expected_remaining_s
         until_use_s = max(0.0, float(ss.next_use_s_v[s]) - now)
         self.state.set_gpu_blocks(s, blocks)
         # NOTE: -1 marks "reloaded for a use that is due": re-pricing must not
