@@ -192,7 +192,8 @@ class Retention:
         blocks = int(ss.host_blocks_v[s])
         reload_s = self.transfer_s(s, w, blocks)
         node = int(ss.node_v[s])
-        if ss.state_v[s] == STATE_TOOL_WAIT and node != NO_SLOT:
+        waiting = ss.state_v[s] == STATE_TOOL_WAIT
+        if waiting and node != NO_SLOT:
             # hold it for what is left of the wait, given how long it has lasted
             pred = self.predict(s, node, now, float(ss.hint_s_v[s]), ss.p_continue_v[s] == 0.0)
             ss.next_use_s_v[s] = now + pred.expected_remaining_s
@@ -202,13 +203,16 @@ class Retention:
         # send it straight back out (that would thrash the host link).
         ss.prefetch_at_s_v[s] = PREFETCHED
         ttl = max(self.config.min_lease_ttl_s, 2.0 * until_use_s + reload_s)
-        if ss.state_v[s] == STATE_TOOL_WAIT:
+        if waiting:
             ss.lease_expires_s_v[s] = now + ttl
             self.set_timer(s, now + ttl, TIMER_LEASE)
         else:
             ss.lease_expires_s_v[s] = 0.0
             ss.timer_due_s_v[s] = NO_TIMER
-        self.emit(s, Action.PREFETCH_GPU, ttl, max(reload_s, until_use_s), reason)
+        # due by the early end of the wait the prefetch was planned for (it was
+        # started one reload plus margin ahead of it); on a returned tool, at once
+        within_s = reload_s * (1.0 + self.config.prefetch_margin) if waiting else reload_s
+        self.emit(s, Action.PREFETCH_GPU, ttl, within_s, reason)
 
     def rejected(self, s: int, action: Action) -> None:
         """The home worker refused a directive: put the session back where its KV is."""
