@@ -104,3 +104,20 @@ def test_vllm_connector_class_with_the_real_package_when_importable() -> None:
     from kvsched_client.adapters.vllm import connector_class
 
     assert connector_class().__name__ == "KvschedConnector"
+
+
+def test_bridge_cli_arguments() -> None:
+    from kvsched_client.adapters.vllm_bridge import _parse
+
+    a = _parse(["vllm", "--zmq", "tcp://h:5557", "--target", "k:50051", "--worker-id", "p/dp0",
+                "--replay", "tcp://h:5558", "--dp-rank", "1"])  # fmt: skip
+    assert (a.engine, a.zmq, a.replay, a.target, a.worker_id, a.dp_rank) == (
+        "vllm",
+        "tcp://h:5557",
+        "tcp://h:5558",
+        "k:50051",
+        "p/dp0",
+        1,
+    )
+    with pytest.raises(SystemExit):
+        _parse(["vllm", "--target", "k:1"])  # --zmq is required

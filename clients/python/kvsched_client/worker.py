@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 _RECENT_DIRECTIVES = 4096
+_MAX_KV_EVENTS_PER_BATCH = 4096
 
 
 def session_event(
@@ -340,8 +341,11 @@ class WorkerClient:
             return
         with self.pool_lock:
             events = self.pool.take_kv_events()
-        if events:
-            self.outbox.add_kv(types_pb2.KvEventBatch(ts_s=time.time(), events=events))
+        ts_s = time.time()
+        # Bounded batches keep every message far below gRPC's message size limit.
+        for i in range(0, len(events), _MAX_KV_EVENTS_PER_BATCH):
+            chunk = events[i : i + _MAX_KV_EVENTS_PER_BATCH]
+            self.outbox.add_kv(types_pb2.KvEventBatch(ts_s=ts_s, events=chunk))
 
     async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
         while True:
