@@ -194,10 +194,11 @@ class WorkerClient:
 
     async def flush(self, timeout_s: float) -> bool:
         """Waits until everything reported so far is acked; returns False on timeout."""
-        deadline = self._clock() + timeout_s
+        # Real time, not the pool's clock: a simulator may run that one fast.
+        deadline = time.monotonic() + timeout_s
         self._poke()
         while not self.outbox.idle():
-            left = deadline - self._clock()
+            left = deadline - time.monotonic()
             if left <= 0:
                 return False
             self._acked.clear()
