@@ -22,6 +22,11 @@ class ServeConfig:
     lease_ttl_s: float = 2.0  # leader lease; a standby takes over within about this long
     redis_wait_replicas: int = 0  # WAIT for this many replicas on every group commit
     journal_synchronous: str = "FULL"  # FULL | NORMAL
+    auth: str = "none"  # token: bearer tokens with roles | none: every caller is admin
+    admin_token_file: str = ""  # bootstrap admin token read from this file (else generated)
+    tls_cert: str = ""  # PEM server certificate chain; with tls_key enables TLS
+    tls_key: str = ""  # PEM private key
+    tls_client_ca: str = ""  # PEM CA bundle; when set, clients must present a cert (mTLS)
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464  # 0 disables the Prometheus endpoint
     log_level: str = "info"
@@ -52,6 +57,16 @@ class ServeConfig:
             raise ValueError(f"redis_url: expected redis://HOST:PORT/DB, got {self.redis_url!r}")
         if self.journal_synchronous.upper() not in ("FULL", "NORMAL"):
             raise ValueError("journal_synchronous: expected FULL or NORMAL")
+        if self.auth not in ("token", "none"):
+            raise ValueError(f"auth: expected 'token' or 'none', got {self.auth!r}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert / tls_key: give both or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca: needs tls_cert and tls_key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "admin_token_file"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise ValueError(f"{name}: no such file: {path}")
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port: out of range: {self.metrics_port}")
         if self.snapshot_every_records < 1:

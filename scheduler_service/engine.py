@@ -15,12 +15,12 @@ handles worker messages and ``engine_read`` builds the operator views.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 
 from scheduler_service import kernels as kernel_sets
-from scheduler_service.costs import DEFAULT_ATTENTION_KNEE_TOKENS, blocks_for, prefill_time_s
+from scheduler_service.costs import blocks_for, prefill_time_s
 from scheduler_service.domain import (
     NO_DECISIONS,
     Action,
@@ -45,10 +45,11 @@ from scheduler_service.domain import (
     WorkerView,
 )
 from scheduler_service.engine_checks import check_events
+from scheduler_service.engine_config import EngineConfig
 from scheduler_service.engine_read import cluster_stats, session_view, worker_view
 from scheduler_service.engine_workers import WorkerEvents
 from scheduler_service.fairness import FairShare
-from scheduler_service.graph import FINISH_NODE, GraphPrior, GraphStore
+from scheduler_service.graph import FINISH_NODE, GraphStore
 from scheduler_service.placement import Placer
 from scheduler_service.retention import Retention
 from scheduler_service.state import (
@@ -73,37 +74,6 @@ _K_ABORT = EventKind.SESSION_ABORT
 
 #: Directives remembered until acked (older ones are forgotten first).
 UNACKED_MEMORY = 1 << 18
-
-
-@dataclass(slots=True)
-class EngineConfig:
-    """Engine knobs (defaults suit a vLLM-like fleet); costs are GPU seconds."""
-
-    affinity_ttl_s: float = 30.0
-    max_candidates: int = 16
-    # NOTE: retained sessions are leased, never pinned. This TTL applies when
-    # the engine knows nothing about a session's size (it cannot price it).
-    default_lease_ttl_s: float = 10.0
-    min_lease_ttl_s: float = 1.0
-    max_lease_ttl_s: float = 300.0
-    knee_tokens: float = DEFAULT_ATTENTION_KNEE_TOKENS
-    # retention prices
-    idle_utilization: float = 0.5  # holding KV is free below this pool utilisation
-    max_shadow_price: float = 1.0  # GPU-s per s of holding a whole full pool
-    demand_weight: float = 0.5
-    demand_horizon_s: float = 5.0
-    transfer_weight: float = 0.25  # GPU-s per s of host-link transfer (mostly overlapped)
-    prefetch_margin: float = 0.25  # start a reload this much of its duration early
-    redecide_price_ratio: float = 1.5
-    # pressure: below low watermark free, evict up to the high one
-    low_watermark: float = 0.05
-    high_watermark: float = 0.10
-    # placement
-    evict_cost_factor: float = 1.0
-    bestfit_weight_s: float = 0.01
-    affinity_bonus_s: float = 0.05
-    graph_prior: GraphPrior = field(default_factory=GraphPrior)
-    use_reference_kernels: bool = False  # plain-Python twins (tests, benchmark)
 
 
 class Engine:

@@ -8,17 +8,13 @@ state: it is not journaled, so it must never change a later decision.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from scheduler_service.domain import Candidate, Placement, PlaceRequest, Tier, WorkerId
+from scheduler_service.engine_config import EngineConfig
 from scheduler_service.fairness import FairShare
 from scheduler_service.kernels import KernelSet
 from scheduler_service.state import NO_SLOT, TIER_NONE, ClusterState
-
-if TYPE_CHECKING:
-    from scheduler_service.engine import EngineConfig
 
 _NO_LIVE = Placement(candidates=(), reason="no_live_worker")
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from scheduler_service.costs import prefill_time_s
 from scheduler_service.domain import Action
+from scheduler_service.engine_config import EngineConfig
 from scheduler_service.fairness import FairShare
 from scheduler_service.graph import GraphStore, WaitPrediction
 from scheduler_service.kernels import KernelSet
@@ -31,9 +31,6 @@ from scheduler_service.state import (
     TIER_HOST,
     ClusterState,
 )
-
-if TYPE_CHECKING:
-    from scheduler_service.engine import EngineConfig
 
 #: emit(session slot, action, lease TTL s, complete within s, reason)
 Emit = Callable[[int, Action, float, float, str], None]

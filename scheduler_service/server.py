@@ -26,6 +26,7 @@ from kvsched_client._proto.kvsched.v1 import (
     worker_pb2_grpc,
 )
 from scheduler_service.api.admin_service import AdminServicer
+from scheduler_service.api.auth import Authorizer, Role
 from scheduler_service.api.dispatch import Dispatcher
 from scheduler_service.api.placement_service import PlacementServicer
 from scheduler_service.api.worker_service import WorkerServicer
@@ -123,14 +124,16 @@ class Service:
                 ("grpc.so_reuseport", 0),
             ],
         )
+        d = self.dispatcher
+        authz = Authorizer(lambda: d.tokens, enabled=cfg.auth == "token")
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(
-            WorkerServicer(self.dispatcher, self.clock, server_id), server
+            WorkerServicer(d, self.clock, server_id, authz), server
         )
         placement_pb2_grpc.add_PlacementServiceServicer_to_server(
-            PlacementServicer(self.dispatcher, self.clock), server
+            PlacementServicer(d, self.clock, authz), server
         )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(self.dispatcher, self.clock, started_at), server
+            AdminServicer(d, self.clock, started_at, authz), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -141,7 +144,17 @@ class Service:
             ),
             server,
         )
-        self.port = server.add_insecure_port(cfg.listen)
+        if cfg.tls_cert:
+            creds = grpc.ssl_server_credentials(
+                [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())],
+                root_certificates=Path(cfg.tls_client_ca).read_bytes()
+                if cfg.tls_client_ca
+                else None,
+                require_client_auth=bool(cfg.tls_client_ca),
+            )
+            self.port = server.add_secure_port(cfg.listen, creds)
+        else:
+            self.port = server.add_insecure_port(cfg.listen)
         if self.port == 0:
             raise OSError(f"could not bind {cfg.listen}")
         await server.start()
@@ -176,8 +189,28 @@ class Service:
             await self._health.set(name, status)
 
     async def _serve_as_leader(self) -> None:
+        if self.config.auth == "token":
+            await self._bootstrap_admin()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._tick_task = asyncio.create_task(self._tick_loop())
+
+    async def _bootstrap_admin(self) -> None:
+        """First start with auth on: create the admin token, print it once (never log it)."""
+        d = self.dispatcher
+        assert d is not None
+        if d.tokens.has_admin():
+            return
+        cfg = self.config
+        given = os.environ.pop("KVSCHED_ADMIN_TOKEN", "") or (
+            Path(cfg.admin_token_file).read_text().strip() if cfg.admin_token_file else ""
+        )
+        _, token, durable = d.create_token(
+            Role.ADMIN, "", "bootstrap admin", self.clock(), token=given or None
+        )
+        await durable
+        if not given:
+            print(f"kvsched bootstrap admin token (shown once, store it now): {token}", flush=True)
+        log.info("auth.bootstrap_admin_created", source="given" if given else "generated")
 
     def _ha_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and (exc := task.exception()) is not None:

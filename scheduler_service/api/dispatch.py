@@ -11,16 +11,20 @@ once the append is durable.
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import pickle
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 from google.protobuf.message import Message
 
 from kvsched_client._proto.kvsched.v1 import admin_pb2, placement_pb2, worker_pb2
 from scheduler_service.api import convert
+from scheduler_service.api.auth import Role, StoredToken, TokenStore, create_record, new_token
 from scheduler_service.domain import (
     NO_DECISIONS,
     Decisions,
@@ -76,6 +80,7 @@ class Dispatcher:
         self.engine = engine
         self.journal = journal
         self.metrics = metrics
+        self.tokens = TokenStore()
         self.draining = False
         self.standby = False  # a standby replica follows the leader's journal, serves nothing
         self._streams: dict[WorkerId, StreamHandle] = {}
@@ -127,6 +132,34 @@ class Dispatcher:
         self._apply(rec)
         return self._append(rec)
 
+    # -- tokens -------------------------------------------------------------------------
+
+    def create_token(
+        self, role: Role, tenant_id: str, description: str, now: float, token: str | None = None
+    ) -> tuple[StoredToken, str, asyncio.Future[None]]:
+        """Issue a token (random unless given); returns (stored, secret string, durable)."""
+        token = token or new_token()
+        rec = Record(
+            RecordKind.TOKEN_CREATE, now, create_record(token, role, tenant_id, description, now)
+        )
+        stored = self.tokens.apply_create(rec.payload)
+        return stored, token, self._append(rec)
+
+    def revoke_token(self, token_id: str, now: float) -> tuple[bool, asyncio.Future[None]]:
+        """Revoke a token; (existed, durable)."""
+        rec = Record(RecordKind.TOKEN_REVOKE, now, token_id.encode())
+        return self.tokens.apply_revoke(token_id), self._append(rec)
+
+    def bind_worker(self, token_id: str, worker_id: str, now: float) -> asyncio.Future[None]:
+        """Register ``worker_id`` to a worker token."""
+        rec = Record(
+            RecordKind.TOKEN_BIND,
+            now,
+            json.dumps({"token": token_id, "worker": worker_id}).encode(),
+        )
+        self.tokens.apply_bind(token_id, worker_id)
+        return self._append(rec)
+
     def snapshot(self, now: float) -> asyncio.Future[None]:
         """Queue a snapshot of the full state; the journal drops what it covers."""
         self.appends_since_snapshot = 0
@@ -140,8 +173,11 @@ class Dispatcher:
             "engine": self.engine,
             "last_seq": self._last_seq,
             "event_ids": self._event_ids,
+            "tokens": self.tokens,
         }
-        return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        buf = io.BytesIO()
+        _StatePickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(state)
+        return buf.getvalue()
 
     def _restore(self, blob: bytes) -> None:
         state = pickle.loads(blob)
@@ -153,6 +189,7 @@ class Dispatcher:
         self.engine = state["engine"]
         self._last_seq = state["last_seq"]
         self._event_ids = state["event_ids"]
+        self.tokens = state["tokens"]
 
     def _append(self, rec: Record) -> asyncio.Future[None]:
         self.appends_since_snapshot += 1
@@ -299,6 +336,16 @@ class Dispatcher:
             return self._apply_report(req, rec.now)[2]
         if rec.kind is RecordKind.TICK:
             return self.engine.tick(rec.now)
+        if rec.kind is RecordKind.TOKEN_CREATE:
+            self.tokens.apply_create(rec.payload)
+            return NO_DECISIONS
+        if rec.kind is RecordKind.TOKEN_REVOKE:
+            self.tokens.apply_revoke(rec.payload.decode())
+            return NO_DECISIONS
+        if rec.kind is RecordKind.TOKEN_BIND:
+            d = json.loads(rec.payload)
+            self.tokens.apply_bind(d["token"], d["worker"])
+            return NO_DECISIONS
         if rec.kind is RecordKind.LEADER:
             self.engine.leader_epoch = int(rec.payload.decode())
             return NO_DECISIONS
@@ -386,6 +433,26 @@ class Dispatcher:
     def tenant_known(self, tenant_id: TenantId) -> bool:
         """True when the tenant exists."""
         return self.engine.get_tenant(tenant_id) is not None
+
+
+class _StatePickler(pickle.Pickler):
+    """Pickles memoryviews as views of their (pickled once, memoized) base arrays.
+
+    The engine keeps memoryviews onto its numpy state arrays for fast scalar
+    access; rebuilding each view over the restored array keeps the aliasing.
+    """
+
+    def reducer_override(self, obj: object) -> Any:
+        if isinstance(obj, memoryview):
+            return _rebuild_view, (obj.obj, obj.format, obj.shape)
+        return NotImplemented
+
+
+def _rebuild_view(base: Any, fmt: Any, shape: tuple[int, ...]) -> memoryview:
+    view = memoryview(base)
+    if view.format != fmt or view.shape != shape:
+        view = view.cast("B").cast(fmt, shape)
+    return view
 
 
 _ADMIN_TYPES: dict[RecordKind, type[Message]] = {

@@ -74,3 +74,15 @@ async def abort(context: grpc.aio.ServicerContext, status: grpc.Status) -> NoRet
     """Abort the RPC with ``status`` (never returns)."""
     await context.abort_with_status(status)
     raise AssertionError("abort_with_status returned")  # pragma: no cover
+
+
+def unauthenticated(message: str) -> grpc.Status:
+    """UNAUTHENTICATED: no usable credentials."""
+    info = error_details_pb2.ErrorInfo(reason="UNAUTHENTICATED", domain=ERROR_DOMAIN)
+    return _status(code_pb2.UNAUTHENTICATED, message, info)
+
+
+def permission_denied(message: str) -> grpc.Status:
+    """PERMISSION_DENIED: authenticated, but not allowed to do this."""
+    info = error_details_pb2.ErrorInfo(reason="PERMISSION_DENIED", domain=ERROR_DOMAIN)
+    return _status(code_pb2.PERMISSION_DENIED, message, info)

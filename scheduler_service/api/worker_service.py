@@ -17,7 +17,8 @@ import structlog
 from opentelemetry import trace
 
 from kvsched_client._proto.kvsched.v1 import worker_pb2, worker_pb2_grpc
-from scheduler_service.api import errors
+from scheduler_service.api import convert, errors
+from scheduler_service.api.auth import WORKERS, Authorizer, Principal, Role
 from scheduler_service.api.dispatch import Applied, Dispatcher, StreamHandle
 from scheduler_service.domain import Rejected, StaleEpoch, WorkerId
 
@@ -35,16 +36,30 @@ _END = object()
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     """Thin: validate and convert (dispatcher), then stream acks and directives."""
 
-    def __init__(self, dispatcher: Dispatcher, clock: Callable[[], float], server_id: str) -> None:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        clock: Callable[[], float],
+        server_id: str,
+        authz: Authorizer,
+    ) -> None:
         self._d = dispatcher
         self._clock = clock
         self._server_id = server_id
+        self._authz = authz
 
     async def Connect(
         self,
         request_iterator: AsyncIterator[worker_pb2.WorkerMessage],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[worker_pb2.ServerMessage]:
+        # NOTE: read the Hello before any refusal. Aborting while the client is
+        # still writing its first message makes grpcio's client report INTERNAL
+        # instead of our status; once the Hello is consumed the status arrives intact.
+        first = await _next(request_iterator)
+        if first is None:
+            return
+        principal = await self._authz.require(context, WORKERS, "WorkerService.Connect")
         if (reason := self._d.unavailable_reason) is not None:
             await errors.abort(context, errors.unavailable(reason, 1.0))
         if self._d.overloaded():
@@ -53,9 +68,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 context, errors.resource_exhausted("journal is behind; retry shortly", 0.5)
             )
         out: asyncio.Queue[object] = asyncio.Queue()
-        first = await _next(request_iterator)
-        if first is None:
-            return
         handle = None
         try:
             if first.WhichOneof("body") != "hello":
@@ -67,6 +79,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             reconnect = self._d.engine.worker_epoch(WorkerId(first.hello.worker_id)) == (
                 first.hello.epoch
             )
+            await self._registered(context, principal, first.hello)
             spec, applied = self._d.hello(first.hello, now)
             await applied.durable
             handle = StreamHandle(
@@ -112,7 +125,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             },
         )
         acks: asyncio.Queue[object] = asyncio.Queue(maxsize=MAX_IN_FLIGHT)
-        reader = asyncio.create_task(self._read(request_iterator, handle, acks))
+        reader = asyncio.create_task(self._read(request_iterator, handle, acks, principal))
         acker = asyncio.create_task(self._ack(acks, out))
         try:
             while True:
@@ -133,14 +146,45 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             span.end()
             bound.info("stream.closed")
 
+    async def _registered(
+        self, context: grpc.aio.ServicerContext, p: Principal, hello: worker_pb2.Hello
+    ) -> None:
+        """A worker token may stream only for the worker ids it registered (first use binds)."""
+        if p.role is not Role.WORKER:
+            return
+        try:
+            worker_id = convert.hello_from_pb(hello).worker_id
+        except Rejected:
+            return  # the Hello itself is invalid; hello() reports which field
+
+        bound = self._d.tokens.bound_to(worker_id)
+        if bound is None:
+            await self._d.bind_worker(p.token_id, worker_id, self._clock())
+        elif bound != p.token_id:
+            self._d.metrics.rejected.add(1, {"code": "PERMISSION_DENIED"})
+            await errors.abort(
+                context,
+                errors.permission_denied(
+                    f"hello.worker_id: {worker_id!r} is registered to another token"
+                ),
+            )
+
     async def _read(
         self,
         it: AsyncIterator[worker_pb2.WorkerMessage],
         handle: StreamHandle,
         acks: asyncio.Queue[object],
+        principal: Principal,
     ) -> None:
         try:
             async for msg in it:
+                if principal.tenant_id and (denied := _foreign_tenant(msg, principal)):
+                    await acks.put(
+                        errors.permission_denied(
+                            f"{denied}: this token is confined to tenant {principal.tenant_id!r}"
+                        )
+                    )
+                    return
                 try:
                     applied = self._d.worker_message(handle, msg, self._clock())
                 except Rejected as r:
@@ -184,6 +228,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 self._d.route(nxt.applied.decisions)
             out.put_nowait(worker_pb2.ServerMessage(ack=worker_pb2.Ack(seq=seq)))
             metrics.acks.add(1)
+
+
+def _foreign_tenant(msg: worker_pb2.WorkerMessage, p: Principal) -> str | None:
+    """The first field naming a tenant other than the token's, if any."""
+    body = msg.WhichOneof("body")
+    if body == "session_events":
+        for i, ev in enumerate(msg.session_events.events):
+            if ev.tenant_id != p.tenant_id:
+                return f"session_events.events[{i}].tenant_id"
+    elif body == "pool_snapshot":
+        for i, s in enumerate(msg.pool_snapshot.sessions):
+            if s.tenant_id != p.tenant_id:
+                return f"pool_snapshot.sessions[{i}].tenant_id"
+    return None
 
 
 @dataclass(frozen=True, slots=True)

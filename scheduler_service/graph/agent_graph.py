@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -44,9 +45,12 @@ class GraphPrior:
     early_quantile: float = 0.2  # prefetch aims to finish before this quantile
 
 
-@dataclass(frozen=True, slots=True)
-class WaitPrediction:
-    """What the graph expects of a session waiting in a node."""
+class WaitPrediction(NamedTuple):
+    """What the graph expects of a session waiting in a node.
+
+    # NOTE: a NamedTuple, not a frozen dataclass: one is built per tool wait on
+    # the event path, and a tuple is several times cheaper to construct.
+    """
 
     expected_remaining_s: float
     early_remaining_s: float

@@ -26,6 +26,9 @@ class RecordKind(StrEnum):
     TENANT_UPDATE = "tenant_update"  # admin_pb2.UpdateTenantRequest
     TENANT_DELETE = "tenant_delete"  # admin_pb2.DeleteTenantRequest
     LEADER = "leader"  # ASCII decimal fencing epoch of a new leader
+    TOKEN_CREATE = "token_create"  # JSON: id, role, tenant, scrypt salt + digest (no secret)
+    TOKEN_REVOKE = "token_revoke"  # UTF-8 token id
+    TOKEN_BIND = "token_bind"  # JSON: token id, worker id
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from kvsched_client._proto.kvsched.v1 import types_pb2 as kvsched_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvsched/v1/admin.proto\x12\nkvsched.v1\x1a google/protobuf/field_mask.proto\x1a\x16kvsched/v1/types.proto\"\xce\x01\n\x06Tenant\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12\x1a\n\x12kv_quota_gpu_bytes\x18\x04 \x01(\x04\x12\x1b\n\x13kv_quota_host_bytes\x18\x05 \x01(\x04\x12\x1e\n\x16\x65vent_rate_limit_per_s\x18\x06 \x01(\x01\x12\x1f\n\x17max_concurrent_sessions\x18\x07 \x01(\r\x12\x11\n\tslo_class\x18\x08 \x01(\t\"9\n\x13\x43reateTenantRequest\x12\"\n\x06tenant\x18\x01 \x01(\x0b\x32\x12.kvsched.v1.Tenant\"%\n\x10GetTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"j\n\x13UpdateTenantRequest\x12\"\n\x06tenant\x18\x01 \x01(\x0b\x32\x12.kvsched.v1.Tenant\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"\x14\n\x12ListTenantsRequest\":\n\x13ListTenantsResponse\x12#\n\x07tenants\x18\x01 \x03(\x0b\x32\x12.kvsched.v1.Tenant\"(\n\x13\x44\x65leteTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"\'\n\x14\x44\x65leteTenantResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x95\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x13\n\x0b\x65ngine_name\x18\x05 \x01(\t\x12)\n\ncache_spec\x18\x06 \x01(\x0b\x32\x15.kvsched.v1.CacheSpec\x12\x11\n\tconnected\x18\x07 \x01(\x08\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x12\x17\n\x0fgpu_used_blocks\x18\t \x01(\x04\x12\x10\n\x08sessions\x18\n \x01(\r\x12\x15\n\rrunning_steps\x18\x0b \x01(\r\x12\x1d\n\x15queued_prefill_tokens\x18\x0c \x01(\x04\"\x14\n\x12ListWorkersRequest\">\n\x13ListWorkersResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.kvsched.v1.WorkerInfo\"7\n\x12\x44rainWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x90\x02\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x12\n\nagent_type\x18\x03 \x01(\t\x12\x16\n\x0ehome_worker_id\x18\x04 \x01(\t\x12\x1e\n\x04tier\x18\x05 \x01(\x0e\x32\x10.kvsched.v1.Tier\x12\'\n\x05state\x18\x06 \x01(\x0e\x32\x18.kvsched.v1.SessionState\x12\x12\n\nstep_index\x18\x07 \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x08 \x01(\x04\x12\x0e\n\x06idle_s\x18\t \x01(\x01\x12\x19\n\x11lease_remaining_s\x18\n \x01(\x01\x12\x0e\n\x06\x65vents\x18\x0b \x01(\x04\"\x18\n\x16GetClusterStatsRequest\"u\n\x0bTenantStats\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x10\n\x08sessions\x18\x02 \x01(\r\x12\x1a\n\x12\x63ompleted_sessions\x18\x03 \x01(\x04\x12\x0e\n\x06\x65vents\x18\x04 \x01(\x04\x12\x15\n\rmean_slowdown\x18\x05 \x01(\x01\"\xd9\x02\n\x0c\x43lusterStats\x12\x0f\n\x07workers\x18\x01 \x01(\r\x12\x19\n\x11workers_connected\x18\x02 \x01(\r\x12\x18\n\x10sessions_running\x18\x03 \x01(\r\x12\x1a\n\x12sessions_tool_wait\x18\x04 \x01(\r\x12\x15\n\rsessions_idle\x18\x05 \x01(\r\x12\x14\n\x0c\x65vents_total\x18\x06 \x01(\x04\x12\x18\n\x10placements_total\x18\x07 \x01(\x04\x12\x18\n\x10\x64irectives_total\x18\x08 \x01(\x04\x12\x17\n\x0fgpu_used_blocks\x18\t \x01(\x04\x12\x1b\n\x13gpu_capacity_blocks\x18\n \x01(\x04\x12(\n\x07tenants\x18\x0b \x03(\x0b\x32\x17.kvsched.v1.TenantStats\x12\x10\n\x08uptime_s\x18\x0c \x01(\x01\x12\x14\n\x0cleader_epoch\x18\r \x01(\x04*}\n\x0cSessionState\x12\x1d\n\x19SESSION_STATE_UNSPECIFIED\x10\x00\x12\x13\n\x0fSESSION_RUNNING\x10\x01\x12\x15\n\x11SESSION_TOOL_WAIT\x10\x02\x12\x10\n\x0cSESSION_IDLE\x10\x03\x12\x10\n\x0cSESSION_DONE\x10\x04\x32\xa8\x05\n\x0c\x41\x64minService\x12\x43\n\x0c\x43reateTenant\x12\x1f.kvsched.v1.CreateTenantRequest\x1a\x12.kvsched.v1.Tenant\x12=\n\tGetTenant\x12\x1c.kvsched.v1.GetTenantRequest\x1a\x12.kvsched.v1.Tenant\x12\x43\n\x0cUpdateTenant\x12\x1f.kvsched.v1.UpdateTenantRequest\x1a\x12.kvsched.v1.Tenant\x12N\n\x0bListTenants\x12\x1e.kvsched.v1.ListTenantsRequest\x1a\x1f.kvsched.v1.ListTenantsResponse\x12Q\n\x0c\x44\x65leteTenant\x12\x1f.kvsched.v1.DeleteTenantRequest\x1a .kvsched.v1.DeleteTenantResponse\x12N\n\x0bListWorkers\x12\x1e.kvsched.v1.ListWorkersRequest\x1a\x1f.kvsched.v1.ListWorkersResponse\x12\x45\n\x0b\x44rainWorker\x12\x1e.kvsched.v1.DrainWorkerRequest\x1a\x16.kvsched.v1.WorkerInfo\x12\x44\n\nGetSession\x12\x1d.kvsched.v1.GetSessionRequest\x1a\x17.kvsched.v1.SessionInfo\x12O\n\x0fGetClusterStats\x12\".kvsched.v1.GetClusterStatsRequest\x1a\x18.kvsched.v1.ClusterStatsB8Z6github.com/kvsched/kvsched/gen/go/kvsched/v1;kvschedv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvsched/v1/admin.proto\x12\nkvsched.v1\x1a google/protobuf/field_mask.proto\x1a\x16kvsched/v1/types.proto\"\x8f\x01\n\tTokenInfo\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.kvsched.v1.Role\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x14\n\x0c\x63reated_at_s\x18\x05 \x01(\x01\x12\x12\n\nworker_ids\x18\x06 \x03(\t\"\\\n\x12\x43reateTokenRequest\x12\x1e\n\x04role\x18\x01 \x01(\x0e\x32\x10.kvsched.v1.Role\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"I\n\x13\x43reateTokenResponse\x12#\n\x04info\x18\x01 \x01(\x0b\x32\x15.kvsched.v1.TokenInfo\x12\r\n\x05token\x18\x02 \x01(\t\"\x13\n\x11ListTokensRequest\";\n\x12ListTokensResponse\x12%\n\x06tokens\x18\x01 \x03(\x0b\x32\x15.kvsched.v1.TokenInfo\"&\n\x12RevokeTokenRequest\x12\x10\n\x08token_id\x18\x01 \x01(\t\"&\n\x13RevokeTokenResponse\x12\x0f\n\x07revoked\x18\x01 \x01(\x08\"\xce\x01\n\x06Tenant\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12\x1a\n\x12kv_quota_gpu_bytes\x18\x04 \x01(\x04\x12\x1b\n\x13kv_quota_host_bytes\x18\x05 \x01(\x04\x12\x1e\n\x16\x65vent_rate_limit_per_s\x18\x06 \x01(\x01\x12\x1f\n\x17max_concurrent_sessions\x18\x07 \x01(\r\x12\x11\n\tslo_class\x18\x08 \x01(\t\"9\n\x13\x43reateTenantRequest\x12\"\n\x06tenant\x18\x01 \x01(\x0b\x32\x12.kvsched.v1.Tenant\"%\n\x10GetTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"j\n\x13UpdateTenantRequest\x12\"\n\x06tenant\x18\x01 \x01(\x0b\x32\x12.kvsched.v1.Tenant\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"\x14\n\x12ListTenantsRequest\":\n\x13ListTenantsResponse\x12#\n\x07tenants\x18\x01 \x03(\x0b\x32\x12.kvsched.v1.Tenant\"(\n\x13\x44\x65leteTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"\'\n\x14\x44\x65leteTenantResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x95\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x13\n\x0b\x65ngine_name\x18\x05 \x01(\t\x12)\n\ncache_spec\x18\x06 \x01(\x0b\x32\x15.kvsched.v1.CacheSpec\x12\x11\n\tconnected\x18\x07 \x01(\x08\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x12\x17\n\x0fgpu_used_blocks\x18\t \x01(\x04\x12\x10\n\x08sessions\x18\n \x01(\r\x12\x15\n\rrunning_steps\x18\x0b \x01(\r\x12\x1d\n\x15queued_prefill_tokens\x18\x0c \x01(\x04\"\x14\n\x12ListWorkersRequest\">\n\x13ListWorkersResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.kvsched.v1.WorkerInfo\"7\n\x12\x44rainWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x90\x02\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x12\n\nagent_type\x18\x03 \x01(\t\x12\x16\n\x0ehome_worker_id\x18\x04 \x01(\t\x12\x1e\n\x04tier\x18\x05 \x01(\x0e\x32\x10.kvsched.v1.Tier\x12\'\n\x05state\x18\x06 \x01(\x0e\x32\x18.kvsched.v1.SessionState\x12\x12\n\nstep_index\x18\x07 \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x08 \x01(\x04\x12\x0e\n\x06idle_s\x18\t \x01(\x01\x12\x19\n\x11lease_remaining_s\x18\n \x01(\x01\x12\x0e\n\x06\x65vents\x18\x0b \x01(\x04\"\x18\n\x16GetClusterStatsRequest\"u\n\x0bTenantStats\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x10\n\x08sessions\x18\x02 \x01(\r\x12\x1a\n\x12\x63ompleted_sessions\x18\x03 \x01(\x04\x12\x0e\n\x06\x65vents\x18\x04 \x01(\x04\x12\x15\n\rmean_slowdown\x18\x05 \x01(\x01\"\xd9\x02\n\x0c\x43lusterStats\x12\x0f\n\x07workers\x18\x01 \x01(\r\x12\x19\n\x11workers_connected\x18\x02 \x01(\r\x12\x18\n\x10sessions_running\x18\x03 \x01(\r\x12\x1a\n\x12sessions_tool_wait\x18\x04 \x01(\r\x12\x15\n\rsessions_idle\x18\x05 \x01(\r\x12\x14\n\x0c\x65vents_total\x18\x06 \x01(\x04\x12\x18\n\x10placements_total\x18\x07 \x01(\x04\x12\x18\n\x10\x64irectives_total\x18\x08 \x01(\x04\x12\x17\n\x0fgpu_used_blocks\x18\t \x01(\x04\x12\x1b\n\x13gpu_capacity_blocks\x18\n \x01(\x04\x12(\n\x07tenants\x18\x0b \x03(\x0b\x32\x17.kvsched.v1.TenantStats\x12\x10\n\x08uptime_s\x18\x0c \x01(\x01\x12\x14\n\x0cleader_epoch\x18\r \x01(\x04*e\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_WORKER\x10\x01\x12\x0f\n\x0bROLE_ROUTER\x10\x02\x12\x15\n\x11ROLE_TENANT_ADMIN\x10\x03\x12\x0e\n\nROLE_ADMIN\x10\x04*}\n\x0cSessionState\x12\x1d\n\x19SESSION_STATE_UNSPECIFIED\x10\x00\x12\x13\n\x0fSESSION_RUNNING\x10\x01\x12\x15\n\x11SESSION_TOOL_WAIT\x10\x02\x12\x10\n\x0cSESSION_IDLE\x10\x03\x12\x10\n\x0cSESSION_DONE\x10\x04\x32\x95\x07\n\x0c\x41\x64minService\x12\x43\n\x0c\x43reateTenant\x12\x1f.kvsched.v1.CreateTenantRequest\x1a\x12.kvsched.v1.Tenant\x12=\n\tGetTenant\x12\x1c.kvsched.v1.GetTenantRequest\x1a\x12.kvsched.v1.Tenant\x12\x43\n\x0cUpdateTenant\x12\x1f.kvsched.v1.UpdateTenantRequest\x1a\x12.kvsched.v1.Tenant\x12N\n\x0bListTenants\x12\x1e.kvsched.v1.ListTenantsRequest\x1a\x1f.kvsched.v1.ListTenantsResponse\x12Q\n\x0c\x44\x65leteTenant\x12\x1f.kvsched.v1.DeleteTenantRequest\x1a .kvsched.v1.DeleteTenantResponse\x12N\n\x0bListWorkers\x12\x1e.kvsched.v1.ListWorkersRequest\x1a\x1f.kvsched.v1.ListWorkersResponse\x12\x45\n\x0b\x44rainWorker\x12\x1e.kvsched.v1.DrainWorkerRequest\x1a\x16.kvsched.v1.WorkerInfo\x12\x44\n\nGetSession\x12\x1d.kvsched.v1.GetSessionRequest\x1a\x17.kvsched.v1.SessionInfo\x12O\n\x0fGetClusterStats\x12\".kvsched.v1.GetClusterStatsRequest\x1a\x18.kvsched.v1.ClusterStats\x12N\n\x0b\x43reateToken\x12\x1e.kvsched.v1.CreateTokenRequest\x1a\x1f.kvsched.v1.CreateTokenResponse\x12K\n\nListTokens\x12\x1d.kvsched.v1.ListTokensRequest\x1a\x1e.kvsched.v1.ListTokensResponse\x12N\n\x0bRevokeToken\x12\x1e.kvsched.v1.RevokeTokenRequest\x1a\x1f.kvsched.v1.RevokeTokenResponseB8Z6github.com/kvsched/kvsched/gen/go/kvsched/v1;kvschedv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,42 +35,58 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvsched.v1.admin_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z6github.com/kvsched/kvsched/gen/go/kvsched/v1;kvschedv1'
-  _globals['_SESSIONSTATE']._serialized_start=1908
-  _globals['_SESSIONSTATE']._serialized_end=2033
-  _globals['_TENANT']._serialized_start=97
-  _globals['_TENANT']._serialized_end=303
-  _globals['_CREATETENANTREQUEST']._serialized_start=305
-  _globals['_CREATETENANTREQUEST']._serialized_end=362
-  _globals['_GETTENANTREQUEST']._serialized_start=364
-  _globals['_GETTENANTREQUEST']._serialized_end=401
-  _globals['_UPDATETENANTREQUEST']._serialized_start=403
-  _globals['_UPDATETENANTREQUEST']._serialized_end=509
-  _globals['_LISTTENANTSREQUEST']._serialized_start=511
-  _globals['_LISTTENANTSREQUEST']._serialized_end=531
-  _globals['_LISTTENANTSRESPONSE']._serialized_start=533
-  _globals['_LISTTENANTSRESPONSE']._serialized_end=591
-  _globals['_DELETETENANTREQUEST']._serialized_start=593
-  _globals['_DELETETENANTREQUEST']._serialized_end=633
-  _globals['_DELETETENANTRESPONSE']._serialized_start=635
-  _globals['_DELETETENANTRESPONSE']._serialized_end=674
-  _globals['_WORKERINFO']._serialized_start=677
-  _globals['_WORKERINFO']._serialized_end=954
-  _globals['_LISTWORKERSREQUEST']._serialized_start=956
-  _globals['_LISTWORKERSREQUEST']._serialized_end=976
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=978
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1040
-  _globals['_DRAINWORKERREQUEST']._serialized_start=1042
-  _globals['_DRAINWORKERREQUEST']._serialized_end=1097
-  _globals['_GETSESSIONREQUEST']._serialized_start=1099
-  _globals['_GETSESSIONREQUEST']._serialized_end=1138
-  _globals['_SESSIONINFO']._serialized_start=1141
-  _globals['_SESSIONINFO']._serialized_end=1413
-  _globals['_GETCLUSTERSTATSREQUEST']._serialized_start=1415
-  _globals['_GETCLUSTERSTATSREQUEST']._serialized_end=1439
-  _globals['_TENANTSTATS']._serialized_start=1441
-  _globals['_TENANTSTATS']._serialized_end=1558
-  _globals['_CLUSTERSTATS']._serialized_start=1561
-  _globals['_CLUSTERSTATS']._serialized_end=1906
-  _globals['_ADMINSERVICE']._serialized_start=2036
-  _globals['_ADMINSERVICE']._serialized_end=2716
+  _globals['_ROLE']._serialized_start=2385
+  _globals['_ROLE']._serialized_end=2486
+  _globals['_SESSIONSTATE']._serialized_start=2488
+  _globals['_SESSIONSTATE']._serialized_end=2613
+  _globals['_TOKENINFO']._serialized_start=97
+  _globals['_TOKENINFO']._serialized_end=240
+  _globals['_CREATETOKENREQUEST']._serialized_start=242
+  _globals['_CREATETOKENREQUEST']._serialized_end=334
+  _globals['_CREATETOKENRESPONSE']._serialized_start=336
+  _globals['_CREATETOKENRESPONSE']._serialized_end=409
+  _globals['_LISTTOKENSREQUEST']._serialized_start=411
+  _globals['_LISTTOKENSREQUEST']._serialized_end=430
+  _globals['_LISTTOKENSRESPONSE']._serialized_start=432
+  _globals['_LISTTOKENSRESPONSE']._serialized_end=491
+  _globals['_REVOKETOKENREQUEST']._serialized_start=493
+  _globals['_REVOKETOKENREQUEST']._serialized_end=531
+  _globals['_REVOKETOKENRESPONSE']._serialized_start=533
+  _globals['_REVOKETOKENRESPONSE']._serialized_end=571
+  _globals['_TENANT']._serialized_start=574
+  _globals['_TENANT']._serialized_end=780
+  _globals['_CREATETENANTREQUEST']._serialized_start=782
+  _globals['_CREATETENANTREQUEST']._serialized_end=839
+  _globals['_GETTENANTREQUEST']._serialized_start=841
+  _globals['_GETTENANTREQUEST']._serialized_end=878
+  _globals['_UPDATETENANTREQUEST']._serialized_start=880
+  _globals['_UPDATETENANTREQUEST']._serialized_end=986
+  _globals['_LISTTENANTSREQUEST']._serialized_start=988
+  _globals['_LISTTENANTSREQUEST']._serialized_end=1008
+  _globals['_LISTTENANTSRESPONSE']._serialized_start=1010
+  _globals['_LISTTENANTSRESPONSE']._serialized_end=1068
+  _globals['_DELETETENANTREQUEST']._serialized_start=1070
+  _globals['_DELETETENANTREQUEST']._serialized_end=1110
+  _globals['_DELETETENANTRESPONSE']._serialized_start=1112
+  _globals['_DELETETENANTRESPONSE']._serialized_end=1151
+  _globals['_WORKERINFO']._serialized_start=1154
+  _globals['_WORKERINFO']._serialized_end=1431
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1433
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1453
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1455
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1517
+  _globals['_DRAINWORKERREQUEST']._serialized_start=1519
+  _globals['_DRAINWORKERREQUEST']._serialized_end=1574
+  _globals['_GETSESSIONREQUEST']._serialized_start=1576
+  _globals['_GETSESSIONREQUEST']._serialized_end=1615
+  _globals['_SESSIONINFO']._serialized_start=1618
+  _globals['_SESSIONINFO']._serialized_end=1890
+  _globals['_GETCLUSTERSTATSREQUEST']._serialized_start=1892
+  _globals['_GETCLUSTERSTATSREQUEST']._serialized_end=1916
+  _globals['_TENANTSTATS']._serialized_start=1918
+  _globals['_TENANTSTATS']._serialized_end=2035
+  _globals['_CLUSTERSTATS']._serialized_start=2038
+  _globals['_CLUSTERSTATS']._serialized_end=2383
+  _globals['_ADMINSERVICE']._serialized_start=2616
+  _globals['_ADMINSERVICE']._serialized_end=3533
 # @@protoc_insertion_point(module_scope)

@@ -81,6 +81,21 @@ class AdminServiceStub:
                 request_serializer=kvsched_dot_v1_dot_admin__pb2.GetClusterStatsRequest.SerializeToString,
                 response_deserializer=kvsched_dot_v1_dot_admin__pb2.ClusterStats.FromString,
                 _registered_method=True)
+        self.CreateToken = channel.unary_unary(
+                '/kvsched.v1.AdminService/CreateToken',
+                request_serializer=kvsched_dot_v1_dot_admin__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=kvsched_dot_v1_dot_admin__pb2.CreateTokenResponse.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/kvsched.v1.AdminService/ListTokens',
+                request_serializer=kvsched_dot_v1_dot_admin__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=kvsched_dot_v1_dot_admin__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/kvsched.v1.AdminService/RevokeToken',
+                request_serializer=kvsched_dot_v1_dot_admin__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=kvsched_dot_v1_dot_admin__pb2.RevokeTokenResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -141,6 +156,25 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateToken(self, request, context):
+        """Issue a bearer token; the secret is returned once and stored only hashed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -188,6 +222,21 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetClusterStats,
                     request_deserializer=kvsched_dot_v1_dot_admin__pb2.GetClusterStatsRequest.FromString,
                     response_serializer=kvsched_dot_v1_dot_admin__pb2.ClusterStats.SerializeToString,
+            ),
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=kvsched_dot_v1_dot_admin__pb2.CreateTokenRequest.FromString,
+                    response_serializer=kvsched_dot_v1_dot_admin__pb2.CreateTokenResponse.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=kvsched_dot_v1_dot_admin__pb2.ListTokensRequest.FromString,
+                    response_serializer=kvsched_dot_v1_dot_admin__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=kvsched_dot_v1_dot_admin__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=kvsched_dot_v1_dot_admin__pb2.RevokeTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -434,6 +483,87 @@ class AdminService:
             '/kvsched.v1.AdminService/GetClusterStats',
             kvsched_dot_v1_dot_admin__pb2.GetClusterStatsRequest.SerializeToString,
             kvsched_dot_v1_dot_admin__pb2.ClusterStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvsched.v1.AdminService/CreateToken',
+            kvsched_dot_v1_dot_admin__pb2.CreateTokenRequest.SerializeToString,
+            kvsched_dot_v1_dot_admin__pb2.CreateTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvsched.v1.AdminService/ListTokens',
+            kvsched_dot_v1_dot_admin__pb2.ListTokensRequest.SerializeToString,
+            kvsched_dot_v1_dot_admin__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvsched.v1.AdminService/RevokeToken',
+            kvsched_dot_v1_dot_admin__pb2.RevokeTokenRequest.SerializeToString,
+            kvsched_dot_v1_dot_admin__pb2.RevokeTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,39 @@
+"""The engine's knobs in one place; costs are in GPU seconds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from scheduler_service.costs import DEFAULT_ATTENTION_KNEE_TOKENS
+from scheduler_service.graph import GraphPrior
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Engine knobs (defaults suit a vLLM-like fleet); costs are GPU seconds."""
+
+    affinity_ttl_s: float = 30.0
+    max_candidates: int = 16
+    # NOTE: retained sessions are leased, never pinned. This TTL applies when
+    # the engine knows nothing about a session's size (it cannot price it).
+    default_lease_ttl_s: float = 10.0
+    min_lease_ttl_s: float = 1.0
+    max_lease_ttl_s: float = 300.0
+    knee_tokens: float = DEFAULT_ATTENTION_KNEE_TOKENS
+    # retention prices
+    idle_utilization: float = 0.5  # holding KV is free below this pool utilisation
+    max_shadow_price: float = 1.0  # GPU-s per s of holding a whole full pool
+    demand_weight: float = 0.5
+    demand_horizon_s: float = 5.0
+    transfer_weight: float = 0.25  # GPU-s per s of host-link transfer (mostly overlapped)
+    prefetch_margin: float = 0.25  # start a reload this much of its duration early
+    redecide_price_ratio: float = 1.5
+    # pressure: below low watermark free, evict up to the high one
+    low_watermark: float = 0.05
+    high_watermark: float = 0.10
+    # placement
+    evict_cost_factor: float = 1.0
+    bestfit_weight_s: float = 0.01
+    affinity_bonus_s: float = 0.05
+    graph_prior: GraphPrior = field(default_factory=GraphPrior)
+    use_reference_kernels: bool = False  # plain-Python twins (tests, benchmark)
