@@ -54,7 +54,7 @@ COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
         "drive a live server with a synthetic agent fleet",
         _delegate("loadtest.fleet", "loadtest_main"),
     ),
-    "top": ("live operator view of a running server", _delegate("loadtest.top", "top_main")),
+    "top": ("live operator view of a running server", _delegate("kvsched.top", "top_main")),
 }
 
 

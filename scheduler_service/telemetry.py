@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -15,6 +16,10 @@ from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, V
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
+
+#: Distinct tenant label values on metrics; beyond it tenants share "other", so a
+#: fleet with thousands of tenants cannot blow up Prometheus cardinality.
+MAX_TENANT_LABELS = 64
 
 _LATENCY_BUCKETS_S = (
     0.00005,
@@ -66,6 +71,23 @@ class Metrics:
     place_latency_s: Histogram
     streams_open: UpDownCounter
     journal_commit_latency_s: Histogram
+    tenant_labels: dict[str, str] = field(default_factory=dict)
+
+    def tenant_label(self, tenant_id: str) -> str:
+        """The tenant as a metric label; past MAX_TENANT_LABELS tenants, "other"."""
+        label = self.tenant_labels.get(tenant_id)
+        if label is None:
+            label = tenant_id if len(self.tenant_labels) < MAX_TENANT_LABELS else "other"
+            self.tenant_labels[tenant_id] = label
+        return label
+
+    def count_events(self, events: Sequence[Any]) -> None:
+        """Count accepted session events by tenant (bounded label cardinality)."""
+        per: dict[str, int] = {}
+        for ev in events:
+            per[ev.tenant_id] = per.get(ev.tenant_id, 0) + 1
+        for tenant, n in per.items():
+            self.events.add(n, {"tenant": self.tenant_label(tenant)})
 
     @classmethod
     def create(cls, meter: Meter | None = None) -> Metrics:

@@ -179,3 +179,30 @@ def test_metrics_endpoint_exports_kvsched_instruments(
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
+
+
+def test_kvsched_top_renders_the_cluster(tmp_path: Path, port_factory: Callable[[], int]) -> None:
+    port = port_factory()
+    proc = spawn(tmp_path, port)
+    try:
+        wait_serving(port)
+        from kvsched_client._proto.kvsched.v1 import admin_pb2
+        from kvsched_client.connection import connect
+
+        with connect(f"127.0.0.1:{port}") as conn:
+            conn.admin.CreateTenant(
+                admin_pb2.CreateTenantRequest(tenant=admin_pb2.Tenant(tenant_id="acme")), timeout=5
+            )
+        r = subprocess.run(
+            [sys.executable, "-m", "kvsched", "top", "--target", f"127.0.0.1:{port}", "--once"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "COLUMNS": "140"},
+        )
+        assert r.returncode == 0, r.stderr
+        assert "leader epoch 1" in r.stdout and "workers 0/0" in r.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0

@@ -369,7 +369,7 @@ class Dispatcher:
                 decisions = self.engine.handle_batch(events, now)
             except Rejected as r:
                 raise Rejected(f"session_events.{r.field}", r.description) from None
-            self.metrics.events.add(len(events))
+            self.metrics.count_events(events)
         elif body == "kv_events":
             kv = convert.kv_events_from_pb(msg.kv_events, "kv_events")
             decisions = self.engine.kv_events(wid, kv, now)
@@ -404,7 +404,7 @@ class Dispatcher:
             self._event_ids[eid] = None
         while len(self._event_ids) > EVENT_ID_MEMORY:
             self._event_ids.popitem(last=False)
-        self.metrics.events.add(len(fresh))
+        self.metrics.count_events(fresh)
         return len(fresh), len(events) - len(fresh), decisions
 
     def _apply_admin(self, kind: RecordKind, pb: object, now: float) -> object:
