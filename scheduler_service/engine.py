@@ -109,6 +109,14 @@ class Engine:
         )
         self.placer = Placer(self.config, self.state, self.kernels, self.fair)
         self._workers = WorkerEvents(self.state, self.retention)
+        self._handlers = {
+            _K_START: self._step_start,
+            _K_WAIT: self._tool_wait,
+            _K_TOOL_END: self._tool_end,
+            _K_STEP_END: self._step_end,
+            _K_FINISH: self._session_finish,
+            _K_ABORT: self._session_abort,
+        }
         self.warm()
 
     def use_kernels(self, kernels: kernel_sets.KernelSet) -> None:
@@ -184,44 +192,38 @@ class Engine:
     def handle_batch(self, events: Sequence[SessionEvent], now: float) -> Decisions:
         """Validate a whole batch, then apply it; a bad event rejects the batch."""
         check_events(self.state, self.fair.tenants.names, events)
+        # NOTE: the per-event bookkeeping is inlined here with everything it
+        # touches bound to locals: this loop is the engine's hot path.
+        self.events_total += len(events)
+        ss = self.state.sessions
+        slot_of = ss.slot_of
+        worker_slot = self.state.workers.slot_of
+        tenant_events = self.fair.events
+        handlers = self._handlers
         for ev in events:
-            self._apply(ev, now)
+            s = slot_of.get(ev.session_id)
+            kind = ev.kind
+            if s is None:
+                tenant_events[self.fair.slot(ev.tenant_id)] += 1
+                if kind is _K_ABORT:
+                    continue  # nothing to end
+                s = self._new_session(ev.session_id, ev.tenant_id, ev.agent_type, now)
+            else:
+                tenant_events[ss.tenant_v[s]] += 1
+            ss.events_v[s] += 1
+            if ev.step_index > ss.step_index_v[s]:
+                ss.step_index_v[s] = ev.step_index
+            ss.last_event_s_v[s] = now
+            if ev.worker_id:
+                w = worker_slot[ev.worker_id]
+                if w != ss.home_v[s]:
+                    self._move_home(s, w)
+            handlers[kind](s, ev, now)
         return self._flush()
 
     def handle(self, event: SessionEvent, now: float) -> Decisions:
         """Validate and apply one session event."""
         return self.handle_batch((event,), now)
-
-    def _apply(self, ev: SessionEvent, now: float) -> None:
-        self.events_total += 1
-        ss = self.state.sessions
-        s = ss.slot_of.get(ev.session_id)
-        kind = ev.kind
-        if s is None:
-            self.fair.events[self.fair.slot(ev.tenant_id)] += 1
-            if kind is _K_ABORT:
-                return
-            s = self._new_session(ev.session_id, ev.tenant_id, ev.agent_type, now)
-        else:
-            self.fair.events[int(ss.tenant_v[s])] += 1
-        ss.events_v[s] += 1
-        if ev.step_index > ss.step_index_v[s]:
-            ss.step_index_v[s] = ev.step_index
-        ss.last_event_s_v[s] = now
-        if ev.worker_id:
-            w = self.state.workers.slot_of[ev.worker_id]
-            if w != ss.home_v[s]:
-                self._move_home(s, w)
-        if kind is _K_START:
-            self._step_start(s, ev, now)
-        elif kind is _K_WAIT:
-            self._tool_wait(s, ev, now)
-        elif kind is _K_TOOL_END:
-            self._tool_end(s, ev, now)
-        elif kind is _K_STEP_END:
-            self._step_end(s, ev, now)
-        else:
-            self._finish(s, kind is _K_FINISH, now)
 
     def _step_start(self, s: int, ev: SessionEvent, now: float) -> None:
         ss = self.state.sessions
@@ -329,6 +331,12 @@ class Engine:
         ss.wait_started_s_v[s] = now
         ss.context_tokens_v[s] = ev.context_tokens
         ss.wait_context_tokens_v[s] = ev.context_tokens
+
+    def _session_finish(self, s: int, ev: SessionEvent, now: float) -> None:
+        self._finish(s, True, now)
+
+    def _session_abort(self, s: int, ev: SessionEvent, now: float) -> None:
+        self._finish(s, False, now)
 
     def _finish(self, s: int, finished: bool, now: float) -> None:
         ss = self.state.sessions

@@ -151,6 +151,7 @@ class Retention:
             c.max_lease_ttl_s,
         )
         if action == RETAIN_GPU:
+            ss.price_at_grant_v[s] = price
             expires = now + ttl
             current = float(ss.lease_expires_s_v[s])
             if current and expires >= current - _LEASE_CUT_SLACK_S:
@@ -350,9 +351,12 @@ class Retention:
                 ws.price_at_decision_v[w] = price  # cheaper now: rises are measured from here
             return
         ws.price_at_decision_v[w] = price
+        floor = price / self.config.redecide_price_ratio
         for s in self.state.residents_of(w):
+            # only leases priced well below today's price can have become too long
             if (
-                ss.state_v[s] == STATE_TOOL_WAIT
+                ss.price_at_grant_v[s] < floor
+                and ss.state_v[s] == STATE_TOOL_WAIT
                 and ss.tier_v[s] == TIER_GPU
                 and ss.node_v[s] != NO_SLOT
                 and ss.prefetch_at_s_v[s] != PREFETCHED

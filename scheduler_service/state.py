@@ -91,6 +91,7 @@ _SESSION_FIELDS: tuple[tuple[str, type, float], ...] = (
     ("prefetch_at_s", np.float64, 0.0),  # 0: none planned; -1: reloaded, awaiting use
     ("p_continue", np.float64, 1.0),
     ("hint_s", np.float64, 0.0),  # declared latency of the current tool wait (0: none)
+    ("price_at_grant", np.float64, 0.0),  # shadow price its current lease was priced at
     ("started_s", np.float64, 0.0),
     ("ideal_s", np.float64, 0.0),  # standalone time of the work done (fair share)
 )
@@ -264,6 +265,7 @@ class SessionTable(_Table[SessionId]):
     prefetch_at_s: npt.NDArray[np.float64]
     p_continue: npt.NDArray[np.float64]
     hint_s: npt.NDArray[np.float64]
+    price_at_grant: npt.NDArray[np.float64]
     started_s: npt.NDArray[np.float64]
     ideal_s: npt.NDArray[np.float64]
     tenant_v: Elements
@@ -289,6 +291,7 @@ class SessionTable(_Table[SessionId]):
     prefetch_at_s_v: Elements
     p_continue_v: Elements
     hint_s_v: Elements
+    price_at_grant_v: Elements
     started_s_v: Elements
     ideal_s_v: Elements
 
