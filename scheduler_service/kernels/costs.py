@@ -1,4 +1,10 @@
-"""Cost formulas the kernels share (jitted twins of ``scheduler_service.costs``)."""
+"""Cost formulas the kernels share (jitted twins of ``scheduler_service.costs``).
+
+# NOTE: numba's on-disk cache keys a kernel on its own module's source, not on
+# the jitted functions it calls from here. After editing this file, delete
+# ``kernels/__pycache__`` (or touch the kernel modules) so no kernel keeps an
+# old copy of the formula compiled in.
+"""
 
 from __future__ import annotations
 

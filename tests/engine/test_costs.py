@@ -75,3 +75,11 @@ def test_prefill_rate_from_flops() -> None:
     assert rate == pytest.approx(989e12 * 0.4 / (2 * 8.03e9))
     # 10k tokens in 0.3-0.5 s, as measured on H100s
     assert 0.3 < costs.prefill_time_s(10_000, rate) < 0.5
+
+
+def test_the_kernels_price_prefill_exactly_as_the_cost_model() -> None:
+    from scheduler_service.kernels.costs import prefill_s
+
+    for tokens in (0.0, 1.0, 16_000.0, 131_072.0):
+        for rate in (1.0, 20_000.0, 61_000.5):
+            assert prefill_s(tokens, rate, costs.DEFAULT_ATTENTION_KNEE_TOKENS) == costs.prefill_time_s(tokens, rate)
