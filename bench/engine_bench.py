@@ -165,8 +165,9 @@ def build(
     # 1,024 workers that is ~38k blocks of 16 tokens (an H200 with an 8B model).
     per_worker = n_sessions / n_workers
     cap = max(1_000, math.ceil(per_worker * BLOCKS_PER_SESSION / fill))
-    cache = CacheSpec(16, 131_072, cap, 2 * cap, prefill_tokens_per_s=25_000.0,
-                      host_link_bytes_per_s=40e9)
+    cache = CacheSpec(
+        16, 131_072, cap, 2 * cap, prefill_tokens_per_s=25_000.0, host_link_bytes_per_s=40e9
+    )
     fleet = Fleet(np.random.default_rng(seed), n_sessions, n_workers)
     for wid in fleet.worker_ids:
         engine.register_worker(WorkerSpec(wid, 1, cache, endpoint=f"{wid}:8000"), 0.0)
@@ -237,8 +238,14 @@ def run_places(engine: Engine, fleet: Fleet, n: int, now: float) -> dict[str, fl
 
 
 def measure(
-    n_workers: int, n_sessions: int, n_events: int, n_places: int, fill: float, seed: int,
-    ref_events: int = 0, ref_places: int = 0,
+    n_workers: int,
+    n_sessions: int,
+    n_events: int,
+    n_places: int,
+    fill: float,
+    seed: int,
+    ref_events: int = 0,
+    ref_places: int = 0,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Build, replay, place on numba; then the same engine on the reference twins."""
     t_build = time.perf_counter()
@@ -254,15 +261,19 @@ def measure(
         eps, now = run_events(engine, events, now)
         places = run_places(engine, fleet, n_pl, now)
         stats = engine.stats(now)
-        figures.append({
-            "events_per_s": eps,
-            **places,
-            "bytes_per_session": float(per_session),
-            "workers": float(n_workers),
-            "sessions": float(stats.sessions_running + stats.sessions_tool_wait + stats.sessions_idle),
-            "directives_per_event": (engine.directives_total - d0) / n_ev,
-            "build_s": build_s,
-        })
+        figures.append(
+            {
+                "events_per_s": eps,
+                **places,
+                "bytes_per_session": float(per_session),
+                "workers": float(n_workers),
+                "sessions": float(
+                    stats.sessions_running + stats.sessions_tool_wait + stats.sessions_idle
+                ),
+                "directives_per_event": (engine.directives_total - d0) / n_ev,
+                "build_s": build_s,
+            }
+        )
     return figures[0], (figures[1] if len(figures) > 1 else {})
 
 
@@ -301,12 +312,22 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out, sort_keys=True))
         return 0
     print(f"{'':24}{'numba':>14}{'numba small':>14}{'reference':>14}")
-    rows = ("sessions", "events_per_s", "place_p50_us", "place_p99_us", "place_p999_us",
-            "bytes_per_session", "directives_per_event", "build_s")
+    rows = (
+        "sessions",
+        "events_per_s",
+        "place_p50_us",
+        "place_p99_us",
+        "place_p999_us",
+        "bytes_per_session",
+        "directives_per_event",
+        "build_s",
+    )
     for key in rows:
         print(f"{key:24}{main_run[key]:>14,.2f}{small[key]:>14,.2f}{ref[key]:>14,.2f}")
-    print(f"speed-up (events/s): {out['speedup_events']:.1f}x; "
-          f"Place p50: {out['speedup_place_p50']:.1f}x; wall {out['wall_s']:.0f} s")
+    print(
+        f"speed-up (events/s): {out['speedup_events']:.1f}x; "
+        f"Place p50: {out['speedup_place_p50']:.1f}x; wall {out['wall_s']:.0f} s"
+    )
     return 0
 
 

@@ -31,6 +31,8 @@ class Placer:
         self.fair = fair
         k = max(1, config.max_candidates)
         # NOTE: preallocated outputs: a Place call allocates nothing per worker.
+        # They make a Placer single-threaded, like the engine it belongs to
+        # (the service drives one engine from one event loop).
         self._out_slots = np.zeros(k, dtype=np.int32)
         self._out_scores = np.zeros(k, dtype=np.float64)
 

@@ -49,7 +49,9 @@ class Script:
             prefill_tokens_per_s=prefill_tokens_per_s,
             host_link_bytes_per_s=link_bytes_per_s,
         )
-        self.engine.register_worker(WorkerSpec(WorkerId(wid), epoch, cache, endpoint=f"{wid}:9"), now)
+        self.engine.register_worker(
+            WorkerSpec(WorkerId(wid), epoch, cache, endpoint=f"{wid}:9"), now
+        )
 
     def event(
         self,
@@ -89,7 +91,6 @@ class Script:
     def _keep(self, ds: tuple[RetentionDirective, ...]) -> list[RetentionDirective]:
         self.log.extend(ds)
         return list(ds)
-
 
 
 @pytest.fixture

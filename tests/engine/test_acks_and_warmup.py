@@ -24,18 +24,26 @@ def test_a_rejected_offload_leaves_the_kv_on_the_gpu(script: Any) -> None:
     sc.worker("w1", gpu_blocks=10_000, host_blocks=20_000)
     sc.event(1.0, "s1", K.STEP_START, 16_000)
     sc.heartbeat(1.5, "w1", free_blocks=1_000, host_free=20_000)
-    [off] = sc.event(2.0, "s1", K.TOOL_CALL_WAIT, 16_000, tool_name="deploy",
-                     expected_tool_latency_s=120.0)
+    [off] = sc.event(
+        2.0, "s1", K.TOOL_CALL_WAIT, 16_000, tool_name="deploy", expected_tool_latency_s=120.0
+    )
     assert off.action.name == "OFFLOAD_HOST"
     used_after_offload = sc.engine.worker_views()[0].gpu_used_blocks
-    sc.engine.directive_acked(WorkerId("w1"), off.directive_id, DirectiveOutcome.REJECTED, "host full", 2.1)
+    sc.engine.directive_acked(
+        WorkerId("w1"), off.directive_id, DirectiveOutcome.REJECTED, "host full", 2.1
+    )
     assert sc.engine.session_view(SessionId("s1"), 2.1).tier is Tier.GPU
     assert sc.engine.worker_views()[0].gpu_used_blocks == used_after_offload + 1_000
     # no prefetch of a copy that does not exist
-    assert [d for t in range(3, 200) for d in sc.tick(float(t)) if d.action.name == "PREFETCH_GPU"] == []
+    assert [
+        d for t in range(3, 200) for d in sc.tick(float(t)) if d.action.name == "PREFETCH_GPU"
+    ] == []
     # an applied ack, or an ack of an unknown id, changes nothing
     sc.engine.directive_acked(WorkerId("w1"), off.directive_id, DirectiveOutcome.APPLIED, "", 3.0)
-    assert sc.engine.acks[DirectiveOutcome.REJECTED] == 1 and sc.engine.acks[DirectiveOutcome.APPLIED] == 1
+    assert (
+        sc.engine.acks[DirectiveOutcome.REJECTED] == 1
+        and sc.engine.acks[DirectiveOutcome.APPLIED] == 1
+    )
 
 
 def test_a_rejected_lease_is_not_expired_later(script: Any) -> None:
@@ -50,7 +58,11 @@ def test_a_rejected_lease_is_not_expired_later(script: Any) -> None:
 
 def test_no_kernel_compiles_on_the_request_path(script: Any) -> None:
     Engine()  # start-up warms every kernel
-    before = {name: len(getattr(kernels.NUMBA, name).signatures) for name in kernels.KernelSet.__slots__ if name != "name"}
+    before = {
+        name: len(getattr(kernels.NUMBA, name).signatures)
+        for name in kernels.KernelSet.__slots__
+        if name != "name"
+    }
     sc = script(high_watermark=0.3)
     sc.worker("w1", gpu_blocks=1_000, host_blocks=1_000)
     for i in range(6):

@@ -82,4 +82,6 @@ def test_the_kernels_price_prefill_exactly_as_the_cost_model() -> None:
 
     for tokens in (0.0, 1.0, 16_000.0, 131_072.0):
         for rate in (1.0, 20_000.0, 61_000.5):
-            assert prefill_s(tokens, rate, costs.DEFAULT_ATTENTION_KNEE_TOKENS) == costs.prefill_time_s(tokens, rate)
+            assert prefill_s(
+                tokens, rate, costs.DEFAULT_ATTENTION_KNEE_TOKENS
+            ) == costs.prefill_time_s(tokens, rate)

@@ -20,17 +20,24 @@ finite = st.floats(min_value=0.0, max_value=1e4, allow_nan=False, allow_infinity
 @st.composite
 def workers(draw: st.DrawFn) -> dict[str, object]:
     n = draw(st.integers(1, 40))
-    ints = lambda lo, hi: np.array(draw(st.lists(st.integers(lo, hi), min_size=n, max_size=n)), dtype=np.int64)  # noqa: E731
+
+    def ints(lo: int, hi: int) -> np.ndarray:
+        return np.array(draw(st.lists(st.integers(lo, hi), min_size=n, max_size=n)), dtype=np.int64)
+
     cap = ints(0, 5000)
     return {
         "allowed": np.array(draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=np.bool_),
         "cap": cap,
         "used": np.minimum(ints(0, 6000), cap + 100),
         "queued": ints(0, 200_000),
-        "rate": np.array(draw(st.lists(st.floats(1e3, 1e5), min_size=n, max_size=n)), dtype=np.float64),
+        "rate": np.array(
+            draw(st.lists(st.floats(1e3, 1e5), min_size=n, max_size=n)), dtype=np.float64
+        ),
         "bs": ints(1, 64),
         "bpt": ints(1, 400_000),
-        "link": np.array(draw(st.lists(st.floats(1e9, 1e11), min_size=n, max_size=n)), dtype=np.float64),
+        "link": np.array(
+            draw(st.lists(st.floats(1e9, 1e11), min_size=n, max_size=n)), dtype=np.float64
+        ),
         "n": n,
         "home": draw(st.integers(-1, n - 1)),
         "tier": draw(st.sampled_from([0, 1, 2])),
@@ -48,9 +55,26 @@ def test_place_topk_matches_twin(w: dict[str, object], bestfit: float) -> None:
         slots = np.zeros(8, dtype=np.int32)
         scores = np.zeros(8, dtype=np.float64)
         count = ks.place_topk(
-            w["allowed"], w["cap"], w["used"], w["queued"], w["rate"], w["bs"], w["bpt"],
-            w["link"], w["n"], w["home"], w["tier"], w["cached"], w["step"], 65536.0, 1.0,
-            bestfit, 0.05, w["k"], slots, scores,
+            w["allowed"],
+            w["cap"],
+            w["used"],
+            w["queued"],
+            w["rate"],
+            w["bs"],
+            w["bpt"],
+            w["link"],
+            w["n"],
+            w["home"],
+            w["tier"],
+            w["cached"],
+            w["step"],
+            65536.0,
+            1.0,
+            bestfit,
+            0.05,
+            w["k"],
+            slots,
+            scores,
         )
         outs.append((count, slots[:count].tolist(), scores[:count].tolist()))
     assert outs[0] == outs[1]
@@ -91,8 +115,21 @@ def test_rank_victims_matches_twin(r: dict[str, object]) -> None:
     prot = np.array([1.0, 2.0], dtype=np.float64)
     outs = [
         ks.rank_victims(
-            r["head"], r["next"], r["tier"], r["state"], r["blocks"], r["ctx"], r["next_use"],
-            r["pc"], r["tenant"], prot, 1.0, 20_000.0, 65536.0, r["need"], r["exclude"],
+            r["head"],
+            r["next"],
+            r["tier"],
+            r["state"],
+            r["blocks"],
+            r["ctx"],
+            r["next_use"],
+            r["pc"],
+            r["tenant"],
+            prot,
+            1.0,
+            20_000.0,
+            65536.0,
+            r["need"],
+            r["exclude"],
         ).tolist()
         for ks in (NB, PY)
     ]
@@ -108,12 +145,26 @@ def test_rank_victims_matches_twin(r: dict[str, object]) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(
-    st.integers(0, 10_000), st.integers(0, 20_000), finite, finite, st.floats(0.0, 1.0),
-    finite, finite, finite, st.booleans(),
+    st.integers(0, 10_000),
+    st.integers(0, 20_000),
+    finite,
+    finite,
+    st.floats(0.0, 1.0),
+    finite,
+    finite,
+    finite,
+    st.booleans(),
 )
 def test_retention_choice_matches_twin(
-    blocks: int, cap: int, price: float, rem: float, pc: float, rebuild: float,
-    off: float, rel: float, host_ok: bool,
+    blocks: int,
+    cap: int,
+    price: float,
+    rem: float,
+    pc: float,
+    rebuild: float,
+    off: float,
+    rel: float,
+    host_ok: bool,
 ) -> None:
     args = (blocks, cap, price, rem, pc, rebuild, off, rel, host_ok, 0.25, 1.0, 300.0)
     nb, py = NB.retention_choice(*args), PY.retention_choice(*args)
@@ -126,8 +177,11 @@ def test_retention_choice_matches_twin(
 
 @settings(max_examples=200, deadline=None)
 @given(
-    st.lists(st.sampled_from([0.0, 0.0, 0.5, 1.0, 3.0]), min_size=DURATION_BUCKETS.n,
-             max_size=DURATION_BUCKETS.n),
+    st.lists(
+        st.sampled_from([0.0, 0.0, 0.5, 1.0, 3.0]),
+        min_size=DURATION_BUCKETS.n,
+        max_size=DURATION_BUCKETS.n,
+    ),
     st.floats(0.0, 20_000.0),
     st.floats(0.01, 0.99),
 )
@@ -156,5 +210,8 @@ def test_remaining_time_conditions_on_the_wait() -> None:
 
 
 def test_victim_key_matches_twin() -> None:
-    for args in [(10.0, 0.0, 0.5, 100, 1600, 20_000.0, 65536.0, 1.0), (0.0, 5.0, 0.0, 1, 0, 1.0, 1.0, 2.0)]:
+    for args in [
+        (10.0, 0.0, 0.5, 100, 1600, 20_000.0, 65536.0, 1.0),
+        (0.0, 5.0, 0.0, 1, 0, 1.0, 1.0, 2.0),
+    ]:
         assert NB.victim_key(*args) == PY.victim_key(*args)

@@ -24,7 +24,11 @@ def test_affinity_puts_the_home_first_with_its_cached_tokens(script: Any) -> Non
     p = sc.engine.place(_req("s1", 16_500), 2.0)
     assert p.reason == "affinity"
     home, *rest = p.candidates
-    assert (home.worker_id, home.expected_cached_tokens, home.cached_tier) == ("w2", 16_000, Tier.GPU)
+    assert (home.worker_id, home.expected_cached_tokens, home.cached_tier) == (
+        "w2",
+        16_000,
+        Tier.GPU,
+    )
     assert [c.worker_id for c in rest] == ["w1", "w3"]  # equal scores: lower slot first
     assert all(c.expected_cached_tokens == 0 for c in rest)
     assert home.score > rest[0].score
@@ -59,16 +63,22 @@ def test_new_sessions_bin_pack_into_the_tightest_fit(script: Any) -> None:
     assert p.reason == "bin_pack"
     assert [c.worker_id for c in p.candidates] == ["w1", "w2", "w3"]
     # a restricted candidate list is honoured, unknown ids are ignored
-    p = sc.engine.place(_req("new", 3_200, candidate_worker_ids=(WorkerId("w3"), WorkerId("zz"))), 2.0)
+    p = sc.engine.place(
+        _req("new", 3_200, candidate_worker_ids=(WorkerId("w3"), WorkerId("zz"))), 2.0
+    )
     assert [c.worker_id for c in p.candidates] == ["w3"]
-    assert [c.worker_id for c in sc.engine.place(_req("new", 3_200, max_candidates=1), 2.0).candidates] == ["w1"]
+    assert [
+        c.worker_id for c in sc.engine.place(_req("new", 3_200, max_candidates=1), 2.0).candidates
+    ] == ["w1"]
 
 
 def test_place_changes_no_decision_state(script: Any) -> None:
     sc = script()
     sc.worker("w1")
     sc.event(1.0, "s1", K.STEP_START, 16_000)
-    before = [getattr(sc.engine.state.workers, n).copy() for n, _d, _f in sc.engine.state.workers._fields]
+    before = [
+        getattr(sc.engine.state.workers, n).copy() for n, _d, _f in sc.engine.state.workers._fields
+    ]
     for _ in range(5):
         sc.engine.place(_req("s1", 16_000), 2.0)
     after = [getattr(sc.engine.state.workers, n) for n, _d, _f in sc.engine.state.workers._fields]

@@ -161,8 +161,13 @@ def test_eviction_order_under_pressure_is_cost_aware_farthest_next_use(script: A
         sc.event(1.0, sid, K.STEP_START, 1_600)
     for sid, hint in hints.items():
         [d] = sc.event(
-            2.0, sid, K.TOOL_CALL_WAIT, 1_600, tool_name=f"tool_{sid}",
-            expected_tool_latency_s=hint, last_step=(sid == "d"),
+            2.0,
+            sid,
+            K.TOOL_CALL_WAIT,
+            1_600,
+            tool_name=f"tool_{sid}",
+            expected_tool_latency_s=hint,
+            last_step=(sid == "d"),
         )
         assert d.action is Action.RETAIN_GPU  # 600 of 1,400 blocks: holding is free
     # an 800-block step fills the pool: free 0 < 5% -> evict until 25% (350 blocks) is free
@@ -178,8 +183,13 @@ def test_eviction_order_under_pressure_is_cost_aware_farthest_next_use(script: A
     assert all(d.worker_id == "w1" for d in ds)
     views = {sid: sc.engine.session_view(SessionId(sid), 3.0).tier for sid in "abcdefg"}
     assert views == {
-        "a": Tier.GPU, "b": Tier.NONE, "c": Tier.NONE, "d": Tier.NONE,
-        "e": Tier.GPU, "f": Tier.NONE, "g": Tier.GPU,
+        "a": Tier.GPU,
+        "b": Tier.NONE,
+        "c": Tier.NONE,
+        "d": Tier.NONE,
+        "e": Tier.GPU,
+        "f": Tier.NONE,
+        "g": Tier.GPU,
     }
     [w] = sc.engine.worker_views()
     assert w.gpu_used_blocks == 1_000
@@ -214,7 +224,9 @@ def test_abort_releases_and_unknown_abort_is_a_no_op(script: Any) -> None:
     sc.worker("w1")
     assert sc.event(1.0, "ghost", K.SESSION_ABORT, 0) == []
     sc.event(1.0, "s1", K.STEP_START, 1_000)
-    assert brief(sc.event(2.0, "s1", K.SESSION_ABORT, 1_000)) == [("RELEASE", "s1", "session_abort")]
+    assert brief(sc.event(2.0, "s1", K.SESSION_ABORT, 1_000)) == [
+        ("RELEASE", "s1", "session_abort")
+    ]
     stats = sc.engine.stats(2.0)
     assert stats.tenants[0].completed_sessions == 0 and stats.tenants[0].events == 3
 
@@ -227,8 +239,15 @@ def test_same_calls_give_the_same_decisions(script: Any) -> None:
         for i in range(30):
             sid, w = f"s{i % 9}", f"w{1 + i % 2}"
             sc.event(i, sid, K.STEP_START, 1_600 + 160 * i, worker=w)
-            sc.event(i + 0.5, sid, K.TOOL_CALL_WAIT, 1_600 + 160 * i, worker=w,
-                     tool_name=f"t{i % 3}", expected_tool_latency_s=float(i % 4))
+            sc.event(
+                i + 0.5,
+                sid,
+                K.TOOL_CALL_WAIT,
+                1_600 + 160 * i,
+                worker=w,
+                tool_name=f"t{i % 3}",
+                expected_tool_latency_s=float(i % 4),
+            )
             sc.tick(i + 0.7)
             sc.event(i + 0.9, sid, K.TOOL_CALL_END, 1_700 + 160 * i, worker=w)
         sc.tick(1_000.0)

@@ -31,8 +31,13 @@ K = EventKind
 
 def _ev(sid: str, kind: EventKind, ctx: int = 1_000, **kw: Any) -> SessionEvent:
     fields: dict[str, Any] = {
-        "event_id": EventId("e"), "session_id": SessionId(sid), "tenant_id": TenantId("t1"),
-        "agent_type": "coder", "step_index": 0, "kind": kind, "context_tokens": ctx,
+        "event_id": EventId("e"),
+        "session_id": SessionId(sid),
+        "tenant_id": TenantId("t1"),
+        "agent_type": "coder",
+        "step_index": 0,
+        "kind": kind,
+        "context_tokens": ctx,
         "worker_id": WorkerId("w1"),
     }
     fields.update(kw)
@@ -46,8 +51,13 @@ def _snapshot(engine: Any) -> tuple[Any, ...]:
     )
     graphs = tuple(g.duration.copy() for g in engine.graphs.graphs.values())
     return (
-        arrays, graphs, dict(st.sessions.slot_of), engine.events_total, engine.directives_total,
-        engine._directive_seq, list(engine.fair.events),
+        arrays,
+        graphs,
+        dict(st.sessions.slot_of),
+        engine.events_total,
+        engine.directives_total,
+        engine._directive_seq,
+        list(engine.fair.events),
     )
 
 
@@ -69,8 +79,14 @@ def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
         ([_ev("s1", K.STEP_START), _ev("s9", K.STEP_START, ctx=-1)], "events[1].context_tokens"),
         ([_ev("s9", K.STEP_START, new_tokens=-5)], "events[0].new_tokens"),
         ([_ev("s9", K.STEP_START, step_index=-1)], "events[0].step_index"),
-        ([_ev("s1", K.TOOL_CALL_WAIT, expected_tool_latency_s=math.nan)], "events[0].expected_tool_latency_s"),
-        ([_ev("s1", K.TOOL_CALL_WAIT, expected_tool_latency_s=-1.0)], "events[0].expected_tool_latency_s"),
+        (
+            [_ev("s1", K.TOOL_CALL_WAIT, expected_tool_latency_s=math.nan)],
+            "events[0].expected_tool_latency_s",
+        ),
+        (
+            [_ev("s1", K.TOOL_CALL_WAIT, expected_tool_latency_s=-1.0)],
+            "events[0].expected_tool_latency_s",
+        ),
         ([_ev("s1", K.STEP_END, tenant_id=TenantId("t2"))], "events[0].tenant_id"),
         ([_ev("s9", K.STEP_START, worker_id=WorkerId("nope"))], "events[0].worker_id"),
         # a session ended earlier in the same batch is unknown again
@@ -101,7 +117,11 @@ def test_a_batch_may_create_and_use_a_session(script: Any) -> None:
     sc = script()
     sc.worker("w1")
     out = sc.engine.handle_batch(
-        [_ev("n1", K.STEP_START), _ev("n1", K.TOOL_CALL_WAIT, tool_name="x"), _ev("n1", K.SESSION_FINISH)],
+        [
+            _ev("n1", K.STEP_START),
+            _ev("n1", K.TOOL_CALL_WAIT, tool_name="x"),
+            _ev("n1", K.SESSION_FINISH),
+        ],
         1.0,
     )
     assert [d.action.name for d in out.directives] == ["RETAIN_GPU", "RELEASE"]
@@ -175,7 +195,9 @@ def test_reconcile_adopts_the_inventory(script: Any) -> None:
         host_used_blocks=50,
         sessions=(
             SessionResidency(SessionId("s2"), TenantId("t1"), gpu_blocks=0, host_blocks=50),
-            SessionResidency(SessionId("s3"), TenantId("t9"), gpu_blocks=250, lease_remaining_s=5.0),
+            SessionResidency(
+                SessionId("s3"), TenantId("t9"), gpu_blocks=250, lease_remaining_s=5.0
+            ),
         ),
     )
     assert sc.engine.reconcile(WorkerId("w1"), inv, 10.0).directives == ()
@@ -194,7 +216,10 @@ def test_stats_and_tenants(script: Any) -> None:
     e.create_tenant(TenantSpec(TenantId("t1"), weight=2.0))
     with pytest.raises(FileExistsError):
         e.create_tenant(TenantSpec(TenantId("t1")))
-    assert e.update_tenant(TenantSpec(TenantId("t1"), display_name="T"), ["display_name"]).weight == 2.0
+    assert (
+        e.update_tenant(TenantSpec(TenantId("t1"), display_name="T"), ["display_name"]).weight
+        == 2.0
+    )
     sc.event(1.0, "a", K.STEP_START, 1_000)
     sc.event(1.0, "b", K.STEP_START, 1_000, tenant="t2")
     sc.event(2.0, "b", K.TOOL_CALL_WAIT, 1_000, tenant="t2", tool_name="x")
@@ -205,10 +230,16 @@ def test_stats_and_tenants(script: Any) -> None:
     assert (st.sessions_running, st.sessions_tool_wait, st.sessions_idle) == (0, 1, 1)
     assert (st.events_total, st.workers, st.workers_connected) == (6, 1, 1)
     assert [(t.tenant_id, t.sessions, t.completed_sessions, t.events) for t in st.tenants] == [
-        ("t1", 1, 1, 4), ("t2", 1, 0, 2),
+        ("t1", 1, 1, 4),
+        ("t2", 1, 0, 2),
     ]
     assert st.tenants[0].mean_slowdown >= 1.0
     view = e.session_view(SessionId("b"), 5.0)
-    assert (view.state, view.idle_s, view.events, view.agent_type) == (SessionState.TOOL_WAIT, 3.0, 2, "coder")
+    assert (view.state, view.idle_s, view.events, view.agent_type) == (
+        SessionState.TOOL_WAIT,
+        3.0,
+        2,
+        "coder",
+    )
     assert [t.tenant_id for t in e.list_tenants()] == ["t1"]
     assert e.delete_tenant(TenantId("t1")) and not e.delete_tenant(TenantId("t1"))

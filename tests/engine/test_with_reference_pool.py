@@ -37,14 +37,29 @@ class FakeWorker:
         self.enforce = enforce
         self.pool = BlockPool(gpu_capacity_blocks=gpu_blocks, host_capacity_blocks=host_blocks)
         self.engine = Engine(EngineConfig(**cfg))
-        cache = CacheSpec(16, 131_072, gpu_blocks, host_blocks, prefill_tokens_per_s=20_000.0,
-                          host_link_bytes_per_s=25e9)
+        cache = CacheSpec(
+            16,
+            131_072,
+            gpu_blocks,
+            host_blocks,
+            prefill_tokens_per_s=20_000.0,
+            host_link_bytes_per_s=25e9,
+        )
         self.engine.register_worker(WorkerSpec(W, 1, cache), 0.0)
         self.outcomes: list[tuple[str, str, str, bool]] = []
 
     def report(self, now: float, sid: str, kind: EventKind, ctx: int, **kw: object) -> None:
-        ev = SessionEvent(EventId(f"{sid}-{now}-{kind}"), SessionId(sid), TenantId("t"), "coder",
-                          0, kind, ctx, worker_id=W, **kw)  # type: ignore[arg-type]
+        ev = SessionEvent(
+            EventId(f"{sid}-{now}-{kind}"),
+            SessionId(sid),
+            TenantId("t"),
+            "coder",
+            0,
+            kind,
+            ctx,
+            worker_id=W,
+            **kw,
+        )  # type: ignore[arg-type]
         self.apply(self.engine.handle(ev, now).directives, now)
 
     def heartbeat(self, now: float) -> None:
@@ -126,8 +141,9 @@ def test_offload_then_prefetch_brings_the_prefix_back_before_the_step() -> None:
     fw.step(t0, "a", a, 0)  # 400 blocks
     fw.step(t0, "busy", _tokens(9, 7_680), 0)  # 480 blocks: the pool is 88% full
     fw.report(t0 + 1, "a", K.TOOL_CALL_WAIT, 6_400, tool_name="deploy")
-    fw.report(t0 + 1, "busy", K.TOOL_CALL_WAIT, 7_680, tool_name="think",
-              expected_tool_latency_s=1.0)
+    fw.report(
+        t0 + 1, "busy", K.TOOL_CALL_WAIT, 7_680, tool_name="think", expected_tool_latency_s=1.0
+    )
     assert fw.outcomes[0][:3] == ("OFFLOAD_HOST", "a", "tool_wait")
     assert fw.pool.residency("a", t0 + 1).host_blocks == 400
     for q in range(8, 244):
