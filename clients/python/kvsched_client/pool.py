@@ -15,6 +15,7 @@ step starts); transfers change state at once and report when they finish
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -71,6 +72,7 @@ class BlockPool:
         bytes_per_token: int = 131_072,
         host_link_bytes_per_s: float = 25e9,
         prefill_tokens_per_s: float = 20_000.0,
+        kv_events: bool = True,
     ) -> None:
         if gpu_capacity_blocks <= 0 or block_size_tokens <= 0:
             raise ValueError("gpu_capacity_blocks and block_size_tokens must be > 0")
@@ -87,7 +89,9 @@ class BlockPool:
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(gpu_capacity_blocks))
         self._cached: dict[bytes, int] = {}  # hash -> GPU block id
         self._sessions: dict[str, _Session] = {}
-        self._log = KvEventLog(block_size_tokens)
+        # (expiry, session) of every lease granted, soonest first; stale entries stay.
+        self._lease_heap: list[tuple[float, str]] = []
+        self._log = KvEventLog(block_size_tokens, enabled=kv_events)
         self._host = HostTier(host_capacity_blocks, self._log)
         self._link = HostLink(host_link_bytes_per_s)
         self.stats = BlockPoolStats()
@@ -217,8 +221,7 @@ class BlockPool:
             for b in blocks:
                 self._touch(b)
             s.held = blocks
-        s.lease_expiry_s = now + ttl_s
-        s.lease_priority = priority
+        self._set_lease(s, now + ttl_s, priority)
         return DirectiveResult.applied()
 
     def release(self, session_id: str, now: float) -> DirectiveResult:
@@ -293,8 +296,7 @@ class BlockPool:
         self.stats.prefetched_blocks += len(to_load)
         ready_s = self._transfer(len(to_load), now, to_gpu=True)
         if lease_ttl_s > 0:
-            s.lease_expiry_s = now + lease_ttl_s
-            s.lease_priority = priority
+            self._set_lease(s, now + lease_ttl_s, priority)
         else:
             # NOTE: no lease: the blocks go to the MRU end of the free queue, the
             # last place the LRU looks.
@@ -321,8 +323,12 @@ class BlockPool:
     def expire_leases(self, now: float) -> int:
         """Ends every lease whose TTL has passed (even with no scheduler alive)."""
         ended = 0
-        for s in self._sessions.values():
-            if s.lease_expiry_s is not None and s.lease_expiry_s <= now:
+        heap = self._lease_heap
+        while heap and heap[0][0] <= now:
+            _, sid = heapq.heappop(heap)
+            s = self._sessions.get(sid)
+            # Entries are never removed when a lease changes: check it is still due.
+            if s is not None and s.lease_expiry_s is not None and s.lease_expiry_s <= now:
                 self._end_lease(s)
                 ended += 1
         self.stats.leases_expired += ended
@@ -448,6 +454,11 @@ class BlockPool:
             blk.ref_cnt -= 1
             if blk.ref_cnt == 0:
                 self._free[b] = None
+
+    def _set_lease(self, s: _Session, expiry_s: float, priority: int) -> None:
+        s.lease_expiry_s = expiry_s
+        s.lease_priority = priority
+        heapq.heappush(self._lease_heap, (expiry_s, s.session_id))
 
     def _end_lease(self, s: _Session) -> None:
         s.lease_expiry_s = None
