@@ -144,22 +144,11 @@ class Service:
             ),
             server,
         )
-        if cfg.tls_cert:
-            creds = grpc.ssl_server_credentials(
-                [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())],
-                root_certificates=Path(cfg.tls_client_ca).read_bytes()
-                if cfg.tls_client_ca
-                else None,
-                require_client_auth=bool(cfg.tls_client_ca),
-            )
-            self.port = server.add_secure_port(cfg.listen, creds)
-        else:
-            self.port = server.add_insecure_port(cfg.listen)
-        if self.port == 0:
-            raise OSError(f"could not bind {cfg.listen}")
-        await server.start()
         self._server = server
         if isinstance(journal, RedisJournal):
+            # NOTE: a standby does not even bind its port until promoted, so clients
+            # given every replica (``ipv4:a:50051,b:50051``, gRPC pick_first) reach
+            # whichever replica is the leader, with no client-side logic.
             assert self._lease is not None
             await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
             self.ha = HaController(
@@ -174,10 +163,9 @@ class Service:
             self._ha_task.add_done_callback(self._ha_done)
         else:
             await self._serve_as_leader()
-        host = cfg.listen.rsplit(":", 1)[0]
         log.info(
-            "server.serving",
-            listen=f"{host}:{self.port}",
+            "server.started",
+            role="standby" if self.ha is not None else "leader",
             server_id=server_id,
             replayed=report.records,
             dropped=report.dropped,
@@ -188,7 +176,30 @@ class Service:
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, status)
 
+    def _bind(self, server: grpc.aio.Server) -> int:
+        cfg = self.config
+        if cfg.tls_cert:
+            creds = grpc.ssl_server_credentials(
+                [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())],
+                root_certificates=Path(cfg.tls_client_ca).read_bytes()
+                if cfg.tls_client_ca
+                else None,
+                require_client_auth=bool(cfg.tls_client_ca),
+            )
+            port = server.add_secure_port(cfg.listen, creds)
+        else:
+            port = server.add_insecure_port(cfg.listen)
+        if port == 0:
+            raise OSError(f"could not bind {cfg.listen}")
+        return int(port)
+
     async def _serve_as_leader(self) -> None:
+        assert self._server is not None
+        self.port = self._bind(self._server)
+        await self._server.start()
+        host = self.config.listen.rsplit(":", 1)[0]
+        log.info("server.serving", listen=f"{host}:{self.port}")
+        print(f"kvsched listening on {host}:{self.port}", flush=True)
         if self.config.auth == "token":
             await self._bootstrap_admin()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -280,7 +291,6 @@ async def serve(config: ServeConfig) -> int:
     metrics = configure_otel(config.metrics_port or None, config.metrics_host, config.trace_console)
     service = Service(config, metrics)
     await service.start()
-    print(f"kvsched listening on {config.listen.rsplit(':', 1)[0]}:{service.port}", flush=True)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.stop_requested.set)

@@ -52,3 +52,16 @@ async def channel(service: Service) -> AsyncIterator[grpc.aio.Channel]:
 def port_factory() -> object:
     """A callable returning a free loopback TCP port."""
     return free_port
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

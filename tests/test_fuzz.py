@@ -10,6 +10,7 @@ import asyncio
 import os
 
 import grpc
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -297,3 +298,14 @@ def test_fast_path_conversion_agrees_with_the_field_by_field_checks(
             return ("rejected", r.field)
 
     assert outcome(convert.session_event_from_pb) == outcome(convert._session_event_checked)
+
+
+@pytest.mark.slow
+def test_long_fuzz_run_100k_cases() -> None:
+    """The long run: 100,000 stream messages (``pytest --runslow -k long_fuzz``)."""
+    run = settings(max_examples=20_000, deadline=None, suppress_health_check=list(HealthCheck))(
+        given(msgs=st.lists(worker_message, min_size=5, max_size=5))(
+            test_arbitrary_stream_messages_are_applied_or_rejected_cleanly.hypothesis.inner_test
+        )
+    )
+    run()

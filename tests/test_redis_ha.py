@@ -215,12 +215,14 @@ async def _pump(
 
 
 async def stream(
-    port: int, resume: int, seqs: list[int]
+    target: str, resume: int, seqs: list[int]
 ) -> tuple[worker_pb2.Welcome, int, list[int]]:
     """Hello, send ``seqs``; returns (welcome, highest ack, directive epochs seen)."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+    async with grpc.aio.insecure_channel(target) as ch:
         q: asyncio.Queue[worker_pb2.WorkerMessage] = asyncio.Queue()
-        call = worker_pb2_grpc.WorkerServiceStub(ch).Connect(_pump(q), timeout=20)
+        call = worker_pb2_grpc.WorkerServiceStub(ch).Connect(
+            _pump(q), timeout=20, wait_for_ready=True
+        )
         await q.put(hello(resume))
         welcome = (await call.read()).welcome
         for s in seqs:
@@ -248,7 +250,9 @@ def test_standby_takes_over_within_3s_and_a_deposed_leader_is_fenced(
     try:
         time.sleep(1.5)
         assert not serving(pb), "the standby must not serve while the leader holds the lease"
-        welcome, acked, epochs = asyncio.run(stream(pa, 0, [2, 3, 4]))
+        # Workers are given every replica; only the leader listens, so pick_first finds it.
+        both = f"ipv4:127.0.0.1:{pa},127.0.0.1:{pb}"
+        welcome, acked, epochs = asyncio.run(stream(both, 0, [2, 3, 4]))
         assert welcome.leader_epoch == 1 and acked == 4 and set(epochs) == {1}
 
         # kill -9 the leader: the standby serves within 3 s, with every acked event.
@@ -256,7 +260,7 @@ def test_standby_takes_over_within_3s_and_a_deposed_leader_is_fenced(
         a.wait(timeout=10)
         took = wait_for(lambda: serving(pb), 10)
         assert took < 3.0, f"failover took {took:.2f}s"
-        welcome, acked, epochs = asyncio.run(stream(pb, 4, [5]))
+        welcome, acked, epochs = asyncio.run(stream(both, 4, [5]))
         assert welcome.leader_epoch == 2
         assert welcome.last_acked_seq == 4  # the standby followed the journal
         assert acked == 5 and set(epochs) == {2}
@@ -269,7 +273,7 @@ def test_standby_takes_over_within_3s_and_a_deposed_leader_is_fenced(
         wait_for(lambda: serving(pa), 10)
         b.send_signal(signal.SIGCONT)
         assert b.wait(timeout=15) == 75
-        welcome, acked, epochs = asyncio.run(stream(pa, 5, [6]))
+        welcome, acked, epochs = asyncio.run(stream(both, 5, [6]))
         assert welcome.leader_epoch == 3 and welcome.last_acked_seq == 5
         assert acked == 6 and set(epochs) == {3}
         r = redis.Redis.from_url(redis_url)

@@ -9,6 +9,7 @@ writes what the two produce, so a slow journal never reorders acks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -142,7 +143,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             acker.cancel()
             fut = self._d.detach(handle, self._clock())
             if fut is not None:
-                await asyncio.shield(fut)
+                with contextlib.suppress(Exception):  # a failed journal already closed the stream
+                    await asyncio.shield(fut)
             span.end()
             bound.info("stream.closed")
 

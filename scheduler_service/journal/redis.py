@@ -204,7 +204,9 @@ class RedisJournal:
 
     async def close(self) -> None:
         if self._q is not None:
-            await self.barrier()
+            # A fenced (deposed) leader cannot flush; what it could not write was never acked.
+            with contextlib.suppress(redis.RedisError, Fenced):
+                await self.barrier()
         if self._writer is not None:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
