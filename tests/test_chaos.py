@@ -227,8 +227,17 @@ def session_states(port: int, sids: list[str]) -> dict[str, tuple[int, int, int,
 def test_kill9_twenty_times_loses_and_doubles_nothing(
     tmp_path: Path, port_factory: Callable[[], int]
 ) -> None:
-    port = port_factory()
-    server = Server(tmp_path, port)
+    server = Server(tmp_path, port_factory())
+    try:
+        _scenario(server)
+    finally:
+        if server.proc is not None and server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
+
+
+def _scenario(server: Server) -> None:
+    port = server.port
     server.start()
     rng = random.Random(1234)
     stats = {"sent": 0, "reconnects": 0}
