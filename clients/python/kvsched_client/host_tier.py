@@ -31,11 +31,13 @@ class HostTier:
     def __iter__(self) -> Iterator[bytes]:
         return iter(self._blocks)
 
-    def put(self, h: bytes, parent: bytes | None, session_id: str) -> None:
-        """Stores one block at the MRU end; the caller made room first."""
-        assert len(self._blocks) < self.capacity_blocks, "host tier is full"
-        self._blocks[h] = parent
-        self._log.stored([h], parent, types_pb2.TIER_HOST, session_id)
+    def put_run(self, hashes: list[bytes], parent: bytes | None, session_id: str) -> None:
+        """Stores a contiguous run of a prefix at the MRU end; the caller made room first."""
+        assert len(self._blocks) + len(hashes) <= self.capacity_blocks, "host tier is full"
+        for h in hashes:
+            self._blocks[h] = parent
+            parent = h
+        self._log.stored(hashes, self._blocks[hashes[0]], types_pb2.TIER_HOST, session_id)
 
     def pop(self, h: bytes) -> bytes | None:
         """Removes one block; returns its parent hash."""

@@ -129,12 +129,11 @@ class BlockPool:
         self._free_blocks(s.held)
         s.lease_expiry_s = None  # NOTE: a lease covers one tool wait; the step now holds.
         held = list(gpu_hits)
-        host_moved = 0
         i = len(gpu_hits)
         while i < len(s.chain) and s.chain[i] in self._host:
-            held.append(self._host_to_gpu(s.chain[i], s.session_id))
-            host_moved += 1
             i += 1
+        host_moved = i - len(gpu_hits)
+        held.extend(self._load_run(s.chain[len(gpu_hits) : i], s.session_id))
         computed_from = i
         held.extend(self._allocate_chain(s, i, n_total))
         s.held = held
@@ -248,21 +247,26 @@ class BlockPool:
                 f"needs {len(on_gpu)} host blocks, capacity {self.host_capacity_blocks}"
             )
         self._end_lease(s)
-        moved = 0
-        keep = set(s.chain)
-        for i, h in enumerate(s.chain):
-            b = self._cached.get(h)
-            if b is None or self._blocks[b].ref_cnt > 0:
-                continue  # not on GPU, or shared with a running or leased session
-            self._host.make_room(1, keep)
-            self._uncache(self._blocks[b])
-            self._host.put(h, s.chain[i - 1] if i else None, s.session_id)
-            moved += 1
+        # Blocks shared with a running or leased session stay on the GPU.
+        movable = [
+            i for i, h in enumerate(s.chain)
+            if (b := self._cached.get(h)) is not None and self._blocks[b].ref_cnt == 0
+        ]  # fmt: skip
+        self._host.make_room(len(movable), set(s.chain))
+        for i in movable:
+            self._uncache(self._blocks[self._cached[s.chain[i]]])
+        run: list[int] = []
+        for i in [*movable, -2]:  # -2 ends the last run
+            if run and i != run[-1] + 1:
+                parent = s.chain[run[0] - 1] if run[0] else None
+                self._host.put_run([s.chain[j] for j in run], parent, s.session_id)
+                run = []
+            run.append(i)
         for h in s.chain:
             if h in self._host:
                 self._host.touch(h)
-        self.stats.offloaded_blocks += moved
-        return DirectiveResult.applied(self._transfer(moved, now, to_gpu=False))
+        self.stats.offloaded_blocks += len(movable)
+        return DirectiveResult.applied(self._transfer(len(movable), now, to_gpu=False))
 
     def prefetch(
         self, session_id: str, now: float, lease_ttl_s: float = 0.0, priority: int = 0
@@ -289,7 +293,7 @@ class BlockPool:
         for b in gpu:
             if b not in held:
                 self._touch(b)
-        blocks = gpu + [self._host_to_gpu(h, s.session_id) for h in to_load]
+        blocks = gpu + self._load_run(to_load, s.session_id)
         keep = set(blocks)
         self._free_blocks([b for b in s.held if b not in keep])
         s.held = blocks
@@ -537,13 +541,19 @@ class BlockPool:
             self._log.stored([s.chain[i] for i in run], parent, GPU, s.session_id)
             run.clear()
 
-    def _host_to_gpu(self, h: bytes, session_id: str) -> int:
-        parent = self._host.pop(h)
-        blk = self._pop_free()
-        blk.block_hash = h
-        self._cached[h] = blk.block_id
-        self._log.stored([h], parent, GPU, session_id)
-        return blk.block_id
+    def _load_run(self, hashes: list[bytes], session_id: str) -> list[int]:
+        """Moves a contiguous run of a prefix from the host tier to GPU blocks."""
+        if not hashes:
+            return []
+        parents = [self._host.pop(h) for h in hashes]
+        out = []
+        for h in hashes:
+            blk = self._pop_free()
+            blk.block_hash = h
+            self._cached[h] = blk.block_id
+            out.append(blk.block_id)
+        self._log.stored(hashes, parents[0], GPU, session_id)
+        return out
 
     def _transfer(self, n_blocks: int, now: float, *, to_gpu: bool) -> float:
         n_bytes = n_blocks * self.block_size_tokens * self.bytes_per_token
