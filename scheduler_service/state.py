@@ -119,6 +119,15 @@ class _Table(Generic[IdT]):
         for name, _dtype, _fill in self._fields:
             setattr(self, f"{name}_v", memoryview(getattr(self, name)))
 
+    def __getstate__(self) -> dict[str, Any]:
+        # memoryviews do not pickle: a snapshot carries the arrays, and the
+        # views are rebuilt over the restored arrays on load
+        return {k: v for k, v in self.__dict__.items() if not isinstance(v, memoryview)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._refresh_views()
+
     def __len__(self) -> int:
         return len(self.slot_of)
 

@@ -270,3 +270,46 @@ def test_a_second_tool_wait_gets_its_own_lease(script: Any) -> None:
     assert second.lease_ttl_s == pytest.approx(first.lease_ttl_s)
     assert sc.tick(2.0 + first.lease_ttl_s) == []  # the first expiry no longer applies
     assert brief(sc.tick(4.0 + second.lease_ttl_s)) == [("RELEASE", "s1", "lease_expired")]
+
+
+def test_a_pickled_engine_decides_exactly_like_the_original(script: Any) -> None:
+    import pickle
+
+    sc = script()
+    sc.worker("w1", gpu_blocks=2_000, host_blocks=4_000)
+    for i in range(5):
+        sc.event(1.0 + i, f"s{i}", K.STEP_START, 3_200 * (i + 1))
+        sc.event(2.0 + i, f"s{i}", K.TOOL_CALL_WAIT, 3_200 * (i + 1), tool_name="bash")
+    copy = pickle.loads(pickle.dumps(sc.engine))
+    # the restored arrays are live: element views write through to them
+    slot = copy.state.sessions.slot_of[SessionId("s0")]
+    assert copy.state.sessions.context_tokens_v[slot] == copy.state.sessions.context_tokens[slot]
+    later = [
+        (20.0, "s0", K.TOOL_CALL_END, 3_300),
+        (20.0, "s0", K.STEP_START, 3_300),
+        (21.0, "n", K.STEP_START, 12_800),
+        (400.0, "s1", K.SESSION_FINISH, 6_400),
+    ]
+    originals, copies = [], []
+    for now, sid, kind, ctx in later:
+        originals.append(sc.engine.handle(_ev(sid, kind, ctx), now))
+        copies.append(copy.handle(_ev(sid, kind, ctx), now))
+    originals.append(sc.engine.tick(500.0))
+    copies.append(copy.tick(500.0))
+    assert originals == copies
+    assert any(d.directives for d in originals)
+
+
+def _ev(sid: str, kind: EventKind, ctx: int) -> Any:
+    from scheduler_service.domain import EventId, SessionEvent, TenantId
+
+    return SessionEvent(
+        EventId("e"),
+        SessionId(sid),
+        TenantId("t1"),
+        "coder",
+        0,
+        kind,
+        ctx,
+        worker_id=WorkerId("w1"),
+    )
