@@ -104,6 +104,11 @@ class _Fallback:
         )
 
 
+def _auth(token: str | None) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying a router-role bearer token (`--auth token` servers)."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
 def _why(err: grpc.RpcError) -> str:
     code = err.code() if hasattr(err, "code") else None
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -122,10 +127,12 @@ class PlacementClient:
         live_workers: Mapping[str, str] | None = None,
         cooldown_s: float = DEFAULT_COOLDOWN_S,
         clock: Callable[[], float] = time.monotonic,
+        token: str | None = None,
     ) -> None:
         self._stub = placement_pb2_grpc.PlacementServiceStub(channel)
         self.deadline_s = deadline_s
         self._fb = _Fallback(live_workers, cooldown_s, clock)
+        self._metadata = _auth(token)
 
     def set_live_workers(self, live_workers: Mapping[str, str]) -> None:
         """Replaces the worker set the fallback chooses from (id -> endpoint)."""
@@ -141,7 +148,7 @@ class PlacementClient:
         if self._fb.should_skip():
             return self._fb.result(request, "cooldown")
         try:
-            resp = await self._stub.Place(request, timeout=self.deadline_s)
+            resp = await self._stub.Place(request, timeout=self.deadline_s, metadata=self._metadata)
         except grpc.RpcError as err:
             return self._fb.failed(_why(err), request)
         return self._fb.answer(request, resp)
@@ -158,10 +165,12 @@ class SyncPlacementClient:
         live_workers: Mapping[str, str] | None = None,
         cooldown_s: float = DEFAULT_COOLDOWN_S,
         clock: Callable[[], float] = time.monotonic,
+        token: str | None = None,
     ) -> None:
         self._stub = placement_pb2_grpc.PlacementServiceStub(channel)
         self.deadline_s = deadline_s
         self._fb = _Fallback(live_workers, cooldown_s, clock)
+        self._metadata = _auth(token)
 
     def set_live_workers(self, live_workers: Mapping[str, str]) -> None:
         """Replaces the worker set the fallback chooses from (id -> endpoint)."""
@@ -177,7 +186,7 @@ class SyncPlacementClient:
         if self._fb.should_skip():
             return self._fb.result(request, "cooldown")
         try:
-            resp = self._stub.Place(request, timeout=self.deadline_s)
+            resp = self._stub.Place(request, timeout=self.deadline_s, metadata=self._metadata)
         except grpc.RpcError as err:
             return self._fb.failed(_why(err), request)
         return self._fb.answer(request, resp)

@@ -120,6 +120,8 @@ class WorkerClient:
         lease_check_interval_s: float = 0.05,
         collect_pool_events: bool = True,
         channel_options: Iterable[tuple[str, object]] = (),
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
         on_drain: Callable[[worker_pb2.Drain], None] | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -148,6 +150,9 @@ class WorkerClient:
         self._lease_check_interval_s = lease_check_interval_s
         self._collect_pool_events = collect_pool_events
         self._channel_options = list(channel_options)
+        # A worker-role bearer token (`--auth token` servers) and TLS credentials.
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._credentials = credentials
         self._on_drain = on_drain
         self._rng = rng or random.Random()
         self._recent: OrderedDict[str, worker_pb2.DirectiveAck] = OrderedDict()
@@ -236,7 +241,13 @@ class WorkerClient:
 
     async def _run(self) -> None:
         attempt = 0
-        async with grpc.aio.insecure_channel(self.target, options=self._channel_options) as ch:
+        if self._credentials is not None:
+            channel = grpc.aio.secure_channel(
+                self.target, self._credentials, options=self._channel_options
+            )
+        else:
+            channel = grpc.aio.insecure_channel(self.target, options=self._channel_options)
+        async with channel as ch:
             stub = worker_pb2_grpc.WorkerServiceStub(ch)
             while not self._stopping:
                 self._welcomed = False
@@ -263,7 +274,7 @@ class WorkerClient:
             self._drop_first_resend = True
 
     async def _stream(self, stub: worker_pb2_grpc.WorkerServiceStub) -> None:
-        call = stub.Connect()
+        call = stub.Connect(metadata=self._metadata)
         reader: asyncio.Task[None] | None = None
         try:
             hello = worker_pb2.Hello()

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from kvsched_client._proto.kvsched.v1 import types_pb2, worker_pb2
@@ -175,6 +176,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     v.add_argument("--topic", default="")
     v.add_argument("--target", required=True, help="kvsched address HOST:PORT")
     v.add_argument("--worker-id", required=True)
+    v.add_argument("--token-file", default="", help="file holding a worker-role bearer token")
     v.add_argument("--epoch", type=int, default=0, help="0 = derived from the start time")
     v.add_argument("--dp-rank", type=int, default=0)
     v.add_argument("--endpoint", default="", help="router-facing address of the replica")
@@ -207,7 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine_name="vllm",
         model=args.model,
     )
-    client = SyncWorkerClient(args.target, hello, EventsOnlyPool(spec), collect_pool_events=False)
+    token = Path(args.token_file).read_text().strip() if args.token_file else None
+    client = SyncWorkerClient(
+        args.target, hello, EventsOnlyPool(spec), collect_pool_events=False, token=token
+    )
     client.start()
     bridge = KvEventBridge(
         args.zmq, client.report_kv_events, replay_endpoint=args.replay, topic=args.topic

@@ -61,7 +61,7 @@ def build_connector_class() -> type:
                 )
                 self._client = SyncWorkerClient(
                     str(extra["kvsched_target"]), hello, self._ledger, pool_lock=self._lock,
-                    collect_pool_events=False,
+                    collect_pool_events=False, token=extra.get("token") or None,
                 )  # fmt: skip
                 self._client.start()
 
