@@ -10,7 +10,7 @@
 // the directives have had --linger-s to arrive.
 //
 // usage: node worker.js --target 127.0.0.1:50051 --worker-id node-0 [--sessions 2]
-//        [--epoch 1] [--linger-s 1] [--proto-dir ../../proto]
+//        [--epoch 1] [--linger-s 1] [--proto-dir ../../proto] [--token kvs_...]
 'use strict';
 
 const path = require('path');
@@ -35,6 +35,7 @@ function parseArgs(argv) {
     else if (key === '--sessions') args.sessions = Number(value);
     else if (key === '--linger-s') args.lingerS = Number(value);
     else if (key === '--proto-dir') args.protoDir = path.resolve(value);
+    else if (key === '--token') args.token = value;
     else throw new Error(`unknown argument ${key}`);
   }
   return args;
@@ -78,7 +79,9 @@ function main() {
   const args = parseArgs(process.argv.slice(2));
   const WorkerService = loadWorkerService(args.protoDir);
   const client = new WorkerService(args.target, grpc.credentials.createInsecure());
-  const call = client.Connect();
+  const metadata = new grpc.Metadata();
+  if (args.token) metadata.set('authorization', `Bearer ${args.token}`);
+  const call = client.Connect(metadata);
   let seq = 1;
   let highestAcked = 0;
   let leaderEpoch = 0;
