@@ -238,11 +238,11 @@ class Retention:
         """A lease ran out or a prefetch is due."""
         ss = self.state.sessions
         if kind == TIMER_LEASE and ss.tier_v[s] == TIER_GPU and ss.lease_expires_s_v[s]:
-            # NOTE: the worker drops the blocks at expiry by itself (a lease, not
-            # a pin); the RELEASE makes the end explicit and keeps both views equal.
-            ss.lease_expires_s_v[s] = 0.0
-            self.state.release(s)
-            self.emit(s, Action.RELEASE, 0.0, 0.0, "lease_expired")
+            # NOTE: ski rental: holding has now cost as much as the alternative,
+            # so switch to it: to the host tier when that beats a rebuild, else
+            # let go. The worker ends the lease by itself (a lease, not a pin),
+            # but the blocks are still in its prefix cache for an offload.
+            self.evict(s, int(ss.home_v[s]), now, "lease_expired", Action.RELEASE)
         elif kind == TIMER_PREFETCH and ss.tier_v[s] == TIER_HOST:
             w = int(ss.home_v[s])
             ws = self.state.workers
@@ -286,32 +286,36 @@ class Retention:
         for v in victims:
             self.evict(int(v), w, now)
 
-    def evict(self, s: int, w: int, now: float) -> None:
-        """Free a victim's GPU blocks: to the host tier when that is cheaper than rebuilding."""
+    def evict(
+        self,
+        s: int,
+        w: int,
+        now: float,
+        reason: str = "pressure",
+        otherwise: Action = Action.EVICT_NOW,
+    ) -> None:
+        """Free a session's GPU blocks: to the host tier when that is cheaper than rebuilding."""
         ss = self.state.sessions
         blocks = int(ss.gpu_blocks_v[s])
-        pc = float(ss.p_continue_v[s])
+        waiting = ss.state_v[s] == STATE_TOOL_WAIT and ss.node_v[s] != NO_SLOT
+        pred = None
+        if waiting:
+            pred = self.predict(
+                s, int(ss.node_v[s]), now, float(ss.hint_s_v[s]), ss.p_continue_v[s] == 0.0
+            )
+        pc = pred.p_continue if pred is not None else float(ss.p_continue_v[s])
         move_s = self.transfer_s(s, w, blocks)
         ss.lease_expires_s_v[s] = 0.0
-        if self.host_room(
-            w, blocks
-        ) and self.config.transfer_weight * 2.0 * move_s < pc * self.rebuild_s(s, w):
+        ss.timer_due_s_v[s] = NO_TIMER
+        pays = self.config.transfer_weight * 2.0 * move_s < pc * self.rebuild_s(s, w)
+        if self.host_room(w, blocks) and pays:
             self.state.to_host(s)
-            self.emit(s, Action.OFFLOAD_HOST, 0.0, move_s, "pressure")
-            if ss.state_v[s] == STATE_TOOL_WAIT:
-                waited_pred = WaitPrediction(
-                    max(0.0, float(ss.next_use_s_v[s]) - now),
-                    max(0.0, float(ss.next_use_s_v[s]) - now),
-                    pc,
-                    0.0,
-                )
-                self.plan_prefetch(s, waited_pred, now, move_s)
-            else:
-                ss.timer_due_s_v[s] = NO_TIMER
+            self.emit(s, Action.OFFLOAD_HOST, 0.0, move_s, reason)
+            if pred is not None:
+                self.plan_prefetch(s, pred, now, move_s)
         else:
             self.state.release(s)
-            ss.timer_due_s_v[s] = NO_TIMER
-            self.emit(s, Action.EVICT_NOW, 0.0, 0.0, "pressure")
+            self.emit(s, otherwise, 0.0, 0.0, reason)
 
     def prices(self) -> npt.NDArray[np.float64]:
         """``shadow_price`` of every worker at once (same formula, vectorised)."""

@@ -313,3 +313,25 @@ def _ev(sid: str, kind: EventKind, ctx: int) -> Any:
         ctx,
         worker_id=WorkerId("w1"),
     )
+
+
+def test_an_expired_lease_switches_to_the_host_tier_when_that_beats_a_rebuild(
+    script: Any,
+) -> None:
+    sc = script()
+    sc.worker("w1", gpu_blocks=10_000, host_blocks=20_000)
+    sc.event(1.0, "s1", K.STEP_START, 16_000)
+    sc.heartbeat(1.5, "w1", free_blocks=2_500, host_free=20_000)  # shadow price 0.25
+    [d] = sc.event(2.0, "s1", K.TOOL_CALL_WAIT, 16_000, tool_name="ls", expected_tool_latency_s=1.0)
+    # a short wait: retain, until holding has cost what an offload and reload would
+    # (the copy out while still held, plus both transfers on the link)
+    move_s = 1_000 * 16 * 131_072 / 25e9
+    hold_rate = 0.25 * 1_000 / 10_000
+    ttl = move_s + 0.25 * (move_s + P_CONTINUE_PRIOR * move_s) / hold_rate
+    assert d.action is Action.RETAIN_GPU
+    assert d.lease_ttl_s == pytest.approx(ttl, rel=1e-9)
+    [off] = sc.tick(2.0 + d.lease_ttl_s)
+    assert (off.action, off.reason) == (Action.OFFLOAD_HOST, "lease_expired")
+    assert sc.engine.session_view(SessionId("s1"), 4.0).tier is Tier.HOST
+    [pf] = sc.event(5.0, "s1", K.TOOL_CALL_END, 16_000)
+    assert (pf.action, pf.reason) == (Action.PREFETCH_GPU, "tool_returned")
