@@ -165,6 +165,8 @@ def _run_server(journal: str, args: argparse.Namespace) -> dict[str, float]:
                 "0",
                 "--log-level",
                 "warning",
+                "--auth",
+                "none",
                 "--snapshot-interval-s",
                 "3600",
             ],

@@ -156,7 +156,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.Popen(
             [sys.executable, "-m", "kvsched", "serve", "--listen", f"127.0.0.1:{port}",
-             "--data-dir", tmp, "--metrics-port", "0", "--log-level", "warning"],
+             "--data-dir", tmp, "--metrics-port", "0", "--log-level", "warning", "--auth", "none"],
             cwd=ROOT, env={**os.environ, "KVSCHED_LOG_JSON": "true"},
         )
         try:

@@ -22,7 +22,7 @@ class ServeConfig:
     lease_ttl_s: float = 2.0  # leader lease; a standby takes over within about this long
     redis_wait_replicas: int = 0  # WAIT for this many replicas on every group commit
     journal_synchronous: str = "FULL"  # FULL | NORMAL
-    auth: str = "none"  # token: bearer tokens with roles | none: every caller is admin
+    auth: str = "token"  # token: bearer tokens with roles | none: every caller is admin
     admin_token_file: str = ""  # bootstrap admin token read from this file (else generated)
     tls_cert: str = ""  # PEM server certificate chain; with tls_key enables TLS
     tls_key: str = ""  # PEM private key

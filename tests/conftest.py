@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,6 +12,10 @@ import pytest
 
 from scheduler_service.config import ServeConfig
 from scheduler_service.server import Service
+
+# Servers the tests start as subprocesses run without authentication unless a
+# test asks for it (--auth token beats the environment); test_auth covers auth.
+os.environ.setdefault("KVSCHED_AUTH", "none")
 
 
 def free_port() -> int:
@@ -29,6 +34,7 @@ def data_dir(tmp_path: Path) -> Path:
 async def service(data_dir: Path) -> AsyncIterator[Service]:
     """A started in-process server (SQLite journal) on a free loopback port."""
     cfg = ServeConfig(
+        auth="none",
         listen="127.0.0.1:0",
         data_dir=str(data_dir),
         metrics_port=0,

@@ -425,6 +425,7 @@ async def test_mtls_on_loopback(tmp_path: Path) -> None:
             listen="127.0.0.1:0",
             journal="memory",
             metrics_port=0,
+            auth="none",
             tls_cert=str(d / "server.pem"),
             tls_key=str(d / "server.key"),
             tls_client_ca=str(d / "ca.pem"),

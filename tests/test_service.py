@@ -476,7 +476,9 @@ async def test_acked_events_survive_a_restart(
     await s.recv_until_ack(3)
     await s.close()
     await service.stop()
-    cfg = ServeConfig(listen="127.0.0.1:0", data_dir=str(data_dir), metrics_port=0, grace_s=0.5)
+    cfg = ServeConfig(
+        listen="127.0.0.1:0", data_dir=str(data_dir), metrics_port=0, grace_s=0.5, auth="none"
+    )
     again = Service(cfg)
     await again.start()
     try:
