@@ -49,6 +49,7 @@ lint: $(DEV_STAMP)
 
 typecheck: $(DEV_STAMP)
 	$(BIN)/mypy $(MYPY_PATHS)
+	cd clients/python && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p kvsched_client
 
 ## proto: regenerate the committed Python stubs from proto/
 proto: $(DEV_STAMP)
