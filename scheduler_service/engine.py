@@ -14,6 +14,7 @@ handles worker messages and ``engine_read`` builds the operator views.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
@@ -93,7 +94,9 @@ class Engine:
         self._directive_seq = 0
         self._out: list[RetentionDirective] = []
         # directives not yet acked: id -> (session, action), oldest first
-        self._unacked: dict[DirectiveId, tuple[SessionId, Action]] = {}
+        # NOTE: an OrderedDict, not a dict: dropping the oldest of a plain dict
+        # over and over makes next(iter(d)) walk ever more deleted slots.
+        self._unacked: OrderedDict[DirectiveId, tuple[SessionId, Action]] = OrderedDict()
         self.events_total = 0
         self.placements_total = 0
         self.directives_total = 0
@@ -423,7 +426,7 @@ class Engine:
         unacked = self._unacked
         unacked[did] = (sid, action)
         if len(unacked) > UNACKED_MEMORY:
-            del unacked[next(iter(unacked))]  # a worker that never acks costs bounded memory
+            unacked.popitem(last=False)  # a worker that never acks costs bounded memory
 
     def _flush(self) -> Decisions:
         if not self._out:
