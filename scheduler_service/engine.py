@@ -75,6 +75,9 @@ _K_ABORT = EventKind.SESSION_ABORT
 
 #: Directives remembered until acked (older ones are forgotten first).
 UNACKED_MEMORY = 1 << 18
+#: Agent types with a graph of their own; later ones share one graph.
+MAX_AGENT_TYPES = 512
+OTHER_AGENT_TYPE = "*other*"
 
 
 class Engine:
@@ -364,6 +367,8 @@ class Engine:
         ss = self.state.sessions
         s = ss.add(sid)
         ss.tenant_v[s] = self.fair.slot(tenant_id)
+        if agent_type not in self.agents.index and len(self.agents.names) >= MAX_AGENT_TYPES:
+            agent_type = OTHER_AGENT_TYPE  # bounded graphs whatever clients send
         a = self.agents.get(agent_type)
         self.graphs.for_agent(a, agent_type)
         ss.agent_v[s] = a

@@ -22,6 +22,9 @@ from scheduler_service.domain import EventKind
 from scheduler_service.graph.sketch import DURATION_BUCKETS, TOKEN_BUCKETS
 
 NodeKey = tuple[int, str]
+#: Nodes per graph (the transition matrix is MAX_NODES² floats: 128 KiB).
+MAX_NODES = 128
+OTHER_TOOL = "*other*"
 FINISH_NODE = 0
 FINISH_KEY: NodeKey = (0, "finish")
 
@@ -89,6 +92,11 @@ class AgentGraph:
         i = self.index.get(key)
         if i is not None:
             return i
+        if len(self.keys) >= MAX_NODES - 1 and key[1] != OTHER_TOOL:
+            # NOTE: tool names come from clients (some put arguments in them);
+            # past the cap new ones share one node per kind, so a graph's
+            # transition matrix stays within MAX_NODES² floats.
+            return self.node((key[0], OTHER_TOOL), now, hint_s)
         i = len(self.keys)
         if i >= self.trans.shape[0]:
             self._grow()

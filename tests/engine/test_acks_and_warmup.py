@@ -89,3 +89,16 @@ def test_directives_never_acked_cost_bounded_memory(script: Any, monkeypatch: An
     # an ack for a forgotten directive is counted and otherwise ignored
     sc.engine.directive_acked(WorkerId("w1"), "d1-1", DirectiveOutcome.REJECTED, "", 3.0)  # type: ignore[arg-type]
     assert sc.engine.session_view(SessionId("s0"), 3.0).lease_remaining_s > 0
+
+
+def test_agent_types_past_the_cap_share_one_graph(script: Any, monkeypatch: Any) -> None:
+    from scheduler_service import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "MAX_AGENT_TYPES", 2)
+    sc = script()
+    sc.worker("w1")
+    for i in range(5):
+        sc.event(1.0, f"s{i}", K.STEP_START, 1_000, agent=f"agent{i}")
+    assert sc.engine.agents.names == ["agent0", "agent1", "*other*"]
+    assert len(sc.engine.graphs.graphs) == 3
+    assert sc.engine.session_view(SessionId("s4"), 1.0).agent_type == "*other*"

@@ -104,3 +104,14 @@ def test_transitions_form_a_markov_graph() -> None:
     g.observe_transition(a, FINISH_NODE, 0.0)
     assert g.transition_probs(a) == {(WAIT, "edit"): 0.75, FINISH_KEY: 0.25}
     assert g.transition_probs(b) == {}
+
+
+def test_tool_names_past_the_cap_share_one_node() -> None:
+    from scheduler_service.graph.agent_graph import MAX_NODES, OTHER_TOOL
+
+    g = AgentGraph("noisy")
+    nodes = [g.node((WAIT, f"bash -c 'echo {i}'"), 0.0) for i in range(500)]
+    assert len(g.keys) == MAX_NODES
+    assert g.keys[-1] == (WAIT, OTHER_TOOL)
+    assert len(set(nodes[MAX_NODES:])) == 1
+    assert g.trans.shape == (MAX_NODES, MAX_NODES)
