@@ -344,7 +344,7 @@ class Engine:
     def _session_abort(self, s: int, ev: SessionEvent, now: float) -> None:
         self._finish(s, False, now)
 
-    def _finish(self, s: int, finished: bool, now: float) -> None:
+    def _finish(self, s: int, finished: bool, now: float, reason: str = "") -> None:
         ss = self.state.sessions
         node = int(ss.node_v[s])
         if node != NO_SLOT:
@@ -357,9 +357,8 @@ class Engine:
             self.fair.record_completion(t, now - float(ss.started_s_v[s]), float(ss.ideal_s_v[s]))
         if ss.home_v[s] != NO_SLOT and ss.tier_v[s] != TIER_NONE:
             self.state.release(s)
-            self._emit(
-                s, Action.RELEASE, 0.0, 0.0, "session_finish" if finished else "session_abort"
-            )
+            reason = reason or ("session_finish" if finished else "session_abort")
+            self._emit(s, Action.RELEASE, 0.0, 0.0, reason)
         self.state.unlink(s)
         self.state.sessions.remove(SessionId(ss.ids[s] or ""))
 
@@ -373,6 +372,7 @@ class Engine:
         self.graphs.for_agent(a, agent_type)
         ss.agent_v[s] = a
         ss.started_s_v[s] = now
+        ss.last_event_s_v[s] = now
         ss.wait_started_s_v[s] = -1.0
         return s
 
@@ -400,7 +400,22 @@ class Engine:
                 ss.timer_due_s_v[s] = NO_TIMER
                 self.retention.on_timer(s, kind, now)
         self.retention.redecide_pricier_workers(now)
+        self._expire_silent_sessions(now)
         return self._flush()
+
+    def _expire_silent_sessions(self, now: float) -> None:
+        # NOTE: a client that dies mid-task never sends SESSION_ABORT; without
+        # this its session (and any KV it holds) would stay forever.
+        ttl = self.config.session_idle_ttl_s
+        ss = self.state.sessions
+        if ttl <= 0 or not len(ss):
+            return
+        hw = ss.high_water
+        silent = (ss.last_event_s[:hw] < now - ttl) & (ss.tenant[:hw] != NO_SLOT)
+        for s in np.flatnonzero(silent).tolist():
+            if ss.state_v[s] == STATE_RUNNING:
+                continue  # a step may be long; the worker's own events end it
+            self._finish(s, False, now, "session_expired")
 
     def _set_timer(self, s: int, due: float, kind: int) -> None:
         ss = self.state.sessions

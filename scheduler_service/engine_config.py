@@ -20,6 +20,9 @@ class EngineConfig:
     min_lease_ttl_s: float = 1.0
     max_lease_ttl_s: float = 300.0
     knee_tokens: float = DEFAULT_ATTENTION_KNEE_TOKENS
+    # a session with no event for this long (and no step running) is dropped
+    # and its KV released; 0 keeps sessions until they finish
+    session_idle_ttl_s: float = 3600.0
     # retention prices
     idle_utilization: float = 0.5  # holding KV is free below this pool utilisation
     max_shadow_price: float = 1.0  # GPU-s per s of holding a whole full pool

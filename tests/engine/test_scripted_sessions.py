@@ -335,3 +335,16 @@ def test_an_expired_lease_switches_to_the_host_tier_when_that_beats_a_rebuild(
     assert sc.engine.session_view(SessionId("s1"), 4.0).tier is Tier.HOST
     [pf] = sc.event(5.0, "s1", K.TOOL_CALL_END, 16_000)
     assert (pf.action, pf.reason) == (Action.PREFETCH_GPU, "tool_returned")
+
+
+def test_a_silent_session_expires_and_its_kv_is_released(script: Any) -> None:
+    sc = script(session_idle_ttl_s=600.0)
+    sc.worker("w1")
+    sc.event(1.0, "quiet", K.STEP_START, 1_600)
+    sc.event(2.0, "quiet", K.STEP_END, 1_600)
+    sc.event(1.0, "busy", K.STEP_START, 1_600)  # a step may run long: never expired
+    assert sc.tick(601.9) == []
+    assert brief(sc.tick(602.1)) == [("RELEASE", "quiet", "session_expired")]
+    assert sc.engine.session_view(SessionId("quiet"), 602.1) is None
+    assert sc.engine.session_view(SessionId("busy"), 602.1) is not None
+    assert sc.engine.stats(602.1).tenants[0].completed_sessions == 0
