@@ -2,8 +2,9 @@
 
 At TOOL_CALL_WAIT the graph predicts the rest of the wait; the retention
 kernel prices retain / offload / release in GPU seconds and a retain gets the
-ski-rental TTL. An offload plans a prefetch so the KV is back on the GPU
-before the predicted return. Under memory pressure the eviction kernel picks
+ski-rental TTL; when it runs out the session switches to the cheaper
+alternative. An offload plans a prefetch so the KV is back on the GPU before
+the predicted return (if the pool has room for it then). Under memory pressure the eviction kernel picks
 victims among a worker's idle residents. When a worker's shadow price rises,
 its waiting sessions are re-decided and a lease can be cut short.
 """
