@@ -11,7 +11,6 @@ once the append is durable.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import pickle
 from collections import OrderedDict
@@ -175,9 +174,7 @@ class Dispatcher:
             "event_ids": self._event_ids,
             "tokens": self.tokens,
         }
-        buf = io.BytesIO()
-        _StatePickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(state)
-        return buf.getvalue()
+        return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
 
     def _restore(self, blob: bytes) -> None:
         state = pickle.loads(blob)
@@ -433,26 +430,6 @@ class Dispatcher:
     def tenant_known(self, tenant_id: TenantId) -> bool:
         """True when the tenant exists."""
         return self.engine.get_tenant(tenant_id) is not None
-
-
-class _StatePickler(pickle.Pickler):
-    """Pickles memoryviews as views of their (pickled once, memoized) base arrays.
-
-    The engine keeps memoryviews onto its numpy state arrays for fast scalar
-    access; rebuilding each view over the restored array keeps the aliasing.
-    """
-
-    def reducer_override(self, obj: object) -> Any:
-        if isinstance(obj, memoryview):
-            return _rebuild_view, (obj.obj, obj.format, obj.shape)
-        return NotImplemented
-
-
-def _rebuild_view(base: Any, fmt: Any, shape: tuple[int, ...]) -> memoryview:
-    view = memoryview(base)
-    if view.format != fmt or view.shape != shape:
-        view = view.cast("B").cast(fmt, shape)
-    return view
 
 
 _ADMIN_TYPES: dict[RecordKind, type[Message]] = {
