@@ -1,0 +1,1 @@
+"""Discrete-event GPU-cluster simulator, baseline policies and the offline Bélády oracle."""

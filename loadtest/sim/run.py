@@ -1,0 +1,108 @@
+"""Scenarios (TOML files) and runs: one workload, every policy, one seed.
+
+A scenario file names the cluster (GPU, model, tensor parallel), the step SLO,
+the default duration and the tenants; arrival rates are per GPU per minute so
+``--gpus`` scales the load with the fleet.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from loadtest.sim.cluster import ClusterConfig
+from loadtest.sim.oracle import replay_sessions
+from loadtest.sim.policies import BASELINES
+from loadtest.sim.simulator import Simulator
+from loadtest.workloads import Arrivals, TenantMix, build
+
+SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
+POLICIES = ("rr-lru", "vllm-apc", "llmd-prefix", "ttl-pin", "kvsched", "oracle")
+#: Replicas the single-shot peak-throughput probe runs on (scaled to the fleet).
+PROBE_REPLICAS = 4
+PROBE_DURATION_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    """A workload on a cluster, as read from a scenario file."""
+
+    name: str
+    description: str
+    cluster: ClusterConfig
+    tenants: tuple[dict, ...]
+    duration_s: float
+    slo_ttft_s: float
+
+    def mixes(self) -> list[TenantMix]:
+        """Tenant mixes with rates scaled to the cluster's GPUs."""
+        out = []
+        for t in self.tenants:
+            a = dict(t["arrivals"])
+            per_min = float(a.pop("rate_per_gpu_per_min"))
+            arrivals = Arrivals(rate_per_s=per_min * self.cluster.gpus / 60.0, **a)
+            out.append(TenantMix(str(t["id"]), arrivals, dict(t.get("agents", {"coding": 1.0})),
+                                 float(t.get("scale", 1.0)), float(t.get("weight", 1.0))))
+        return out
+
+
+def scenario_names() -> list[str]:
+    """Scenario files shipped with the simulator."""
+    return sorted(p.stem for p in SCENARIO_DIR.glob("*.toml"))
+
+
+def load_scenario(name_or_path: str, gpus: int | None = None,
+                  duration_s: float | None = None) -> Scenario:
+    """Read a shipped scenario by name, or any scenario file by path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = SCENARIO_DIR / f"{name_or_path}.toml"
+    if not path.exists():
+        raise FileNotFoundError(f"no scenario {name_or_path!r} (shipped: {scenario_names()})")
+    with path.open("rb") as f:
+        d = tomllib.load(f)
+    cluster = ClusterConfig(**d.get("cluster", {}))
+    if gpus is not None:
+        cluster = replace(cluster, gpus=gpus)
+    return Scenario(str(d.get("name", path.stem)), str(d.get("description", "")), cluster,
+                    tuple(d["tenants"]), float(duration_s or d.get("duration_s", 300.0)),
+                    float(d.get("slo_ttft_s", 2.0)))
+
+
+def make_policy(name: str) -> object:
+    """A fresh policy object by name."""
+    if name == "kvsched":
+        from loadtest.sim.kvsched_policy import KvschedPolicy
+
+        return KvschedPolicy()
+    if name not in BASELINES:
+        raise ValueError(f"unknown policy {name!r} (known: {', '.join(POLICIES)})")
+    return BASELINES[name]()
+
+
+def run_policy(sc: Scenario, policy: str, seed: int,
+               progress: Callable[[float], None] | None = None,
+               sessions: list | None = None) -> tuple[dict, dict, Simulator]:
+    """Simulate one policy; returns (summary, series, simulator)."""
+    if sessions is None:
+        sessions = build(sc.mixes(), sc.duration_s, seed)
+    sim = Simulator(sessions, sc.cluster, make_policy(policy), sc.duration_s, sc.slo_ttft_s)
+    rec = sim.run(progress)
+    oracle = sum(replay_sessions(tr, sim.model.capacity_blocks, "belady") for tr in rec.trace)
+    summary = rec.summary(sc.duration_s, oracle)
+    summary["steps_completed"] = sim.steps_done
+    return summary, rec.series(sc.duration_s), sim
+
+
+def peak_throughput(sc: Scenario, policy: str, seed: int) -> float:
+    """Tokens/s (prompt + output) the fleet sustains on single-shot overload."""
+    probe = load_scenario("singleshot", gpus=min(PROBE_REPLICAS, sc.cluster.replicas)
+                          * sc.cluster.tensor_parallel, duration_s=PROBE_DURATION_S)
+    probe = replace(probe, cluster=replace(sc.cluster, gpus=probe.cluster.gpus))
+    sessions = build(probe.mixes(), probe.duration_s, seed)
+    sim = Simulator(sessions, probe.cluster, make_policy(policy), probe.duration_s,
+                    probe.slo_ttft_s, record_trace=False)
+    rec = sim.run()
+    return rec.tokens_done / probe.duration_s * sc.cluster.replicas / probe.cluster.replicas

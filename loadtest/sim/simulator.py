@@ -1,0 +1,233 @@
+"""The discrete-event cluster simulator (mechanism; policies decide).
+
+A step's life: it becomes ready (arrival or tool return), the policy places it
+on a replica, it queues there until the pool can hold its context and output
+(FIFO, at most ``max_running_steps`` running), then its uncached tokens are
+prefilled on the replica's prefill lane (tokens cached on the host tier are
+reloaded over the link instead), then it decodes at a per-token time set by
+the batch's KV reads, then the agent waits on its tool. Each replica's prefill
+lane is serial: prefill is compute bound, so steps sharing a replica queue for
+it; decode is memory bound and batches.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+from loadtest.sim.cluster import ClusterConfig, Pool, ReplicaModel
+from loadtest.sim.metrics import Recorder
+from loadtest.workloads import AgentSession
+
+ARRIVE, READY, PREFILL_DONE, DECODE_DONE, TOOL_END, LEASE_END, TICK, SAMPLE = range(8)
+
+
+@dataclass(slots=True)
+class Replica:
+    """One model replica: pool, admission queue, prefill lane, decode batch."""
+
+    pool: Pool
+    queue: deque[int] = field(default_factory=deque)
+    lane_free_s: float = 0.0
+    running: int = 0
+    running_kv_tokens: int = 0
+    queued_prefill_tokens: int = 0
+
+
+class Simulator:
+    """Runs one policy over one workload on one cluster, in virtual time."""
+
+    def __init__(self, sessions: list[AgentSession], cluster: ClusterConfig, policy: object,
+                 duration_s: float, slo_ttft_s: float = 2.0, sample_s: float = 1.0,
+                 record_trace: bool = True) -> None:
+        self.sessions = sessions
+        self.index = {s.session_id: i for i, s in enumerate(sessions)}
+        self.cluster = cluster
+        self.model = ReplicaModel.of(cluster)
+        m = self.model
+        self.replicas = [Replica(Pool(m.capacity_blocks, m.host_capacity_blocks))
+                         for _ in range(cluster.replicas)]
+        self.policy = policy
+        self.duration_s = duration_s
+        self.sample_s = sample_s
+        n = len(sessions)
+        self.step = [0] * n
+        self.where = [-1] * n  # replica of the current (or last) step
+        self.ready_s = [0.0] * n
+        self.computed_tokens = [0] * n  # most context ever computed for the session
+        self.next_use_s = [math.inf] * n  # clairvoyant: when the session's next step is ready
+        self.pending_children = [0] * n
+        self.rec = Recorder(sessions, self.model, cluster.replicas, slo_ttft_s, record_trace)
+        self._heap: list[tuple[float, int, int, int]] = []
+        self._seq = 0
+        self.now = 0.0
+        self.steps_done = 0
+
+    # -- events ------------------------------------------------------------------
+
+    def at(self, t: float, kind: int, a: int) -> None:
+        """Schedule event ``kind`` with argument ``a`` at time ``t``."""
+        self._seq += 1
+        heapq.heappush(self._heap, (t, self._seq, kind, a))
+
+    def run(self, progress: object = None) -> Recorder:
+        """Simulate until ``duration_s``; returns the metrics recorder."""
+        for i, s in enumerate(self.sessions):
+            if s.arrival_s >= 0.0:
+                self.at(s.arrival_s, ARRIVE, i)
+        self.at(0.0, SAMPLE, 0)
+        tick = getattr(self.policy, "tick_s", 0.0)
+        if tick:
+            self.at(0.0, TICK, 0)
+        self.policy.attach(self)  # type: ignore[attr-defined]
+        heap, end = self._heap, self.duration_s
+        handlers = (self._arrive, self._ready, self._prefill_done, self._decode_done,
+                    self._tool_end, self._lease_end, self._tick, self._sample)
+        next_report = 0.0
+        while heap and heap[0][0] <= end:
+            t, _, kind, a = heapq.heappop(heap)
+            self.now = t
+            handlers[kind](a)
+            if progress is not None and t >= next_report:
+                progress(t)  # type: ignore[operator]
+                next_report = t + 5.0
+        self.now = end
+        return self.rec
+
+    def _arrive(self, sid: int) -> None:
+        self.rec.started(sid, self.now)
+        self._ready(sid)
+
+    def _ready(self, sid: int) -> None:
+        self.ready_s[sid] = self.now
+        self.next_use_s[sid] = self.now
+        r = self.policy.place(sid, self.step[sid], self.now)  # type: ignore[attr-defined]
+        self.where[sid] = r
+        rep = self.replicas[r]
+        s = self.sessions[sid]
+        rep.queue.append(sid)
+        rep.queued_prefill_tokens += s.context_before_step(self.step[sid])
+        self.try_admit(r)
+
+    def try_admit(self, r: int) -> None:
+        """Start queued steps on replica ``r`` while memory and batch slots allow."""
+        rep = self.replicas[r]
+        pool = rep.pool
+        m = self.model
+        while rep.queue and rep.running < m.max_running_steps:
+            sid = rep.queue[0]
+            s = self.sessions[sid]
+            i = self.step[sid]
+            prompt = s.context_before_step(i)
+            need = min(m.blocks(prompt + s.output_tokens[i]), pool.cap)
+            have = pool.gpu.get(sid, 0)
+            if pool.free < need - have:
+                self.policy.evict(pool, need - have, self.now)  # type: ignore[attr-defined]
+                if pool.free < need - have:
+                    return  # head of line waits for memory
+            rep.queue.popleft()
+            rep.queued_prefill_tokens -= prompt
+            self._admit(sid, r, prompt, need)
+
+    def _admit(self, sid: int, r: int, prompt: int, need: int) -> None:
+        rep = self.replicas[r]
+        pool, m, now = rep.pool, self.model, self.now
+        s = self.sessions[sid]
+        i = self.step[sid]
+        bs = m.block_size_tokens
+        gpu_hit = min(pool.gpu.get(sid, 0) * bs, prompt)
+        host_hit = max(0, min(pool.host.get(sid, 0) * bs, prompt) - gpu_hit)
+        shared_hit = 0
+        if i == 0 and s.parent >= 0 and gpu_hit == 0:
+            # a worker starts from its planner's prefix (vLLM prefix sharing)
+            shared_hit = min(pool.gpu.get(s.parent, 0) * bs, s.shared_prefix_tokens, prompt)
+        hit = gpu_hit + host_hit + shared_hit
+        start = max(now, pool.ready_at.pop(sid, 0.0))
+        reload_s = m.reload_s(host_hit)
+        if host_hit:
+            pool.drop_host(sid)
+        pool.hold(sid, need)
+        prefill_s = m.extend_s(hit, prompt)
+        seen = max(self.computed_tokens[sid], shared_hit if i == 0 else 0)
+        recompute_tokens = max(0, min(seen, prompt) - hit)
+        recompute_s = m.extend_s(hit, hit + recompute_tokens)
+        done = max(start + reload_s, rep.lane_free_s) + prefill_s
+        rep.lane_free_s = done
+        rep.running += 1
+        self.next_use_s[sid] = math.inf
+        self.rec.admitted(sid, r, now, prompt, hit, recompute_tokens, prefill_s, recompute_s,
+                          m.blocks(prompt), need)
+        self.policy.on_admit(sid, i, r, now)  # type: ignore[attr-defined]
+        self.at(done, PREFILL_DONE, sid)
+
+    def _prefill_done(self, sid: int) -> None:
+        rep = self.replicas[self.where[sid]]
+        s = self.sessions[sid]
+        i = self.step[sid]
+        ctx = s.context_before_step(i)
+        rep.running_kv_tokens += ctx
+        token_s = self.model.token_time_s(rep.running_kv_tokens)
+        decode_s = s.output_tokens[i] * token_s
+        self.rec.first_token(sid, self.now - self.ready_s[sid], decode_s / max(1, rep.running))
+        self.at(self.now + decode_s, DECODE_DONE, sid)
+
+    def _decode_done(self, sid: int) -> None:
+        r = self.where[sid]
+        rep = self.replicas[r]
+        s = self.sessions[sid]
+        i = self.step[sid]
+        rep.running -= 1
+        rep.running_kv_tokens -= s.context_before_step(i)
+        ctx = s.context_before_step(i) + s.output_tokens[i]
+        self.computed_tokens[sid] = max(self.computed_tokens[sid], ctx)
+        self.steps_done += 1
+        pool = rep.pool
+        pool.idle(sid)
+        if i == s.steps - 1:
+            self.rec.finished(sid, self.now)
+            pool.finish(sid)
+            self.policy.on_finish(sid, r, self.now)  # type: ignore[attr-defined]
+            if s.parent >= 0:
+                self.pending_children[s.parent] -= 1
+                if self.pending_children[s.parent] == 0:
+                    self.at(self.now, TOOL_END, s.parent)
+        else:
+            if i == s.join_after_step and s.children:
+                self.pending_children[sid] = len(s.children)
+                self.next_use_s[sid] = self.now + 60.0  # unknown: the workers decide
+                for c in s.children:
+                    self.at(self.now, ARRIVE, c)
+            else:
+                self.next_use_s[sid] = self.now + s.tool_latency_s[i]
+                self.at(self.now + s.tool_latency_s[i], TOOL_END, sid)
+            self.policy.on_step_end(sid, i, r, self.now)  # type: ignore[attr-defined]
+        self.try_admit(r)
+
+    def _tool_end(self, sid: int) -> None:
+        self.policy.on_tool_end(sid, self.step[sid], self.now)  # type: ignore[attr-defined]
+        self.step[sid] += 1
+        self._ready(sid)
+
+    def lease(self, r: int, sid: int, ttl_s: float) -> None:
+        """Hold ``sid``'s blocks on ``r`` for ``ttl_s`` (a lease: it ends by itself)."""
+        until = self.now + ttl_s
+        if self.replicas[r].pool.lease(sid, until):
+            self.at(until, LEASE_END, r * len(self.sessions) + sid)
+
+    def _lease_end(self, key: int) -> None:
+        r, sid = divmod(key, len(self.sessions))
+        pool = self.replicas[r].pool
+        until = pool.lease_until.get(sid)
+        if until is not None and until <= self.now:
+            pool.idle(sid)
+            self.try_admit(r)
+
+    def _tick(self, _: int) -> None:
+        self.policy.on_tick(self.now)  # type: ignore[attr-defined]
+        self.at(self.now + self.policy.tick_s, TICK, 0)  # type: ignore[attr-defined]
+
+    def _sample(self, _: int) -> None:
+        self.rec.sample(self.now, self.replicas)
+        self.at(self.now + self.sample_s, SAMPLE, 0)

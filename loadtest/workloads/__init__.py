@@ -1,0 +1,6 @@
+"""Synthetic agent fleets shared by the simulator and the live load test."""
+
+from loadtest.workloads.fleets import AgentSession
+from loadtest.workloads.mix import AGENT_TYPES, Arrivals, FleetParams, TenantMix, build
+
+__all__ = ["AGENT_TYPES", "AgentSession", "Arrivals", "FleetParams", "TenantMix", "build"]
