@@ -114,7 +114,7 @@ class LlmdPrefix(VllmApc):
         prompt = max(1, s.context_before_step(step))
         bs = sim.model.block_size_tokens  # type: ignore[attr-defined]
         reps = sim.replicas  # type: ignore[attr-defined]
-        queued = [r.queued_prefill_tokens + r.running for r in reps]
+        queued = [sim.queued_prefill_tokens(i) for i in range(len(reps))]  # type: ignore[attr-defined]
         qmax = max(queued) or 1
         home = self.home(sid)
         best, best_score = home, -math.inf

@@ -59,6 +59,7 @@ class Simulator:
         self.computed_tokens = [0] * n  # most context ever computed for the session
         self.next_use_s = [math.inf] * n  # clairvoyant: when the session's next step is ready
         self.pending_children = [0] * n
+        self.queued_est = [0] * n  # prefill tokens a queued step was counted for
         self.rec = Recorder(sessions, self.model, cluster.replicas, slo_ttft_s, record_trace)
         self._heap: list[tuple[float, int, int, int]] = []
         self._seq = 0
@@ -108,7 +109,13 @@ class Simulator:
         rep = self.replicas[r]
         s = self.sessions[sid]
         rep.queue.append(sid)
-        rep.queued_prefill_tokens += s.context_before_step(self.step[sid])
+        # what the step will prefill if its cache here survives until it runs
+        prompt = s.context_before_step(self.step[sid])
+        pool = rep.pool
+        cached = max(pool.gpu.get(sid, 0), pool.host.get(sid, 0)) * self.model.block_size_tokens
+        est = max(0, prompt - cached)
+        self.queued_est[sid] = est
+        rep.queued_prefill_tokens += est
         self.try_admit(r)
 
     def try_admit(self, r: int) -> None:
@@ -128,7 +135,7 @@ class Simulator:
                 if pool.free < need - have:
                     return  # head of line waits for memory
             rep.queue.popleft()
-            rep.queued_prefill_tokens -= prompt
+            rep.queued_prefill_tokens -= self.queued_est[sid]
             self._admit(sid, r, prompt, need)
 
     def _admit(self, sid: int, r: int, prompt: int, need: int) -> None:
@@ -209,6 +216,12 @@ class Simulator:
         self.policy.on_tool_end(sid, self.step[sid], self.now)  # type: ignore[attr-defined]
         self.step[sid] += 1
         self._ready(sid)
+
+    def queued_prefill_tokens(self, r: int) -> int:
+        """Prefill work waiting on ``r``: queued steps' uncached tokens plus the lane backlog."""
+        rep = self.replicas[r]
+        backlog_s = max(0.0, rep.lane_free_s - self.now)
+        return rep.queued_prefill_tokens + int(backlog_s * self.model.prefill_tokens_per_s)
 
     def lease(self, r: int, sid: int, ttl_s: float) -> None:
         """Hold ``sid``'s blocks on ``r`` for ``ttl_s`` (a lease: it ends by itself)."""
