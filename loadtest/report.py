@@ -35,9 +35,11 @@ def print_table(out: dict) -> None:
 
     pol = out["policies"]
     base = pol.get(BASELINE)
-    t = Table(title=f"scenario {out['scenario']} · {out['gpus']} GPUs · "
-                    f"{out['duration_s']:.0f} s virtual · seed {out['seed']} · "
-                    f"{out['sessions']} sessions · {out['wall_s']:.1f} s wall")
+    t = Table(
+        title=f"scenario {out['scenario']} · {out['gpus']} GPUs · "
+        f"{out['duration_s']:.0f} s virtual · seed {out['seed']} · "
+        f"{out['sessions']} sessions · {out['wall_s']:.1f} s wall"
+    )
     t.add_column("policy", style="bold")
     for _, head, _, _ in COLUMNS:
         t.add_column(head, justify="right")
@@ -71,16 +73,25 @@ def _plots(directory: Path, series: dict[str, dict], out: dict) -> list[tuple[st
     for name, s in series.items():
         t = s["completion_times_s"]
         ax.step(t, range(1, len(t) + 1), where="post", label=name)
-    ax.set(xlabel="virtual time (s)", ylabel="tasks completed", xlim=(0, dur),
-           title="Task completions over time")
+    ax.set(
+        xlabel="virtual time (s)",
+        ylabel="tasks completed",
+        xlim=(0, dur),
+        title="Task completions over time",
+    )
     ax.legend()
     save(fig, "completions.png", "Task completions over time")
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, s in series.items():
         ax.plot(s["util_t_s"], [100 * u for u in s["util"]], label=name)
-    ax.set(xlabel="virtual time (s)", ylabel="live KV / GPU KV capacity (%)", ylim=(0, 100),
-           xlim=(0, dur), title="KV memory utilisation (live sessions)")
+    ax.set(
+        xlabel="virtual time (s)",
+        ylabel="live KV / GPU KV capacity (%)",
+        ylim=(0, 100),
+        xlim=(0, dur),
+        title="KV memory utilisation (live sessions)",
+    )
     ax.legend()
     save(fig, "kv_util.png", "KV memory utilisation")
 
@@ -89,8 +100,12 @@ def _plots(directory: Path, series: dict[str, dict], out: dict) -> list[tuple[st
         j = s["jct_s"]
         if j:
             ax.plot(j, [(i + 1) / len(j) for i in range(len(j))], label=name)
-    ax.set(xlabel="job completion time (s)", ylabel="CDF", ylim=(0, 1),
-           title="Job completion time CDF (completed tasks)")
+    ax.set(
+        xlabel="job completion time (s)",
+        ylabel="CDF",
+        ylim=(0, 1),
+        title="Job completion time CDF (completed tasks)",
+    )
     ax.legend()
     save(fig, "jct_cdf.png", "Job completion time CDF")
 
@@ -120,17 +135,20 @@ def write_html(directory: str, out: dict, series: dict[str, dict]) -> Path:
     for name, m in pol.items():
         cells = "".join(f"<td>{html.escape(_fmt(f, m.get(k)))}</td>" for k, _, f, _ in COLUMNS)
         rows.append(f"<tr><th>{html.escape(name)}</th>{cells}</tr>")
-    imgs = "".join(f'<figure><img src="{n}" alt="{html.escape(t)}"><figcaption>'
-                   f"{html.escape(t)}</figcaption></figure>" for n, t in plots)
+    imgs = "".join(
+        f'<figure><img src="{n}" alt="{html.escape(t)}"><figcaption>'
+        f"{html.escape(t)}</figcaption></figure>"
+        for n, t in plots
+    )
     page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>kvsched simulate: {html.escape(out['scenario'])}</title>
+<html><head><meta charset="utf-8"><title>kvsched simulate: {html.escape(out["scenario"])}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}figure{{display:inline-block}}</style>
 </head><body>
-<h1>Scenario {html.escape(out['scenario'])}</h1>
-<p>{out['gpus']} GPUs, {out['duration_s']:.0f} s virtual, seed {out['seed']},
-{out['sessions']} sessions, {out['wall_s']:.1f} s wall.</p>
-<table><tr><th>policy</th>{head}</tr>{''.join(rows)}</table>
+<h1>Scenario {html.escape(out["scenario"])}</h1>
+<p>{out["gpus"]} GPUs, {out["duration_s"]:.0f} s virtual, seed {out["seed"]},
+{out["sessions"]} sessions, {out["wall_s"]:.1f} s wall.</p>
+<table><tr><th>policy</th>{head}</tr>{"".join(rows)}</table>
 {imgs}
 </body></html>
 """

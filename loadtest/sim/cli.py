@@ -19,24 +19,40 @@ from loadtest.sim.run import (
 from loadtest.workloads import build
 
 #: The keys every policy carries in ``--json`` output.
-JSON_KEYS = ("task_completions_per_hour", "jct_p50_s", "jct_p99_s", "slo_attainment",
-             "recompute_share", "kv_util", "token_hit_ratio", "misses_vs_oracle",
-             "peak_throughput_tokens_per_s", "tenant_slowdown_ratio")
+JSON_KEYS = (
+    "task_completions_per_hour",
+    "jct_p50_s",
+    "jct_p99_s",
+    "slo_attainment",
+    "recompute_share",
+    "kv_util",
+    "token_hit_ratio",
+    "misses_vs_oracle",
+    "peak_throughput_tokens_per_s",
+    "tenant_slowdown_ratio",
+)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvsched simulate",
-                                description="Compare scheduling policies in the simulator.")
-    p.add_argument("--scenario", default="standard",
-                   help=f"shipped name ({', '.join(scenario_names())}) or a .toml path")
-    p.add_argument("--policies", default=",".join(POLICIES),
-                   help="comma-separated policies (default: all)")
+    p = argparse.ArgumentParser(
+        prog="kvsched simulate", description="Compare scheduling policies in the simulator."
+    )
+    p.add_argument(
+        "--scenario",
+        default="standard",
+        help=f"shipped name ({', '.join(scenario_names())}) or a .toml path",
+    )
+    p.add_argument(
+        "--policies", default=",".join(POLICIES), help="comma-separated policies (default: all)"
+    )
     p.add_argument("--gpus", type=int, default=None, help="GPUs in the fleet (default: scenario)")
-    p.add_argument("--duration", type=float, default=None,
-                   help="virtual seconds (default: the scenario's)")
+    p.add_argument(
+        "--duration", type=float, default=None, help="virtual seconds (default: the scenario's)"
+    )
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--no-peak", action="store_true",
-                   help="skip the single-shot peak-throughput probe")
+    p.add_argument(
+        "--no-peak", action="store_true", help="skip the single-shot peak-throughput probe"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object, no table")
     p.add_argument("--report", metavar="DIR", help="write an HTML report with plots here")
     return p
@@ -56,8 +72,10 @@ def simulate_main(argv: Sequence[str]) -> int:
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
-        print(f"kvsched simulate: unknown policies {unknown} (known: {', '.join(POLICIES)})",
-              file=sys.stderr)
+        print(
+            f"kvsched simulate: unknown policies {unknown} (known: {', '.join(POLICIES)})",
+            file=sys.stderr,
+        )
         return 2
     try:
         sc = load_scenario(args.scenario, gpus=args.gpus, duration_s=args.duration)
@@ -72,10 +90,15 @@ def simulate_main(argv: Sequence[str]) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
-    with Progress(TextColumn("{task.description:<12}"), BarColumn(),
-                  TextColumn("{task.completed:>6.0f}/{task.total:.0f} s virtual"),
-                  TimeElapsedColumn(), console=console, transient=args.json,
-                  disable=not console.is_terminal and args.json) as bar:
+    with Progress(
+        TextColumn("{task.description:<12}"),
+        BarColumn(),
+        TextColumn("{task.completed:>6.0f}/{task.total:.0f} s virtual"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=args.json,
+        disable=not console.is_terminal and args.json,
+    ) as bar:
         for name in policies:
             task = bar.add_task(name, total=sc.duration_s)
 
@@ -84,14 +107,21 @@ def simulate_main(argv: Sequence[str]) -> int:
 
             summary, ser, _ = run_policy(sc, name, args.seed, tick, sessions)
             summary["peak_throughput_tokens_per_s"] = (
-                float("nan") if args.no_peak else peak_throughput(sc, name, args.seed))
+                float("nan") if args.no_peak else peak_throughput(sc, name, args.seed)
+            )
             bar.update(task, completed=sc.duration_s)  # type: ignore[arg-type]
             results[name] = summary
             series[name] = ser
     wall_s = time.perf_counter() - started
-    out = {"scenario": sc.name, "seed": args.seed, "gpus": sc.cluster.gpus,
-           "duration_s": sc.duration_s, "sessions": len(sessions), "wall_s": wall_s,
-           "policies": _clean(results)}
+    out = {
+        "scenario": sc.name,
+        "seed": args.seed,
+        "gpus": sc.cluster.gpus,
+        "duration_s": sc.duration_s,
+        "sessions": len(sessions),
+        "wall_s": wall_s,
+        "policies": _clean(results),
+    }
     if args.report:
         from loadtest.report import write_html
 

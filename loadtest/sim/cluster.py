@@ -101,8 +101,21 @@ class Pool:
     (oldest first); running and leased sessions are not in it.
     """
 
-    __slots__ = ("cap", "dead", "dead_blocks", "evicted_blocks", "gpu", "host", "host_cap",
-                 "host_lru", "host_used", "lease_until", "lru", "ready_at", "used")
+    __slots__ = (
+        "cap",
+        "dead",
+        "dead_blocks",
+        "evicted_blocks",
+        "gpu",
+        "host",
+        "host_cap",
+        "host_lru",
+        "host_used",
+        "lease_until",
+        "lru",
+        "ready_at",
+        "used",
+    )
 
     def __init__(self, capacity_blocks: int, host_capacity_blocks: int = 0) -> None:
         self.cap = capacity_blocks

@@ -66,13 +66,36 @@ class KvschedPolicy(VllmApc):
         self.last_heartbeat_s = -1e9
         self.directives = 0
 
-    def _event(self, sid: int, step: int, kind: EventKind, ctx: int, new: int, r: int,
-               tool: str = "", hint_s: float = 0.0, last: bool = False) -> SessionEvent:
+    def _event(
+        self,
+        sid: int,
+        step: int,
+        kind: EventKind,
+        ctx: int,
+        new: int,
+        r: int,
+        tool: str = "",
+        hint_s: float = 0.0,
+        last: bool = False,
+    ) -> SessionEvent:
         s = self.sessions[sid]
         self.ev += 1
-        return SessionEvent(EventId(f"e{self.ev}"), SessionId(s.session_id),
-                            TenantId(s.tenant_id), s.agent_type, step, kind, ctx, new, tool,
-                            hint_s, "", last, 0.0, self.wids[r])
+        return SessionEvent(
+            EventId(f"e{self.ev}"),
+            SessionId(s.session_id),
+            TenantId(s.tenant_id),
+            s.agent_type,
+            step,
+            kind,
+            ctx,
+            new,
+            tool,
+            hint_s,
+            "",
+            last,
+            0.0,
+            self.wids[r],
+        )
 
     def _send(self, events: list[SessionEvent], now: float) -> None:
         self.apply(self.engine.handle_batch(events, now), now)
@@ -112,9 +135,18 @@ class KvschedPolicy(VllmApc):
     def place(self, sid: int, step: int, now: float) -> int:
         """The engine's first candidate (the hash home if it offers none)."""
         s = self.sessions[sid]
-        p = self.engine.place(PlaceRequest(SessionId(s.session_id), TenantId(s.tenant_id),
-                                           s.agent_type, step, s.context_before_step(step),
-                                           s.output_tokens[step], max_candidates=1), now)
+        p = self.engine.place(
+            PlaceRequest(
+                SessionId(s.session_id),
+                TenantId(s.tenant_id),
+                s.agent_type,
+                step,
+                s.context_before_step(step),
+                s.output_tokens[step],
+                max_candidates=1,
+            ),
+            now,
+        )
         if not p.candidates:
             return self.home(sid)
         return self.slot[p.candidates[0].worker_id]
@@ -122,32 +154,67 @@ class KvschedPolicy(VllmApc):
     def on_admit(self, sid: int, step: int, r: int, now: float) -> None:
         """STEP_START from the replica the step runs on."""
         s = self.sessions[sid]
-        self._send([self._event(sid, step, EventKind.STEP_START, s.context_before_step(step),
-                                s.output_tokens[step], r)], now)
+        self._send(
+            [
+                self._event(
+                    sid,
+                    step,
+                    EventKind.STEP_START,
+                    s.context_before_step(step),
+                    s.output_tokens[step],
+                    r,
+                )
+            ],
+            now,
+        )
 
     def on_step_end(self, sid: int, step: int, r: int, now: float) -> None:
         """TOOL_CALL_WAIT with the context the wait holds."""
         s = self.sessions[sid]
         ctx = s.context_before_step(step) + s.output_tokens[step]
         hint = s.tool_latency_s[step] if self.send_hints else 0.0
-        self._send([self._event(sid, step, EventKind.TOOL_CALL_WAIT, ctx, 0, r,
-                                s.tool_names[step] or "join", hint)], now)
+        self._send(
+            [
+                self._event(
+                    sid,
+                    step,
+                    EventKind.TOOL_CALL_WAIT,
+                    ctx,
+                    0,
+                    r,
+                    s.tool_names[step] or "join",
+                    hint,
+                )
+            ],
+            now,
+        )
 
     def on_tool_end(self, sid: int, step: int, now: float) -> None:
         """TOOL_CALL_END (the reload of an offloaded session starts here)."""
         s = self.sessions[sid]
         ctx = s.context_before_step(step) + s.output_tokens[step]
         r = self.sim.where[sid]  # type: ignore[attr-defined]
-        self._send([self._event(sid, step, EventKind.TOOL_CALL_END, ctx, 0, r,
-                                s.tool_names[step] or "join")], now)
+        self._send(
+            [
+                self._event(
+                    sid, step, EventKind.TOOL_CALL_END, ctx, 0, r, s.tool_names[step] or "join"
+                )
+            ],
+            now,
+        )
 
     def on_finish(self, sid: int, r: int, now: float) -> None:
         """STEP_END then SESSION_FINISH."""
         s = self.sessions[sid]
         i = s.steps - 1
         ctx = s.context_before_step(i) + s.output_tokens[i]
-        self._send([self._event(sid, i, EventKind.STEP_END, ctx, 0, r, last=True),
-                    self._event(sid, i, EventKind.SESSION_FINISH, ctx, 0, r)], now)
+        self._send(
+            [
+                self._event(sid, i, EventKind.STEP_END, ctx, 0, r, last=True),
+                self._event(sid, i, EventKind.SESSION_FINISH, ctx, 0, r),
+            ],
+            now,
+        )
 
     def on_tick(self, now: float) -> None:
         """Heartbeats (every ``heartbeat_s``) and the engine's timers."""
@@ -157,8 +224,11 @@ class KvschedPolicy(VllmApc):
                 pool = rep.pool
                 # NOTE: finished sessions' cached blocks count as free: no one
                 # will use them and the replica evicts them first in effect.
-                load = WorkerLoad(pool.cap - pool.used + pool.dead_blocks,
-                                  pool.host_cap - pool.host_used, self.sim.queued_prefill_tokens(i),  # type: ignore[attr-defined]
-                                  rep.running)
+                load = WorkerLoad(
+                    pool.cap - pool.used + pool.dead_blocks,
+                    pool.host_cap - pool.host_used,
+                    self.sim.queued_prefill_tokens(i),  # type: ignore[attr-defined]
+                    rep.running,
+                )
                 self.apply(self.engine.heartbeat(self.wids[i], load, now), now)
         self.apply(self.engine.tick(now), now)

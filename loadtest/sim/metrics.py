@@ -27,8 +27,14 @@ from loadtest.workloads import AgentSession
 class Recorder:
     """Collects per-step and per-task figures during a run."""
 
-    def __init__(self, sessions: list[AgentSession], model: ReplicaModel, replicas: int,
-                 slo_ttft_s: float, record_trace: bool) -> None:
+    def __init__(
+        self,
+        sessions: list[AgentSession],
+        model: ReplicaModel,
+        replicas: int,
+        slo_ttft_s: float,
+        record_trace: bool,
+    ) -> None:
         self.sessions = sessions
         self.model = model
         self.slo_ttft_s = slo_ttft_s
@@ -55,9 +61,19 @@ class Recorder:
         """A session arrived."""
         self.start_s[sid] = now
 
-    def admitted(self, sid: int, r: int, now: float, prompt: int, hit: int, recompute: int,
-                 prefill_s: float, recompute_s: float, prompt_blocks: int,
-                 after_blocks: int) -> None:
+    def admitted(
+        self,
+        sid: int,
+        r: int,
+        now: float,
+        prompt: int,
+        hit: int,
+        recompute: int,
+        prefill_s: float,
+        recompute_s: float,
+        prompt_blocks: int,
+        after_blocks: int,
+    ) -> None:
         """A step was admitted on replica ``r``."""
         self.prompt_tokens += prompt
         self.hit_tokens += hit
@@ -101,8 +117,11 @@ class Recorder:
 
     def summary(self, duration_s: float, oracle_miss_blocks: int | None) -> dict:
         """The report's figures for this run."""
-        tasks = [i for i, s in enumerate(self.sessions)
-                 if s.parent < 0 and 0.0 <= self.end_s[i] <= duration_s]
+        tasks = [
+            i
+            for i, s in enumerate(self.sessions)
+            if s.parent < 0 and 0.0 <= self.end_s[i] <= duration_s
+        ]
         jct = np.array([self.end_s[i] - self.start_s[i] for i in tasks], dtype=np.float64)
         ttft = np.array(self.ttft_s, dtype=np.float64)
         gpu_s = self.prefill_s + self.decode_gpu_s
@@ -127,16 +146,20 @@ class Recorder:
             "token_hit_ratio": self.hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
             "miss_blocks": self.miss_blocks,
             "oracle_miss_blocks": oracle_miss_blocks,
-            "misses_vs_oracle": (self.miss_blocks / oracle_miss_blocks
-                                 if oracle_miss_blocks else float("nan")),
+            "misses_vs_oracle": (
+                self.miss_blocks / oracle_miss_blocks if oracle_miss_blocks else float("nan")
+            ),
             "tenant_slowdown": means,
             "tenant_slowdown_ratio": ratio,
         }
 
     def series(self, duration_s: float) -> dict:
         """Time series and distributions for the plots."""
-        tasks = [i for i, s in enumerate(self.sessions)
-                 if s.parent < 0 and 0.0 <= self.end_s[i] <= duration_s]
+        tasks = [
+            i
+            for i, s in enumerate(self.sessions)
+            if s.parent < 0 and 0.0 <= self.end_s[i] <= duration_s
+        ]
         return {
             "completion_times_s": sorted(self.end_s[i] for i in tasks),
             "jct_s": sorted(self.end_s[i] - self.start_s[i] for i in tasks),

@@ -35,8 +35,9 @@ def _next_uses(keys: Sequence[Hashable]) -> list[int]:
     return nxt
 
 
-def replay_blocks(requests: Sequence[Sequence[Hashable]], capacity_blocks: int,
-                  policy: str = "lru") -> dict[str, int | float]:
+def replay_blocks(
+    requests: Sequence[Sequence[Hashable]], capacity_blocks: int, policy: str = "lru"
+) -> dict[str, int | float]:
     """Replay block requests through one cache; hits and misses by block reference."""
     refs = [b for req in requests for b in req]
     hits = 0
@@ -76,12 +77,18 @@ def replay_blocks(requests: Sequence[Sequence[Hashable]], capacity_blocks: int,
     else:
         raise ValueError(f"unknown replay policy {policy!r}")
     n = len(refs)
-    return {"requests": len(requests), "block_refs": n, "hits": hits, "misses": n - hits,
-            "miss_ratio": (n - hits) / n if n else 0.0}
+    return {
+        "requests": len(requests),
+        "block_refs": n,
+        "hits": hits,
+        "misses": n - hits,
+        "miss_ratio": (n - hits) / n if n else 0.0,
+    }
 
 
-def replay_sessions(trace: Sequence[tuple[int, int, int]], capacity_blocks: int,
-                    policy: str = "belady") -> int:
+def replay_sessions(
+    trace: Sequence[tuple[int, int, int]], capacity_blocks: int, policy: str = "belady"
+) -> int:
     """Prompt-block misses of a session trace through one cache of ``capacity_blocks``."""
     keys = [t[0] for t in trace]
     nxt = _next_uses(keys) if policy == "belady" else []
@@ -125,8 +132,9 @@ def replay_sessions(trace: Sequence[tuple[int, int, int]], capacity_blocks: int,
     return misses
 
 
-def _farthest_other(heap: list[tuple[int, int]], cur: dict[int, int], held: dict[int, int],
-                    s: int) -> int | None:
+def _farthest_other(
+    heap: list[tuple[int, int]], cur: dict[int, int], held: dict[int, int], s: int
+) -> int | None:
     """The held session other than ``s`` with the farthest next use (stale entries dropped)."""
     stash = []
     victim = None

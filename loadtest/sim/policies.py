@@ -123,10 +123,12 @@ class LlmdPrefix(VllmApc):
             cached = pool.gpu.get(sid, 0) * bs
             if cached == 0 and s.parent >= 0 and step == 0:
                 cached = min(pool.gpu.get(s.parent, 0) * bs, s.shared_prefix_tokens)
-            score = (self.prefix_weight * min(1.0, cached / prompt)
-                     - self.queue_weight * queued[i] / qmax
-                     - self.kv_weight * pool.used / pool.cap
-                     + (1e-6 if i == home else 0.0))
+            score = (
+                self.prefix_weight * min(1.0, cached / prompt)
+                - self.queue_weight * queued[i] / qmax
+                - self.kv_weight * pool.used / pool.cap
+                + (1e-6 if i == home else 0.0)
+            )
             if score > best_score:
                 best, best_score = i, score
         return best

@@ -43,8 +43,15 @@ class Scenario:
             a = dict(t["arrivals"])
             per_min = float(a.pop("rate_per_gpu_per_min"))
             arrivals = Arrivals(rate_per_s=per_min * self.cluster.gpus / 60.0, **a)
-            out.append(TenantMix(str(t["id"]), arrivals, dict(t.get("agents", {"coding": 1.0})),
-                                 float(t.get("scale", 1.0)), float(t.get("weight", 1.0))))
+            out.append(
+                TenantMix(
+                    str(t["id"]),
+                    arrivals,
+                    dict(t.get("agents", {"coding": 1.0})),
+                    float(t.get("scale", 1.0)),
+                    float(t.get("weight", 1.0)),
+                )
+            )
         return out
 
 
@@ -53,8 +60,9 @@ def scenario_names() -> list[str]:
     return sorted(p.stem for p in SCENARIO_DIR.glob("*.toml"))
 
 
-def load_scenario(name_or_path: str, gpus: int | None = None,
-                  duration_s: float | None = None) -> Scenario:
+def load_scenario(
+    name_or_path: str, gpus: int | None = None, duration_s: float | None = None
+) -> Scenario:
     """Read a shipped scenario by name, or any scenario file by path."""
     path = Path(name_or_path)
     if not path.suffix:
@@ -66,9 +74,14 @@ def load_scenario(name_or_path: str, gpus: int | None = None,
     cluster = ClusterConfig(**d.get("cluster", {}))
     if gpus is not None:
         cluster = replace(cluster, gpus=gpus)
-    return Scenario(str(d.get("name", path.stem)), str(d.get("description", "")), cluster,
-                    tuple(d["tenants"]), float(duration_s or d.get("duration_s", 300.0)),
-                    float(d.get("slo_ttft_s", 2.0)))
+    return Scenario(
+        str(d.get("name", path.stem)),
+        str(d.get("description", "")),
+        cluster,
+        tuple(d["tenants"]),
+        float(duration_s or d.get("duration_s", 300.0)),
+        float(d.get("slo_ttft_s", 2.0)),
+    )
 
 
 def make_policy(name: str) -> object:
@@ -82,9 +95,13 @@ def make_policy(name: str) -> object:
     return BASELINES[name]()
 
 
-def run_policy(sc: Scenario, policy: str, seed: int,
-               progress: Callable[[float], None] | None = None,
-               sessions: list | None = None) -> tuple[dict, dict, Simulator]:
+def run_policy(
+    sc: Scenario,
+    policy: str,
+    seed: int,
+    progress: Callable[[float], None] | None = None,
+    sessions: list | None = None,
+) -> tuple[dict, dict, Simulator]:
     """Simulate one policy; returns (summary, series, simulator)."""
     if sessions is None:
         sessions = build(sc.mixes(), sc.duration_s, seed)
@@ -98,11 +115,20 @@ def run_policy(sc: Scenario, policy: str, seed: int,
 
 def peak_throughput(sc: Scenario, policy: str, seed: int) -> float:
     """Tokens/s (prompt + output) the fleet sustains on single-shot overload."""
-    probe = load_scenario("singleshot", gpus=min(PROBE_REPLICAS, sc.cluster.replicas)
-                          * sc.cluster.tensor_parallel, duration_s=PROBE_DURATION_S)
+    probe = load_scenario(
+        "singleshot",
+        gpus=min(PROBE_REPLICAS, sc.cluster.replicas) * sc.cluster.tensor_parallel,
+        duration_s=PROBE_DURATION_S,
+    )
     probe = replace(probe, cluster=replace(sc.cluster, gpus=probe.cluster.gpus))
     sessions = build(probe.mixes(), probe.duration_s, seed)
-    sim = Simulator(sessions, probe.cluster, make_policy(policy), probe.duration_s,
-                    probe.slo_ttft_s, record_trace=False)
+    sim = Simulator(
+        sessions,
+        probe.cluster,
+        make_policy(policy),
+        probe.duration_s,
+        probe.slo_ttft_s,
+        record_trace=False,
+    )
     rec = sim.run()
     return rec.tokens_done / probe.duration_s * sc.cluster.replicas / probe.cluster.replicas

@@ -39,16 +39,25 @@ class Replica:
 class Simulator:
     """Runs one policy over one workload on one cluster, in virtual time."""
 
-    def __init__(self, sessions: list[AgentSession], cluster: ClusterConfig, policy: object,
-                 duration_s: float, slo_ttft_s: float = 2.0, sample_s: float = 1.0,
-                 record_trace: bool = True) -> None:
+    def __init__(
+        self,
+        sessions: list[AgentSession],
+        cluster: ClusterConfig,
+        policy: object,
+        duration_s: float,
+        slo_ttft_s: float = 2.0,
+        sample_s: float = 1.0,
+        record_trace: bool = True,
+    ) -> None:
         self.sessions = sessions
         self.index = {s.session_id: i for i, s in enumerate(sessions)}
         self.cluster = cluster
         self.model = ReplicaModel.of(cluster)
         m = self.model
-        self.replicas = [Replica(Pool(m.capacity_blocks, m.host_capacity_blocks))
-                         for _ in range(cluster.replicas)]
+        self.replicas = [
+            Replica(Pool(m.capacity_blocks, m.host_capacity_blocks))
+            for _ in range(cluster.replicas)
+        ]
         self.policy = policy
         self.duration_s = duration_s
         self.sample_s = sample_s
@@ -84,8 +93,16 @@ class Simulator:
             self.at(0.0, TICK, 0)
         self.policy.attach(self)  # type: ignore[attr-defined]
         heap, end = self._heap, self.duration_s
-        handlers = (self._arrive, self._ready, self._prefill_done, self._decode_done,
-                    self._tool_end, self._lease_end, self._tick, self._sample)
+        handlers = (
+            self._arrive,
+            self._ready,
+            self._prefill_done,
+            self._decode_done,
+            self._tool_end,
+            self._lease_end,
+            self._tick,
+            self._sample,
+        )
         next_report = 0.0
         while heap and heap[0][0] <= end:
             t, _, kind, a = heapq.heappop(heap)
@@ -164,8 +181,18 @@ class Simulator:
         rep.lane_free_s = done
         rep.running += 1
         self.next_use_s[sid] = math.inf
-        self.rec.admitted(sid, r, now, prompt, hit, recompute_tokens, prefill_s, recompute_s,
-                          m.blocks(prompt), need)
+        self.rec.admitted(
+            sid,
+            r,
+            now,
+            prompt,
+            hit,
+            recompute_tokens,
+            prefill_s,
+            recompute_s,
+            m.blocks(prompt),
+            need,
+        )
         self.policy.on_admit(sid, i, r, now)  # type: ignore[attr-defined]
         self.at(done, PREFILL_DONE, sid)
 

@@ -145,8 +145,12 @@ def coding_session(rng: np.random.Generator, p: CodingParams, scale: float = 1.0
         else:
             names.append("test")
             lat.append(float(min(60.0, max(2.0, _lognormal(rng, p.test_median_s, 0.8)))))
-    return {"prompt_tokens": prompts, "output_tokens": outs, "tool_names": [*names, ""],
-            "tool_latency_s": [*lat, 0.0]}
+    return {
+        "prompt_tokens": prompts,
+        "output_tokens": outs,
+        "tool_names": [*names, ""],
+        "tool_latency_s": [*lat, 0.0],
+    }
 
 
 def browsing_session(rng: np.random.Generator, p: BrowsingParams, scale: float = 1.0) -> dict:
@@ -156,8 +160,12 @@ def browsing_session(rng: np.random.Generator, p: BrowsingParams, scale: float =
     prompts += [int(rng.integers(*p.appended_tokens)) for _ in range(n - 1)]
     outs = [_out(rng, p.output_median_tokens) for _ in range(n)]
     lat = [float(rng.uniform(*p.fetch_s)) for _ in range(n - 1)]
-    return {"prompt_tokens": prompts, "output_tokens": outs,
-            "tool_names": ["fetch"] * (n - 1) + [""], "tool_latency_s": [*lat, 0.0]}
+    return {
+        "prompt_tokens": prompts,
+        "output_tokens": outs,
+        "tool_names": ["fetch"] * (n - 1) + [""],
+        "tool_latency_s": [*lat, 0.0],
+    }
 
 
 def rag_session(rng: np.random.Generator, p: RagParams, scale: float = 1.0) -> dict:
@@ -175,16 +183,26 @@ def rag_session(rng: np.random.Generator, p: RagParams, scale: float = 1.0) -> d
         names.append("human")
         lat.append(float(min(600.0, _lognormal(rng, p.think_median_s, 0.9))))
     names[-1], lat[-1] = "", 0.0
-    outs = [_out(rng, 60.0) if i % 2 == 0 else _out(rng, p.output_median_tokens)
-            for i in range(len(prompts))]
-    return {"prompt_tokens": prompts, "output_tokens": outs, "tool_names": names,
-            "tool_latency_s": lat}
+    outs = [
+        _out(rng, 60.0) if i % 2 == 0 else _out(rng, p.output_median_tokens)
+        for i in range(len(prompts))
+    ]
+    return {
+        "prompt_tokens": prompts,
+        "output_tokens": outs,
+        "tool_names": names,
+        "tool_latency_s": lat,
+    }
 
 
 def single_shot_session(rng: np.random.Generator, scale: float = 1.0) -> dict:
     """One request with no tools (the non-agent load peak throughput is measured on)."""
-    return {"prompt_tokens": [int(rng.integers(500, 4_000) * scale)],
-            "output_tokens": [_out(rng, 250.0)], "tool_names": [""], "tool_latency_s": [0.0]}
+    return {
+        "prompt_tokens": [int(rng.integers(500, 4_000) * scale)],
+        "output_tokens": [_out(rng, 250.0)],
+        "tool_names": [""],
+        "tool_latency_s": [0.0],
+    }
 
 
 def multi_agent_sessions(
@@ -199,18 +217,27 @@ def multi_agent_sessions(
     names = ["tool"] * (n - 1) + [""]
     lat = [float(rng.uniform(*p.tool_s)) for _ in range(n - 1)] + [0.0]
     names[join], lat[join] = "join", 0.0
-    planner = {"prompt_tokens": prompts, "output_tokens": outs, "tool_names": names,
-               "tool_latency_s": lat, "join_after_step": join}
+    planner = {
+        "prompt_tokens": prompts,
+        "output_tokens": outs,
+        "tool_names": names,
+        "tool_latency_s": lat,
+        "join_after_step": join,
+    }
     shared = sum(prompts[: join + 1]) + sum(outs[: join + 1])
     workers = []
     for _ in range(int(rng.integers(p.workers[0], p.workers[1] + 1))):
         m = int(rng.integers(p.worker_steps[0], p.worker_steps[1] + 1))
         wp = [shared + int(rng.integers(*p.worker_task_tokens))]
         wp += [int(rng.integers(*p.appended_tokens)) for _ in range(m - 1)]
-        workers.append({
-            "prompt_tokens": wp, "output_tokens": [_out(rng, p.output_median_tokens) for _ in wp],
-            "tool_names": ["tool"] * (m - 1) + [""],
-            "tool_latency_s": [float(rng.uniform(*p.tool_s)) for _ in range(m - 1)] + [0.0],
-            "shared_prefix_tokens": shared, "spawn_after_step": join,
-        })
+        workers.append(
+            {
+                "prompt_tokens": wp,
+                "output_tokens": [_out(rng, p.output_median_tokens) for _ in wp],
+                "tool_names": ["tool"] * (m - 1) + [""],
+                "tool_latency_s": [float(rng.uniform(*p.tool_s)) for _ in range(m - 1)] + [0.0],
+                "shared_prefix_tokens": shared,
+                "spawn_after_step": join,
+            }
+        )
     return planner, workers

@@ -70,8 +70,10 @@ class Arrivals:
             cand = _poisson(rng, peak, 0.0, duration_s)
             keep = rng.random(len(cand))
             return [
-                t for t, u in zip(cand, keep, strict=True)
-                if u * peak < self.rate_per_s * (1 + self.amplitude * math.sin(2 * math.pi * t / self.period_s))
+                t
+                for t, u in zip(cand, keep, strict=True)
+                if u * peak
+                < self.rate_per_s * (1 + self.amplitude * math.sin(2 * math.pi * t / self.period_s))
             ]
         raise ValueError(f"unknown arrival process {self.kind!r}")
 
@@ -134,16 +136,34 @@ def build(
     spawned: list[AgentSession] = []
     for t, tenant, kind, f, kids in roots:
         idx = len(out)
-        s = AgentSession(f"s{idx}", tenant, kind, t, f["prompt_tokens"], f["output_tokens"],
-                         f["tool_names"], f["tool_latency_s"],
-                         join_after_step=f.get("join_after_step", -1))
+        s = AgentSession(
+            f"s{idx}",
+            tenant,
+            kind,
+            t,
+            f["prompt_tokens"],
+            f["output_tokens"],
+            f["tool_names"],
+            f["tool_latency_s"],
+            join_after_step=f.get("join_after_step", -1),
+        )
         out.append(s)
         for j, kf in enumerate(kids):
-            spawned.append(AgentSession(
-                f"s{idx}w{j}", tenant, "multi_agent_worker", -1.0, kf["prompt_tokens"],
-                kf["output_tokens"], kf["tool_names"], kf["tool_latency_s"], parent=idx,
-                spawn_after_step=kf["spawn_after_step"],
-                shared_prefix_tokens=kf["shared_prefix_tokens"]))
+            spawned.append(
+                AgentSession(
+                    f"s{idx}w{j}",
+                    tenant,
+                    "multi_agent_worker",
+                    -1.0,
+                    kf["prompt_tokens"],
+                    kf["output_tokens"],
+                    kf["tool_names"],
+                    kf["tool_latency_s"],
+                    parent=idx,
+                    spawn_after_step=kf["spawn_after_step"],
+                    shared_prefix_tokens=kf["shared_prefix_tokens"],
+                )
+            )
     for w in spawned:
         out[w.parent].children.append(len(out))
         out.append(w)

@@ -7,16 +7,26 @@ from loadtest.sim.simulator import Simulator
 from loadtest.workloads import AgentSession
 
 
-def session(name: str, arrival_s: float, prompts: list[int], outs: list[int],
-            tools_s: list[float], tenant: str = "t") -> AgentSession:
+def session(
+    name: str,
+    arrival_s: float,
+    prompts: list[int],
+    outs: list[int],
+    tools_s: list[float],
+    tenant: str = "t",
+) -> AgentSession:
     """A scripted session: ``tools_s[i]`` is the tool wait after step ``i``."""
     names = ["test"] * (len(prompts) - 1) + [""]
-    return AgentSession(name, tenant, "coding", arrival_s, prompts, outs, names,
-                        [*tools_s, 0.0])
+    return AgentSession(name, tenant, "coding", arrival_s, prompts, outs, names, [*tools_s, 0.0])
 
 
-def tiny_sim(sessions: list[AgentSession], policy: object, gpus: int = 1,
-             capacity_blocks: int = 100, duration_s: float = 100.0) -> Simulator:
+def tiny_sim(
+    sessions: list[AgentSession],
+    policy: object,
+    gpus: int = 1,
+    capacity_blocks: int = 100,
+    duration_s: float = 100.0,
+) -> Simulator:
     """A simulator whose replicas hold ``capacity_blocks`` of 16 tokens each."""
     sim = Simulator(sessions, ClusterConfig(gpus=gpus), policy, duration_s)
     for r in sim.replicas:

@@ -41,8 +41,11 @@ def test_vllm_apc_keeps_a_finished_steps_blocks_until_pressure() -> None:
     pool = sim.replicas[0].pool
     assert pool.gpu == {0: 50, 1: 50}  # both kept: no pressure
     # with room for only one more session, b takes the tail of a (LRU) only
-    sim = tiny_sim([session("a", 0.0, [480], [320], []), session("b", 20.0, [480], [320], [])],
-                   VllmApc(), capacity_blocks=80)
+    sim = tiny_sim(
+        [session("a", 0.0, [480], [320], []), session("b", 20.0, [480], [320], [])],
+        VllmApc(),
+        capacity_blocks=80,
+    )
     sim.run()
     assert sim.replicas[0].pool.gpu == {0: 30, 1: 50}
 

@@ -67,8 +67,9 @@ def test_belady_never_loses_on_block_traces(reqs: list[list[int]], cap: int, see
 
 @settings(max_examples=200, deadline=None)
 @given(
-    st.lists(st.tuples(st.integers(0, 6), st.integers(1, 6), st.integers(0, 3)),
-             min_size=1, max_size=40),
+    st.lists(
+        st.tuples(st.integers(0, 6), st.integers(1, 6), st.integers(0, 3)), min_size=1, max_size=40
+    ),
     st.integers(4, 24),
 )
 def test_belady_never_loses_on_session_traces(raw: list[tuple[int, int, int]], cap: int) -> None:

@@ -77,7 +77,7 @@ def test_shipped_scenarios_load(name: str) -> None:
 def test_every_policy_runs_a_small_standard_scenario() -> None:
     sc = load_scenario("standard", gpus=4, duration_s=120.0)
     for p in ("rr-lru", "vllm-apc", "llmd-prefix", "ttl-pin", "kvsched", "oracle"):
-        summary, series, sim = run_policy(sc, p, 1)
+        summary, _, _ = run_policy(sc, p, 1)
         assert summary["steps_started"] > 50, p
         assert 0.0 <= summary["kv_util"] <= 1.0
         assert summary["misses_vs_oracle"] >= 1.0 or p == "kvsched"  # host tier is not in it
@@ -86,8 +86,21 @@ def test_every_policy_runs_a_small_standard_scenario() -> None:
 
 
 def test_simulate_json_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = simulate_main(["--scenario", "standard", "--gpus", "4", "--duration", "60",
-                        "--policies", "vllm-apc,ttl-pin", "--json", "--report", str(tmp_path)])
+    rc = simulate_main(
+        [
+            "--scenario",
+            "standard",
+            "--gpus",
+            "4",
+            "--duration",
+            "60",
+            "--policies",
+            "vllm-apc,ttl-pin",
+            "--json",
+            "--report",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["scenario"] == "standard" and out["seed"] == 1
