@@ -51,7 +51,10 @@ def print_table(out: dict) -> None:
                 cell += f" ({m[key] / base[key]:.2f}x)"
             cells.append(cell)
         t.add_row(name, *cells)
-    Console().print(t)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # a pipe or a file: do not wrap the columns
+    console.print(t)
 
 
 def _plots(directory: Path, series: dict[str, dict], out: dict) -> list[tuple[str, str]]:

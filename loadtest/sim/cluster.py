@@ -31,6 +31,8 @@ class ClusterConfig:
     block_size_tokens: int = 16  # vLLM's default block size
     host_bytes_per_gpu: float = 200e9  # a share of a node's DRAM for the KV host tier
     max_running_steps: int = 256  # vLLM max_num_seqs
+    # vLLM max_num_batched_tokens: the prefill chunk one iteration carries
+    token_budget_tokens: int = 8192
 
     @property
     def replicas(self) -> int:
@@ -52,6 +54,7 @@ class ReplicaModel:
     weight_bytes: int
     hbm_bytes_per_s: float
     max_running_steps: int
+    token_budget_tokens: int
 
     @classmethod
     def of(cls, c: ClusterConfig) -> ReplicaModel:
@@ -71,6 +74,7 @@ class ReplicaModel:
             weight_bytes=m.weight_bytes,
             hbm_bytes_per_s=HBM_BYTES_PER_S.get(c.gpu, 3.35e12) * tp,
             max_running_steps=c.max_running_steps,
+            token_budget_tokens=c.token_budget_tokens,
         )
 
     def prefill_s(self, tokens: float) -> float:
@@ -88,6 +92,18 @@ class ReplicaModel:
     def token_time_s(self, batch_kv_tokens: float) -> float:
         """One decode iteration: weights plus every running sequence's KV read from HBM."""
         return (self.weight_bytes + batch_kv_tokens * self.bytes_per_token) / self.hbm_bytes_per_s
+
+    def decode_s(self, output_tokens: int, batch_kv_tokens: float, prefill_busy_s: float) -> float:
+        """Seconds to decode ``output_tokens`` in a batch reading ``batch_kv_tokens`` of KV.
+
+        # NOTE: chunked prefill: while the replica has prefill work, every
+        # iteration also carries a chunk of ``token_budget_tokens`` prefill
+        # tokens, so a decode iteration takes at least the chunk's compute time.
+        """
+        token_s = self.token_time_s(batch_kv_tokens)
+        chunk_s = max(token_s, self.token_budget_tokens / self.prefill_tokens_per_s)
+        shared = min(output_tokens, int(prefill_busy_s / chunk_s))
+        return shared * chunk_s + (output_tokens - shared) * token_s
 
     def blocks(self, tokens: int) -> int:
         """Blocks ``tokens`` take."""

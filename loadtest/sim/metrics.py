@@ -105,13 +105,19 @@ class Recorder:
         self.samples_used.append(used / cap)
 
     def standalone_s(self, sid: int) -> float:
-        """A session's time alone on an idle replica with a perfect cache."""
+        """A session's time alone on an idle replica with a perfect cache.
+
+        A planner's join waits for its slowest worker, so that worker's standalone
+        time stands in for the join's tool time.
+        """
         s, m = self.sessions[sid], self.model
         t, prev = 0.0, 0
         for i in range(s.steps):
             ctx = s.context_before_step(i)
             t += m.extend_s(prev, ctx) + s.output_tokens[i] * m.token_time_s(ctx)
             t += s.tool_latency_s[i]
+            if i == s.join_after_step and s.children:
+                t += max(self.standalone_s(c) for c in s.children)
             prev = ctx + s.output_tokens[i]
         return t
 

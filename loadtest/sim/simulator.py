@@ -202,8 +202,8 @@ class Simulator:
         i = self.step[sid]
         ctx = s.context_before_step(i)
         rep.running_kv_tokens += ctx
-        token_s = self.model.token_time_s(rep.running_kv_tokens)
-        decode_s = s.output_tokens[i] * token_s
+        busy_s = max(0.0, rep.lane_free_s - self.now)
+        decode_s = self.model.decode_s(s.output_tokens[i], rep.running_kv_tokens, busy_s)
         self.rec.first_token(sid, self.now - self.ready_s[sid], decode_s / max(1, rep.running))
         self.at(self.now + decode_s, DECODE_DONE, sid)
 
