@@ -11,7 +11,7 @@ import argparse
 import platform
 import time
 
-from loadtest.sim.run import load_scenario, make_policy
+from loadtest.sim.run import closed_loop, load_scenario, make_policy
 from loadtest.sim.simulator import Simulator
 from loadtest.workloads import build
 
@@ -43,6 +43,7 @@ def main() -> None:
             sc.duration_s,
             sc.slo_ttft_s,
             record_trace=False,
+            closed_loop=closed_loop(sc),
         )
         t0 = time.perf_counter()
         sim.run()

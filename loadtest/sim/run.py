@@ -41,8 +41,13 @@ class Scenario:
         out = []
         for t in self.tenants:
             a = dict(t["arrivals"])
-            per_min = float(a.pop("rate_per_gpu_per_min"))
-            arrivals = Arrivals(rate_per_s=per_min * self.cluster.gpus / 60.0, **a)
+            per_min = float(a.pop("rate_per_gpu_per_min", 0.0))
+            per_gpu = float(a.pop("sessions_per_gpu", 0.0))
+            arrivals = Arrivals(
+                rate_per_s=per_min * self.cluster.gpus / 60.0,
+                concurrency=max(1, round(per_gpu * self.cluster.gpus)) if per_gpu else 0,
+                **a,
+            )
             out.append(
                 TenantMix(
                     str(t["id"]),
@@ -105,12 +110,24 @@ def run_policy(
     """Simulate one policy; returns (summary, series, simulator)."""
     if sessions is None:
         sessions = build(sc.mixes(), sc.duration_s, seed)
-    sim = Simulator(sessions, sc.cluster, make_policy(policy), sc.duration_s, sc.slo_ttft_s)
+    sim = Simulator(
+        sessions,
+        sc.cluster,
+        make_policy(policy),
+        sc.duration_s,
+        sc.slo_ttft_s,
+        closed_loop=closed_loop(sc),
+    )
     rec = sim.run(progress)
     oracle = sum(replay_sessions(tr, sim.model.capacity_blocks, "belady") for tr in rec.trace)
     summary = rec.summary(sc.duration_s, oracle)
     summary["steps_completed"] = sim.steps_done
     return summary, rec.series(sc.duration_s), sim
+
+
+def closed_loop(sc: Scenario) -> dict[str, int]:
+    """Tasks in flight per closed-loop tenant."""
+    return {m.tenant_id: m.arrivals.concurrency for m in sc.mixes() if m.arrivals.closed}
 
 
 def peak_throughput(sc: Scenario, policy: str, seed: int) -> float:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from loadtest.sim.cluster import ClusterConfig, Pool, ReplicaModel
 from loadtest.sim.metrics import Recorder
-from loadtest.workloads import AgentSession
+from loadtest.workloads import CLOSED_LOOP, AgentSession
 
 ARRIVE, READY, PREFILL_DONE, DECODE_DONE, TOOL_END, LEASE_END, TICK, SAMPLE = range(8)
 
@@ -48,6 +48,7 @@ class Simulator:
         slo_ttft_s: float = 2.0,
         sample_s: float = 1.0,
         record_trace: bool = True,
+        closed_loop: dict[str, int] | None = None,
     ) -> None:
         self.sessions = sessions
         self.index = {s.session_id: i for i, s in enumerate(sessions)}
@@ -69,6 +70,12 @@ class Simulator:
         self.next_use_s = [math.inf] * n  # clairvoyant: when the session's next step is ready
         self.pending_children = [0] * n
         self.queued_est = [0] * n  # prefill tokens a queued step was counted for
+        # closed loop: per tenant, the backlog of tasks not started yet (in draw order)
+        self.closed_loop = dict(closed_loop or {})
+        self.backlog: dict[str, deque[int]] = {t: deque() for t in self.closed_loop}
+        for i, s in enumerate(sessions):
+            if s.arrival_s == CLOSED_LOOP and s.parent < 0 and s.tenant_id in self.backlog:
+                self.backlog[s.tenant_id].append(i)
         self.rec = Recorder(sessions, self.model, cluster.replicas, slo_ttft_s, record_trace)
         self._heap: list[tuple[float, int, int, int]] = []
         self._seq = 0
@@ -87,6 +94,10 @@ class Simulator:
         for i, s in enumerate(self.sessions):
             if s.arrival_s >= 0.0:
                 self.at(s.arrival_s, ARRIVE, i)
+        for tenant, n in self.closed_loop.items():
+            # NOTE: the first tasks start spread over 30 s so they do not step in lockstep
+            for k in range(min(n, len(self.backlog[tenant]))):
+                self.at(30.0 * k / n, ARRIVE, self.backlog[tenant].popleft())
         self.at(0.0, SAMPLE, 0)
         tick = getattr(self.policy, "tick_s", 0.0)
         if tick:
@@ -223,6 +234,9 @@ class Simulator:
             self.rec.finished(sid, self.now)
             pool.finish(sid)
             self.policy.on_finish(sid, r, self.now)  # type: ignore[attr-defined]
+            queue = self.backlog.get(s.tenant_id)
+            if queue and s.parent < 0:
+                self.at(self.now, ARRIVE, queue.popleft())  # closed loop: the next task
             if s.parent >= 0:
                 self.pending_children[s.parent] -= 1
                 if self.pending_children[s.parent] == 0:

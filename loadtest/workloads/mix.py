@@ -27,6 +27,8 @@ from loadtest.workloads.fleets import (
 )
 
 AGENT_TYPES = ("coding", "browsing", "rag", "multi_agent", "single_shot")
+#: Arrival time of a closed-loop session (the simulator decides when it starts).
+CLOSED_LOOP = -2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +39,10 @@ class Arrivals:
     Poisson process, ``burst_factor`` times the base rate in the high state,
     mean sojourns ``high_s``/``low_s``, normalised so the mean rate holds.
     ``diurnal``: the rate follows 1 + ``amplitude`` × sin over ``period_s``
-    (a compressed day), drawn by thinning.
+    (a compressed day), drawn by thinning. ``closed``: a closed loop of
+    ``concurrency`` tasks in flight (a new task starts when one finishes, as
+    agent benchmarks run); its sessions carry ``CLOSED_LOOP`` as arrival time
+    and the simulator starts them.
     """
 
     kind: str = "poisson"
@@ -47,9 +52,19 @@ class Arrivals:
     low_s: float = 90.0
     amplitude: float = 0.6
     period_s: float = 600.0
+    concurrency: int = 0
+
+    @property
+    def closed(self) -> bool:
+        """True for a closed loop (tasks start when others finish)."""
+        return self.kind == "closed"
 
     def times(self, rng: np.random.Generator, duration_s: float) -> list[float]:
         """Arrival instants in [0, duration_s)."""
+        if self.kind == "closed":
+            # a backlog long enough that no slot runs dry: tasks last tens of seconds at least
+            n = self.concurrency * max(4, int(duration_s / 20.0))
+            return [CLOSED_LOOP] * n
         if self.rate_per_s <= 0:
             return []
         if self.kind == "poisson":
@@ -131,7 +146,7 @@ def build(
             else:
                 raise ValueError(f"unknown agent type {kind!r} (known: {AGENT_TYPES})")
             roots.append((t, ten.tenant_id, kind, f, kids))
-    roots.sort(key=lambda r: r[0])
+    roots.sort(key=lambda r: r[0])  # stable: closed-loop backlogs keep their draw order
     out: list[AgentSession] = []
     spawned: list[AgentSession] = []
     for t, tenant, kind, f, kids in roots:

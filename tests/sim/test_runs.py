@@ -114,3 +114,22 @@ def test_simulate_json_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 def test_simulate_rejects_unknown_policy() -> None:
     assert simulate_main(["--policies", "nope"]) == 2
+
+
+def test_closed_loop_keeps_its_concurrency_and_starts_a_task_when_one_ends() -> None:
+    from loadtest.sim.cluster import ClusterConfig
+    from loadtest.sim.policies import VllmApc
+    from loadtest.sim.simulator import Simulator
+    from loadtest.workloads import CLOSED_LOOP
+
+    ss = [session(f"c{i}", CLOSED_LOOP, [320, 16], [32, 16], [1.0]) for i in range(5)]
+    sim = Simulator(ss, ClusterConfig(gpus=1), VllmApc(), 200.0, closed_loop={"t": 2})
+    rec = sim.run()
+    assert rec.start_s[:2] == [0.0, 15.0]  # the first two start spread over 30 s
+    assert rec.start_s[2] == rec.end_s[0]  # the third starts when the first ends
+    assert rec.start_s[3] == rec.end_s[2]  # which ended before the second did
+    assert all(t > 0 for t in rec.end_s)
+    ends = sorted(rec.end_s)
+    for i, t in enumerate(rec.start_s):
+        assert sum(1 for j, e in enumerate(rec.end_s) if rec.start_s[j] <= t < e) <= 2, i
+    assert ends[-1] < 200.0
