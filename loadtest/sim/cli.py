@@ -8,6 +8,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from loadtest.sim.run import (
     POLICIES,
@@ -55,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object, no table")
     p.add_argument("--report", metavar="DIR", help="write an HTML report with plots here")
+    p.add_argument(
+        "--trace-out",
+        metavar="DIR",
+        help="write each policy's agent trace as DIR/<policy>.jsonl (kvsched replay reads it)",
+    )
     return p
 
 
@@ -105,7 +111,15 @@ def simulate_main(argv: Sequence[str]) -> int:
             def tick(t: float, task: int = task) -> None:
                 bar.update(task, completed=t)  # type: ignore[arg-type]
 
-            summary, ser, _ = run_policy(sc, name, args.seed, tick, sessions)
+            summary, ser, sim = run_policy(
+                sc, name, args.seed, tick, sessions, trace_events=bool(args.trace_out)
+            )
+            if args.trace_out:
+                d = Path(args.trace_out)
+                d.mkdir(parents=True, exist_ok=True)
+                with (d / f"{name}.jsonl").open("w") as f:
+                    for ev in sim.events or ():
+                        f.write(json.dumps(ev) + "\n")
             summary["peak_throughput_tokens_per_s"] = (
                 float("nan") if args.no_peak else peak_throughput(sc, name, args.seed)
             )

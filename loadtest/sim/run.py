@@ -106,6 +106,7 @@ def run_policy(
     seed: int,
     progress: Callable[[float], None] | None = None,
     sessions: list | None = None,
+    trace_events: bool = False,
 ) -> tuple[dict, dict, Simulator]:
     """Simulate one policy; returns (summary, series, simulator)."""
     if sessions is None:
@@ -117,6 +118,7 @@ def run_policy(
         sc.duration_s,
         sc.slo_ttft_s,
         closed_loop=closed_loop(sc),
+        trace_events=trace_events,
     )
     rec = sim.run(progress)
     oracle = sum(replay_sessions(tr, sim.model.capacity_blocks, "belady") for tr in rec.trace)

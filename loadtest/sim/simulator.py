@@ -49,6 +49,7 @@ class Simulator:
         sample_s: float = 1.0,
         record_trace: bool = True,
         closed_loop: dict[str, int] | None = None,
+        trace_events: bool = False,
     ) -> None:
         self.sessions = sessions
         self.index = {s.session_id: i for i, s in enumerate(sessions)}
@@ -71,6 +72,8 @@ class Simulator:
         self.pending_children = [0] * n
         self.queued_est = [0] * n  # prefill tokens a queued step was counted for
         # closed loop: per tenant, the backlog of tasks not started yet (in draw order)
+        # the agent trace (loadtest.sim.replay documents the format), when asked for
+        self.events: list[dict] | None = [] if trace_events else None
         self.closed_loop = dict(closed_loop or {})
         self.backlog: dict[str, deque[int]] = {t: deque() for t in self.closed_loop}
         for i, s in enumerate(sessions):
@@ -204,6 +207,8 @@ class Simulator:
             m.blocks(prompt),
             need,
         )
+        if self.events is not None:
+            self._trace(sid, "step_start", prompt, s.output_tokens[i])
         self.policy.on_admit(sid, i, r, now)  # type: ignore[attr-defined]
         self.at(done, PREFILL_DONE, sid)
 
@@ -230,6 +235,9 @@ class Simulator:
         self.steps_done += 1
         pool = rep.pool
         pool.idle(sid)
+        if self.events is not None:
+            last = i == s.steps - 1
+            self._trace(sid, "session_finish" if last else "tool_call_wait", ctx, 0)
         if i == s.steps - 1:
             self.rec.finished(sid, self.now)
             pool.finish(sid)
@@ -252,6 +260,25 @@ class Simulator:
                 self.at(self.now + s.tool_latency_s[i], TOOL_END, sid)
             self.policy.on_step_end(sid, i, r, self.now)  # type: ignore[attr-defined]
         self.try_admit(r)
+
+    def _trace(self, sid: int, kind: str, ctx: int, new: int) -> None:
+        s = self.sessions[sid]
+        i = self.step[sid]
+        ev = {
+            "t": self.now,
+            "kind": kind,
+            "session": s.session_id,
+            "tenant": s.tenant_id,
+            "agent_type": s.agent_type,
+            "step": i,
+            "context_tokens": ctx,
+            "new_tokens": new,
+            "worker": f"r{self.where[sid]}",
+        }
+        if kind == "tool_call_wait":
+            ev["tool"] = s.tool_names[i] or "join"
+            ev["expected_tool_latency_s"] = s.tool_latency_s[i]
+        self.events.append(ev)  # type: ignore[union-attr]
 
     def _tool_end(self, sid: int) -> None:
         self.policy.on_tool_end(sid, self.step[sid], self.now)  # type: ignore[attr-defined]
