@@ -175,11 +175,20 @@ class Pool:
             if s in self.dead and s not in self.host:
                 self.dead.discard(s)
 
-    def evict_lru(self, need: int) -> None:
-        """Free blocks until ``need`` are free: LRU session first, its tail first."""
+    def evict_lru(self, need: int, exclude: int = -1) -> None:
+        """Free blocks until ``need`` are free: LRU session first, its tail first.
+
+        ``exclude`` (the session being admitted) is skipped: its cached blocks are
+        the prefix its step is about to reuse.
+        """
         lru = self.lru
         while self.cap - self.used < need and lru:
-            s = next(iter(lru))
+            it = iter(lru)
+            s = next(it)
+            if s == exclude:
+                s = next(it, -1)
+                if s < 0:
+                    return
             self.take(s, min(self.gpu[s], need - (self.cap - self.used)))
 
     def hold(self, s: int, blocks: int) -> None:
@@ -246,7 +255,7 @@ class Pool:
         have = self.gpu.get(s, 0)
         if n <= have:
             return 0
-        self.evict_lru(n - have)
+        self.evict_lru(n - have, exclude=s)
         if self.cap - self.used < n - have:
             return 0
         self.used += n - have

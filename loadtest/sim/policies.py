@@ -30,7 +30,7 @@ class Policy(Protocol):
 
     def attach(self, sim: object) -> None: ...
     def place(self, sid: int, step: int, now: float) -> int: ...
-    def evict(self, pool: Pool, need_blocks: int, now: float) -> None: ...
+    def evict(self, pool: Pool, need_blocks: int, now: float, exclude: int) -> None: ...
     def on_admit(self, sid: int, step: int, r: int, now: float) -> None: ...
     def on_step_end(self, sid: int, step: int, r: int, now: float) -> None: ...
     def on_tool_end(self, sid: int, step: int, now: float) -> None: ...
@@ -61,9 +61,9 @@ class VllmApc:
         """Affinity: always the session's hash home."""
         return self.home(sid)
 
-    def evict(self, pool: Pool, need_blocks: int, now: float) -> None:
-        """LRU session first, its tail blocks first."""
-        pool.evict_lru(need_blocks)
+    def evict(self, pool: Pool, need_blocks: int, now: float, exclude: int = -1) -> None:
+        """LRU session first, its tail blocks first (never ``exclude``, being admitted)."""
+        pool.evict_lru(need_blocks, exclude)
 
     def on_admit(self, sid: int, step: int, r: int, now: float) -> None:
         """Nothing to do."""
@@ -172,11 +172,14 @@ class Clairvoyant(VllmApc):
 
     name = "oracle"
 
-    def evict(self, pool: Pool, need_blocks: int, now: float) -> None:
+    def evict(self, pool: Pool, need_blocks: int, now: float, exclude: int = -1) -> None:
         """Farthest next use first (finished sessions are never used again), tail first."""
         nxt = self.sim.next_use_s  # type: ignore[attr-defined]
-        while pool.free < need_blocks and pool.lru:
-            v = max(pool.lru, key=lambda s: (s in pool.dead, nxt[s]))
+        while pool.free < need_blocks:
+            victims = [s for s in pool.lru if s != exclude]
+            if not victims:
+                return
+            v = max(victims, key=lambda s: (s in pool.dead, nxt[s]))
             pool.take(v, min(pool.gpu[v], need_blocks - pool.free))
 
 

@@ -162,7 +162,7 @@ class Simulator:
             need = min(m.blocks(prompt + s.output_tokens[i]), pool.cap)
             have = pool.gpu.get(sid, 0)
             if pool.free < need - have:
-                self.policy.evict(pool, need - have, self.now)  # type: ignore[attr-defined]
+                self.policy.evict(pool, need - have, self.now, sid)  # type: ignore[attr-defined]
                 if pool.free < need - have:
                     return  # head of line waits for memory
             rep.queue.popleft()

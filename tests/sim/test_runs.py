@@ -77,7 +77,12 @@ def test_shipped_scenarios_load(name: str) -> None:
 def test_every_policy_runs_a_small_standard_scenario() -> None:
     sc = load_scenario("standard", gpus=4, duration_s=120.0)
     for p in ("rr-lru", "vllm-apc", "llmd-prefix", "ttl-pin", "kvsched", "oracle"):
-        summary, _, _ = run_policy(sc, p, 1)
+        summary, _, sim = run_policy(sc, p, 1)
+        for rep in sim.replicas:
+            pool = rep.pool
+            assert pool.used == sum(pool.gpu.values()) <= pool.cap, p
+            assert pool.host_used == sum(pool.host.values()) <= pool.host_cap, p
+            assert set(pool.lru).isdisjoint(pool.lease_until), p
         assert summary["steps_started"] > 50, p
         assert 0.0 <= summary["kv_util"] <= 1.0
         assert summary["misses_vs_oracle"] >= 1.0 or p == "kvsched"  # host tier is not in it
