@@ -41,7 +41,7 @@ class KvschedPolicy(VllmApc):
     # NOTE: how fresh the engine's load figures are. The engine does not count
     # its own placements as queued work between heartbeats, so staler figures
     # pile steps onto one replica: on the standard scenario 1 s heartbeats
-    # gave ~7% fewer completions than 0.25 s (docs/simulator.md).
+    # give ~5% fewer completions than 0.25 s (docs/simulator.md).
     heartbeat_s = 0.25
     send_hints = False  # agents do not declare tool latency unless a scenario says so
 

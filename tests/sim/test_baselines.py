@@ -92,7 +92,8 @@ def test_ttl_pin_holds_through_a_tool_call_until_the_ttl() -> None:
     sim._admit = spy  # type: ignore[method-assign]
     sim.run()
     assert rec_b_admitted == [until]  # b waited for the lease to end, then evicted a
-    assert TtlPin.min_ttl_s <= until - 0.0 and until < 20.0
+    step_end_s = until - 5.0  # the pin of a tool never seen before lasts 5 s
+    assert 0.0 < step_end_s < 4.0
 
 
 def test_llmd_prefix_follows_the_cached_prefix() -> None:
