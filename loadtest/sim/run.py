@@ -35,6 +35,8 @@ class Scenario:
     tenants: tuple[dict, ...]
     duration_s: float
     slo_ttft_s: float
+    # agents declare each tool call's expected latency to the scheduler (a hint)
+    tool_hints: bool = False
 
     def mixes(self) -> list[TenantMix]:
         """Tenant mixes with rates scaled to the cluster's GPUs."""
@@ -86,15 +88,18 @@ def load_scenario(
         tuple(d["tenants"]),
         float(duration_s or d.get("duration_s", 300.0)),
         float(d.get("slo_ttft_s", 2.0)),
+        bool(d.get("tool_hints", False)),
     )
 
 
-def make_policy(name: str) -> object:
-    """A fresh policy object by name."""
+def make_policy(name: str, tool_hints: bool = False) -> object:
+    """A fresh policy object by name (``tool_hints``: kvsched receives latency hints)."""
     if name == "kvsched":
         from loadtest.sim.kvsched_policy import KvschedPolicy
 
-        return KvschedPolicy()
+        pol = KvschedPolicy()
+        pol.send_hints = tool_hints
+        return pol
     if name not in BASELINES:
         raise ValueError(f"unknown policy {name!r} (known: {', '.join(POLICIES)})")
     return BASELINES[name]()
@@ -114,7 +119,7 @@ def run_policy(
     sim = Simulator(
         sessions,
         sc.cluster,
-        make_policy(policy),
+        make_policy(policy, sc.tool_hints),
         sc.duration_s,
         sc.slo_ttft_s,
         closed_loop=closed_loop(sc),

@@ -138,3 +138,14 @@ def test_closed_loop_keeps_its_concurrency_and_starts_a_task_when_one_ends() -> 
     for i, t in enumerate(rec.start_s):
         assert sum(1 for j, e in enumerate(rec.end_s) if rec.start_s[j] <= t < e) <= 2, i
     assert ends[-1] < 200.0
+
+
+def test_tool_hints_flag_reaches_the_kvsched_policy(tmp_path: Path) -> None:
+    from loadtest.sim.run import make_policy
+
+    src = (Path(__file__).resolve().parents[2] / "loadtest/scenarios/coding.toml").read_text()
+    path = tmp_path / "hinted.toml"
+    path.write_text(src.replace("slo_ttft_s = 2.0", "slo_ttft_s = 2.0\ntool_hints = true"))
+    sc = load_scenario(str(path), gpus=2)
+    assert sc.tool_hints and not load_scenario("coding").tool_hints
+    assert make_policy("kvsched", sc.tool_hints).send_hints is True  # type: ignore[attr-defined]
