@@ -9,7 +9,8 @@ Definitions (docs/simulator.md repeats them):
   already computed, over all GPU seconds (prefill + each step's share of its
   decode batch);
 * KV utilisation: time-weighted share of GPU KV blocks holding live sessions'
-  KV (cached blocks of finished sessions count as empty);
+  KV on the replica of their latest step (cached blocks of finished sessions,
+  and copies left on other replicas, count as empty);
 * token hit ratio: prompt tokens served from cache (GPU or host tier) over all
   prompt tokens;
 * slowdown: a task's completion time over its standalone time (perfect cache,
@@ -95,13 +96,22 @@ class Recorder:
         s = self.sessions[sid]
         self.tokens_done += s.context_before_step(s.steps - 1) + s.output_tokens[-1]
 
-    def sample(self, now: float, replicas: list) -> None:
-        """Record KV utilisation (live KV) and occupancy (anything cached)."""
-        cap = sum(r.pool.cap for r in replicas)
-        used = sum(r.pool.used for r in replicas)
-        dead = sum(r.pool.dead_blocks for r in replicas)
+    def sample(self, now: float, replicas: list, where: list[int]) -> None:
+        """Record KV utilisation (live KV) and occupancy (anything cached).
+
+        # NOTE: live KV is a live session's blocks on the replica of its latest
+        # step; copies left behind on other replicas (round robin, moves) will
+        # not be reused by the next step there, so they count as empty.
+        """
+        cap = used = live = 0
+        for r, rep in enumerate(replicas):
+            pool = rep.pool
+            cap += pool.cap
+            used += pool.used
+            dead = pool.dead
+            live += sum(n for s, n in pool.gpu.items() if where[s] == r and s not in dead)
         self.samples_t.append(now)
-        self.samples_util.append((used - dead) / cap)
+        self.samples_util.append(live / cap)
         self.samples_used.append(used / cap)
 
     def standalone_s(self, sid: int) -> float:

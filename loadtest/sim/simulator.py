@@ -310,5 +310,5 @@ class Simulator:
         self.at(self.now + self.policy.tick_s, TICK, 0)  # type: ignore[attr-defined]
 
     def _sample(self, _: int) -> None:
-        self.rec.sample(self.now, self.replicas)
+        self.rec.sample(self.now, self.replicas, self.where)
         self.at(self.now + self.sample_s, SAMPLE, 0)
