@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import math
 from pathlib import Path
+from typing import Any
 
 #: (key, header, format, baseline ratio shown?)
 COLUMNS = (
@@ -28,7 +29,7 @@ def _fmt(fmt: str, v: object) -> str:
     return fmt.format(v)
 
 
-def print_table(out: dict) -> None:
+def print_table(out: dict[str, Any]) -> None:
     """Print the comparison as a rich table (ratios against vllm-apc where it ran)."""
     from rich.console import Console
     from rich.table import Table
@@ -57,7 +58,9 @@ def print_table(out: dict) -> None:
     console.print(t)
 
 
-def _plots(directory: Path, series: dict[str, dict], out: dict) -> list[tuple[str, str]]:
+def _plots(
+    directory: Path, series: dict[str, dict[str, Any]], out: dict[str, Any]
+) -> list[tuple[str, str]]:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -127,7 +130,7 @@ def _plots(directory: Path, series: dict[str, dict], out: dict) -> list[tuple[st
     return made
 
 
-def write_html(directory: str, out: dict, series: dict[str, dict]) -> Path:
+def write_html(directory: str, out: dict[str, Any], series: dict[str, dict[str, Any]]) -> Path:
     """Write index.html and its PNG plots into ``directory``; returns the page's path."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from loadtest.sim.run import (
     POLICIES,
@@ -90,8 +91,8 @@ def simulate_main(argv: Sequence[str]) -> int:
         return 2
     started = time.perf_counter()
     sessions = build(sc.mixes(), sc.duration_s, args.seed)
-    results: dict[str, dict] = {}
-    series: dict[str, dict] = {}
+    results: dict[str, dict[str, Any]] = {}
+    series: dict[str, dict[str, Any]] = {}
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -123,7 +124,7 @@ def simulate_main(argv: Sequence[str]) -> int:
             summary["peak_throughput_tokens_per_s"] = (
                 float("nan") if args.no_peak else peak_throughput(sc, name, args.seed)
             )
-            bar.update(task, completed=sc.duration_s)  # type: ignore[arg-type]
+            bar.update(task, completed=sc.duration_s)
             results[name] = summary
             series[name] = ser
     wall_s = time.perf_counter() - started

@@ -19,6 +19,8 @@ Definitions (docs/simulator.md repeats them):
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from loadtest.sim.cluster import ReplicaModel
@@ -96,7 +98,7 @@ class Recorder:
         s = self.sessions[sid]
         self.tokens_done += s.context_before_step(s.steps - 1) + s.output_tokens[-1]
 
-    def sample(self, now: float, replicas: list, where: list[int]) -> None:
+    def sample(self, now: float, replicas: list[Any], where: list[int]) -> None:
         """Record KV utilisation (live KV) and occupancy (anything cached).
 
         # NOTE: live KV is a live session's blocks on the replica of its latest
@@ -131,7 +133,7 @@ class Recorder:
             prev = ctx + s.output_tokens[i]
         return t
 
-    def summary(self, duration_s: float, oracle_miss_blocks: int | None) -> dict:
+    def summary(self, duration_s: float, oracle_miss_blocks: int | None) -> dict[str, Any]:
         """The report's figures for this run."""
         tasks = [
             i
@@ -169,7 +171,7 @@ class Recorder:
             "tenant_slowdown_ratio": ratio,
         }
 
-    def series(self, duration_s: float) -> dict:
+    def series(self, duration_s: float) -> dict[str, Any]:
         """Time series and distributions for the plots."""
         tasks = [
             i

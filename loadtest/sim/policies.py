@@ -55,7 +55,7 @@ class VllmApc:
         s = self.sessions[sid]
         key = self.sessions[s.parent].session_id if s.parent >= 0 else s.session_id
         # NOTE: multi-agent workers hash with their planner so they find its prefix
-        return zlib.crc32(key.encode()) % self.n
+        return int(zlib.crc32(key.encode()) % self.n)
 
     def place(self, sid: int, step: int, now: float) -> int:
         """Affinity: always the session's hash home."""

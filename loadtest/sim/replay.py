@@ -26,25 +26,28 @@ import json
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from loadtest.sim.oracle import replay_blocks, replay_sessions
 
 
-def read_jsonl(path: str) -> list[dict]:
+def read_jsonl(path: str) -> list[dict[str, Any]]:
     """Every JSON object of a JSONL file (blank lines skipped)."""
     with Path(path).open() as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def replay_mooncake(rows: Iterable[dict], capacity_blocks: int, policy: str) -> dict:
+def replay_mooncake(
+    rows: Iterable[dict[str, Any]], capacity_blocks: int, policy: str
+) -> dict[str, Any]:
     """Hits and misses of Mooncake requests' block ids through one cache."""
     rows = sorted(rows, key=lambda r: r.get("timestamp", 0))
     return replay_blocks([r["hash_ids"] for r in rows], capacity_blocks, policy)
 
 
 def replay_kvsched(
-    rows: Iterable[dict], capacity_blocks: int, policy: str, block_size_tokens: int = 16
-) -> dict:
+    rows: Iterable[dict[str, Any]], capacity_blocks: int, policy: str, block_size_tokens: int = 16
+) -> dict[str, Any]:
     """Hits and misses of an agent trace's step starts, one cache per worker."""
     by_worker: dict[str, list[tuple[int, int, int]]] = {}
     ids: dict[str, int] = {}

@@ -11,10 +11,11 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from loadtest.sim.cluster import ClusterConfig
 from loadtest.sim.oracle import replay_sessions
-from loadtest.sim.policies import BASELINES
+from loadtest.sim.policies import BASELINES, Policy
 from loadtest.sim.simulator import Simulator
 from loadtest.workloads import Arrivals, TenantMix, build
 
@@ -32,7 +33,7 @@ class Scenario:
     name: str
     description: str
     cluster: ClusterConfig
-    tenants: tuple[dict, ...]
+    tenants: tuple[dict[str, Any], ...]
     duration_s: float
     slo_ttft_s: float
     # agents declare each tool call's expected latency to the scheduler (a hint)
@@ -92,7 +93,7 @@ def load_scenario(
     )
 
 
-def make_policy(name: str, tool_hints: bool = False) -> object:
+def make_policy(name: str, tool_hints: bool = False) -> Policy:
     """A fresh policy object by name (``tool_hints``: kvsched receives latency hints)."""
     if name == "kvsched":
         from loadtest.sim.kvsched_policy import KvschedPolicy
@@ -102,7 +103,8 @@ def make_policy(name: str, tool_hints: bool = False) -> object:
         return pol
     if name not in BASELINES:
         raise ValueError(f"unknown policy {name!r} (known: {', '.join(POLICIES)})")
-    return BASELINES[name]()
+    policy: Policy = BASELINES[name]()
+    return policy
 
 
 def run_policy(
@@ -110,9 +112,9 @@ def run_policy(
     policy: str,
     seed: int,
     progress: Callable[[float], None] | None = None,
-    sessions: list | None = None,
+    sessions: list[Any] | None = None,
     trace_events: bool = False,
-) -> tuple[dict, dict, Simulator]:
+) -> tuple[dict[str, Any], dict[str, Any], Simulator]:
     """Simulate one policy; returns (summary, series, simulator)."""
     if sessions is None:
         sessions = build(sc.mixes(), sc.duration_s, seed)

@@ -15,10 +15,13 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from loadtest.sim.cluster import ClusterConfig, Pool, ReplicaModel
 from loadtest.sim.metrics import Recorder
+from loadtest.sim.policies import Policy
 from loadtest.workloads import CLOSED_LOOP, AgentSession
 
 ARRIVE, READY, PREFILL_DONE, DECODE_DONE, TOOL_END, LEASE_END, TICK, SAMPLE = range(8)
@@ -43,7 +46,7 @@ class Simulator:
         self,
         sessions: list[AgentSession],
         cluster: ClusterConfig,
-        policy: object,
+        policy: Policy,
         duration_s: float,
         slo_ttft_s: float = 2.0,
         sample_s: float = 1.0,
@@ -73,7 +76,7 @@ class Simulator:
         self.queued_est = [0] * n  # prefill tokens a queued step was counted for
         # closed loop: per tenant, the backlog of tasks not started yet (in draw order)
         # the agent trace (loadtest.sim.replay documents the format), when asked for
-        self.events: list[dict] | None = [] if trace_events else None
+        self.events: list[dict[str, Any]] | None = [] if trace_events else None
         self.closed_loop = dict(closed_loop or {})
         self.backlog: dict[str, deque[int]] = {t: deque() for t in self.closed_loop}
         for i, s in enumerate(sessions):
@@ -92,7 +95,7 @@ class Simulator:
         self._seq += 1
         heapq.heappush(self._heap, (t, self._seq, kind, a))
 
-    def run(self, progress: object = None) -> Recorder:
+    def run(self, progress: Callable[[float], None] | None = None) -> Recorder:
         """Simulate until ``duration_s``; returns the metrics recorder."""
         for i, s in enumerate(self.sessions):
             if s.arrival_s >= 0.0:
@@ -102,10 +105,10 @@ class Simulator:
             for k in range(min(n, len(self.backlog[tenant]))):
                 self.at(30.0 * k / n, ARRIVE, self.backlog[tenant].popleft())
         self.at(0.0, SAMPLE, 0)
-        tick = getattr(self.policy, "tick_s", 0.0)
+        tick = self.policy.tick_s
         if tick:
             self.at(0.0, TICK, 0)
-        self.policy.attach(self)  # type: ignore[attr-defined]
+        self.policy.attach(self)
         heap, end = self._heap, self.duration_s
         handlers = (
             self._arrive,
@@ -123,7 +126,7 @@ class Simulator:
             self.now = t
             handlers[kind](a)
             if progress is not None and t >= next_report:
-                progress(t)  # type: ignore[operator]
+                progress(t)
                 next_report = t + 5.0
         self.now = end
         return self.rec
@@ -135,7 +138,7 @@ class Simulator:
     def _ready(self, sid: int) -> None:
         self.ready_s[sid] = self.now
         self.next_use_s[sid] = self.now
-        r = self.policy.place(sid, self.step[sid], self.now)  # type: ignore[attr-defined]
+        r = self.policy.place(sid, self.step[sid], self.now)
         self.where[sid] = r
         rep = self.replicas[r]
         s = self.sessions[sid]
@@ -162,7 +165,7 @@ class Simulator:
             need = min(m.blocks(prompt + s.output_tokens[i]), pool.cap)
             have = pool.gpu.get(sid, 0)
             if pool.free < need - have:
-                self.policy.evict(pool, need - have, self.now, sid)  # type: ignore[attr-defined]
+                self.policy.evict(pool, need - have, self.now, sid)
                 if pool.free < need - have:
                     return  # head of line waits for memory
             rep.queue.popleft()
@@ -209,7 +212,7 @@ class Simulator:
         )
         if self.events is not None:
             self._trace(sid, "step_start", prompt, s.output_tokens[i])
-        self.policy.on_admit(sid, i, r, now)  # type: ignore[attr-defined]
+        self.policy.on_admit(sid, i, r, now)
         self.at(done, PREFILL_DONE, sid)
 
     def _prefill_done(self, sid: int) -> None:
@@ -241,7 +244,7 @@ class Simulator:
         if i == s.steps - 1:
             self.rec.finished(sid, self.now)
             pool.finish(sid)
-            self.policy.on_finish(sid, r, self.now)  # type: ignore[attr-defined]
+            self.policy.on_finish(sid, r, self.now)
             queue = self.backlog.get(s.tenant_id)
             if queue and s.parent < 0:
                 self.at(self.now, ARRIVE, queue.popleft())  # closed loop: the next task
@@ -258,7 +261,7 @@ class Simulator:
             else:
                 self.next_use_s[sid] = self.now + s.tool_latency_s[i]
                 self.at(self.now + s.tool_latency_s[i], TOOL_END, sid)
-            self.policy.on_step_end(sid, i, r, self.now)  # type: ignore[attr-defined]
+            self.policy.on_step_end(sid, i, r, self.now)
         self.try_admit(r)
 
     def _trace(self, sid: int, kind: str, ctx: int, new: int) -> None:
@@ -281,7 +284,7 @@ class Simulator:
         self.events.append(ev)  # type: ignore[union-attr]
 
     def _tool_end(self, sid: int) -> None:
-        self.policy.on_tool_end(sid, self.step[sid], self.now)  # type: ignore[attr-defined]
+        self.policy.on_tool_end(sid, self.step[sid], self.now)
         self.step[sid] += 1
         self._ready(sid)
 
@@ -306,8 +309,8 @@ class Simulator:
             self.try_admit(r)
 
     def _tick(self, _: int) -> None:
-        self.policy.on_tick(self.now)  # type: ignore[attr-defined]
-        self.at(self.now + self.policy.tick_s, TICK, 0)  # type: ignore[attr-defined]
+        self.policy.on_tick(self.now)
+        self.at(self.now + self.policy.tick_s, TICK, 0)
 
     def _sample(self, _: int) -> None:
         self.rec.sample(self.now, self.replicas, self.where)

@@ -10,6 +10,7 @@ gives a range we draw uniformly or log-normally inside it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -126,7 +127,7 @@ def _out(rng: np.random.Generator, median: float) -> int:
     return int(min(4_000, max(20, round(_lognormal(rng, median, 0.6)))))
 
 
-def coding_session(rng: np.random.Generator, p: CodingParams, scale: float = 1.0) -> dict:
+def coding_session(rng: np.random.Generator, p: CodingParams, scale: float = 1.0) -> dict[str, Any]:
     """Fields of one coding session (``scale`` stretches steps and context)."""
     n = _steps(rng, p.steps_median * scale, 8, p.steps_max, p.steps_sigma)
     prompts = [int(rng.integers(*p.first_prompt_tokens) * scale)]
@@ -153,7 +154,9 @@ def coding_session(rng: np.random.Generator, p: CodingParams, scale: float = 1.0
     }
 
 
-def browsing_session(rng: np.random.Generator, p: BrowsingParams, scale: float = 1.0) -> dict:
+def browsing_session(
+    rng: np.random.Generator, p: BrowsingParams, scale: float = 1.0
+) -> dict[str, Any]:
     """Fields of one browsing/research session."""
     n = _steps(rng, p.steps_median * scale, 2, p.steps_max, 0.5)
     prompts = [int(rng.integers(*p.first_prompt_tokens))]
@@ -168,7 +171,7 @@ def browsing_session(rng: np.random.Generator, p: BrowsingParams, scale: float =
     }
 
 
-def rag_session(rng: np.random.Generator, p: RagParams, scale: float = 1.0) -> dict:
+def rag_session(rng: np.random.Generator, p: RagParams, scale: float = 1.0) -> dict[str, Any]:
     """Fields of one RAG/chat session: per turn a query step, retrieval, an answer step."""
     turns = _steps(rng, p.turns_median * scale, 1, p.turns_max, 0.6)
     prompts: list[int] = []
@@ -195,7 +198,7 @@ def rag_session(rng: np.random.Generator, p: RagParams, scale: float = 1.0) -> d
     }
 
 
-def single_shot_session(rng: np.random.Generator, scale: float = 1.0) -> dict:
+def single_shot_session(rng: np.random.Generator, scale: float = 1.0) -> dict[str, Any]:
     """One request with no tools (the non-agent load peak throughput is measured on)."""
     return {
         "prompt_tokens": [int(rng.integers(500, 4_000) * scale)],
@@ -207,7 +210,7 @@ def single_shot_session(rng: np.random.Generator, scale: float = 1.0) -> dict:
 
 def multi_agent_sessions(
     rng: np.random.Generator, p: MultiAgentParams, scale: float = 1.0
-) -> tuple[dict, list[dict]]:
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A planner's fields and its workers' fields (linked later by index)."""
     n = int(rng.integers(p.planner_steps[0], p.planner_steps[1] + 1))
     join = int(rng.integers(0, max(1, n - 1)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -124,7 +125,7 @@ def build(
 ) -> list[AgentSession]:
     """Every session of a run, sorted by arrival (spawned workers last, arrival -1)."""
     p = params or FleetParams()
-    roots: list[tuple[float, str, str, dict, list[dict]]] = []
+    roots: list[tuple[float, str, str, dict[str, Any], list[dict[str, Any]]]] = []
     for k, ten in enumerate(tenants):
         rng = np.random.default_rng([seed, k])
         names = list(ten.agents)
@@ -132,7 +133,7 @@ def build(
         probs /= probs.sum()
         for t in ten.arrivals.times(rng, duration_s):
             kind = names[int(rng.choice(len(names), p=probs))]
-            kids: list[dict] = []
+            kids: list[dict[str, Any]] = []
             if kind == "coding":
                 f = coding_session(rng, p.coding, ten.scale)
             elif kind == "browsing":
