@@ -26,6 +26,7 @@ from scheduler_service.domain import (
     SessionEvent,
     SessionId,
     TenantId,
+    TenantSpec,
     WorkerId,
     WorkerLoad,
     WorkerSpec,
@@ -44,6 +45,7 @@ class KvschedPolicy(VllmApc):
     # give ~5% fewer completions than 0.25 s (docs/simulator.md).
     heartbeat_s = 0.25
     send_hints = False  # agents do not declare tool latency unless a scenario says so
+    tenant_weights: dict[str, float] = {}  # noqa: RUF012 (replaced per instance, never mutated)
 
     def attach(self, sim: object) -> None:
         """Create the engine and register one worker per replica."""
@@ -62,6 +64,9 @@ class KvschedPolicy(VllmApc):
         )
         for w in self.wids:
             self.engine.register_worker(WorkerSpec(w, 1, spec), 0.0)
+        # tenants with their weights, as an operator would create them (fair share)
+        for t, weight in sorted(self.tenant_weights.items()):
+            self.engine.create_tenant(TenantSpec(TenantId(t), weight=weight))
         self.ev = 0
         self.last_heartbeat_s = -1e9
         self.directives = 0

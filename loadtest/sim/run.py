@@ -93,13 +93,16 @@ def load_scenario(
     )
 
 
-def make_policy(name: str, tool_hints: bool = False) -> Policy:
-    """A fresh policy object by name (``tool_hints``: kvsched receives latency hints)."""
+def make_policy(
+    name: str, tool_hints: bool = False, tenant_weights: dict[str, float] | None = None
+) -> Policy:
+    """A fresh policy by name; kvsched gets latency hints and tenant weights when given."""
     if name == "kvsched":
         from loadtest.sim.kvsched_policy import KvschedPolicy
 
         pol = KvschedPolicy()
         pol.send_hints = tool_hints
+        pol.tenant_weights = dict(tenant_weights or {})
         return pol
     if name not in BASELINES:
         raise ValueError(f"unknown policy {name!r} (known: {', '.join(POLICIES)})")
@@ -121,7 +124,7 @@ def run_policy(
     sim = Simulator(
         sessions,
         sc.cluster,
-        make_policy(policy, sc.tool_hints),
+        make_policy(policy, sc.tool_hints, {m.tenant_id: m.weight for m in sc.mixes()}),
         sc.duration_s,
         sc.slo_ttft_s,
         closed_loop=closed_loop(sc),

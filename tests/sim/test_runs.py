@@ -149,3 +149,14 @@ def test_tool_hints_flag_reaches_the_kvsched_policy(tmp_path: Path) -> None:
     sc = load_scenario(str(path), gpus=2)
     assert sc.tool_hints and not load_scenario("coding").tool_hints
     assert make_policy("kvsched", sc.tool_hints).send_hints is True  # type: ignore[attr-defined]
+
+
+def test_kvsched_policy_creates_tenants_with_their_weights() -> None:
+    from loadtest.sim.kvsched_policy import KvschedPolicy
+    from scheduler_service.domain import TenantId
+
+    pol = KvschedPolicy()
+    pol.tenant_weights = {"t": 2.0}
+    tiny_sim([session("a", 0.0, [160], [16], [])], pol, capacity_blocks=100).run()
+    spec = pol.engine.get_tenant(TenantId("t"))
+    assert spec is not None and spec.weight == 2.0
