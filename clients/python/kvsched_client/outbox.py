@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from kvsched_client._proto.kvsched.v1 import types_pb2, worker_pb2
@@ -43,6 +43,7 @@ class Outbox:
         max_batch_events: int = 256,
         max_buffered_events: int = 100_000,
         max_buffered_kv_batches: int = 10_000,
+        on_acked: Callable[[worker_pb2.WorkerMessage], None] | None = None,
     ) -> None:
         if not 1 <= max_batch_events <= 4096:
             raise ValueError("max_batch_events must be in 1..4096 (the wire limit)")
@@ -59,6 +60,9 @@ class Outbox:
         self.next_seq = HELLO_SEQ + 1
         self.acked_seq = 0
         self.stats = OutboxStats()
+        # Called once per message the server acked (outside the lock), in seq
+        # order: a load test timestamps acks with it.
+        self._on_acked = on_acked
 
     # ------------------------------------------------------------------ input
 
@@ -117,13 +121,17 @@ class Outbox:
 
     def ack(self, seq: int) -> int:
         """Forgets every message with seq <= `seq`; returns how many."""
-        n = 0
+        done: list[worker_pb2.WorkerMessage] = []
         with self._lock:
             self.acked_seq = max(self.acked_seq, seq)
             while self._unacked and self._unacked[0].seq <= seq:
-                self._forget(self._unacked.popleft())
-                n += 1
-        return n
+                msg = self._unacked.popleft()
+                self._forget(msg)
+                done.append(msg)
+        if self._on_acked is not None:
+            for msg in done:
+                self._on_acked(msg)
+        return len(done)
 
     def resume(self, last_acked_seq: int) -> list[worker_pb2.WorkerMessage]:
         """After a Welcome: returns the unacked messages to resend, in seq order.

@@ -123,6 +123,7 @@ class WorkerClient:
         token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         on_drain: Callable[[worker_pb2.Drain], None] | None = None,
+        on_acked: Callable[[worker_pb2.WorkerMessage], None] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         if hello.epoch < 1 or not hello.worker_id:
@@ -136,7 +137,9 @@ class WorkerClient:
         # The engine holds this lock while it touches the pool from its own threads.
         self.pool_lock = pool_lock or threading.RLock()
         self.outbox = Outbox(
-            max_batch_events=max_batch_events, max_buffered_events=max_buffered_events
+            max_batch_events=max_batch_events,
+            max_buffered_events=max_buffered_events,
+            on_acked=on_acked,
         )
         self.stats = WorkerClientStats()
         self.leader_epoch = 0  # highest leader epoch seen (Welcome or directive)

@@ -1,0 +1,119 @@
+"""The live load test: accounting against a real server, loopback guard, session plans."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kvsched_client._proto.kvsched.v1 import types_pb2
+from loadtest.fleet import (
+    check_loopback,
+    loadtest_main,
+    parse_duration_s,
+    run_fleet,
+    spawned_server,
+)
+from loadtest.fleet_driver import FleetConfig
+from loadtest.fleet_metrics import ServerProbe
+from loadtest.fleet_sessions import SessionPlan, new_session
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, int]]:
+    """One real `kvsched serve` subprocess (SQLite journal) for the module."""
+    with spawned_server([]) as target_pid:
+        yield target_pid
+
+
+@pytest.mark.timeout(60)
+async def test_every_event_is_acked_or_counted_and_directives_balance(
+    server: tuple[str, int],
+) -> None:
+    target, pid = server
+    cfg = FleetConfig(
+        target=target,
+        workers=4,
+        sessions=40,
+        rate_per_s=1_500.0,
+        duration_s=2.0,
+        routers=2,
+        place_rps=300.0,
+        place_deadline_s=0.05,
+        pool_blocks=400,
+        drain_s=10.0,
+    )
+    out: dict[str, Any] = await run_fleet(cfg, ServerProbe(pid))
+    # Open loop: every event that came due was handed to a stream ...
+    assert out["events_due"] == int(cfg.duration_s * cfg.rate_per_s)
+    assert out["events_sent"] == out["events_due"]
+    # ... and each one is either acked or counted as an error.
+    assert out["events_sent"] == out["events_acked"] + out["errors"].get("unacked", 0)
+    assert out["errors"].get("unacked", 0) == 0
+    assert out["ack_latencies"] == out["events_acked"]
+    assert out["negative_latencies"] == 0
+    assert 0 < out["ack_p50_ms"] <= out["ack_p99_ms"] <= out["ack_p999_ms"]
+    # Every directive received was answered, and the server acked every answer.
+    assert out["directives_received"] == out["directive_acks_acked"]
+    assert out["directives_applied"] <= out["directives_received"]
+    assert out["place_calls"] > 0 and 0 < out["place_p50_ms"] <= out["place_p99_ms"]
+    assert out["server_rss_bytes"] > 0
+    per_s = out["series"]["ack"]
+    assert sum(int(s["n"]) for s in per_s) == out["events_acked"]
+
+
+def test_non_loopback_targets_are_refused() -> None:
+    assert check_loopback("127.0.0.1:50051") == "127.0.0.1:50051"
+    assert check_loopback("[::1]:50051") == "[::1]:50051"
+    assert check_loopback("localhost:1") == "localhost:1"
+    for bad in ("10.0.0.5:50051", "example.com:50051", "0.0.0.0:1", "127.0.0.1"):
+        with pytest.raises(ValueError):
+            check_loopback(bad)
+    with pytest.raises(SystemExit) as exc:
+        loadtest_main(["--target", "192.168.1.10:50051", "--duration", "1s"])
+    assert exc.value.code == 2
+
+
+def test_durations_parse_with_units() -> None:
+    assert parse_duration_s("60s") == 60.0
+    assert parse_duration_s("2m") == 120.0
+    assert parse_duration_s("500ms") == 0.5
+    assert parse_duration_s("3") == 3.0
+
+
+def test_a_plan_reports_its_steps_in_order_with_growing_context() -> None:
+    plan = SessionPlan(
+        "s",
+        "t",
+        "coding",
+        np.array([100, 40], dtype=np.int32),
+        np.array([10, 5], dtype=np.int32),
+        np.array([0, 0], dtype=np.int16),
+    )
+    got = []
+    while not plan.done:
+        got.append(plan.take())
+    assert got == [
+        (types_pb2.STEP_START, 0, 100, 100, ""),
+        (types_pb2.STEP_END, 0, 110, 10, ""),
+        (types_pb2.TOOL_CALL_WAIT, 0, 110, 0, ""),
+        (types_pb2.TOOL_CALL_END, 0, 110, 0, ""),
+        (types_pb2.STEP_START, 1, 150, 40, ""),
+        (types_pb2.STEP_END, 1, 155, 5, ""),
+        (types_pb2.SESSION_FINISH, 1, 155, 0, ""),
+    ]
+    assert plan.events_total == 7
+
+
+def test_sessions_come_from_the_shared_coding_generator() -> None:
+    rng = np.random.default_rng(7)
+    plan = new_session(rng, "coding", "s0", "t0")
+    assert 8 <= plan.steps <= 150
+    # coding: 8-30k first prompt, then 3-7k tokens appended per step
+    assert 8_000 <= int(plan.prompt_tokens[0]) < 30_000
+    assert all(3_000 <= int(x) < 7_000 for x in plan.prompt_tokens[1:])
+    again = new_session(np.random.default_rng(7), "coding", "s0", "t0")
+    assert json.dumps(again.prompt_tokens.tolist()) == json.dumps(plan.prompt_tokens.tolist())
