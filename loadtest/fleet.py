@@ -144,6 +144,7 @@ async def run_fleet(
     fleet = Fleet(cfg, rec)
     await fleet.start()
     cpu0 = probe.cpu_s()
+    client_cpu0 = time.process_time()
     rss_series: list[tuple[float, int]] = []
     display = asyncio.create_task(_sample(fleet, probe, rss_series, live))
     try:
@@ -155,6 +156,7 @@ async def run_fleet(
         await fleet.stop()
     rss = probe.rss_bytes()
     cpu_s = probe.cpu_s() - cpu0
+    client_cpu_s = time.process_time() - client_cpu0
     out = summary(
         rec,
         elapsed_s,
@@ -163,6 +165,8 @@ async def run_fleet(
             "server_peak_rss_bytes": probe.peak_rss_bytes,
             "server_cpu_s": round(cpu_s, 2),
             "server_cpu_share": round(cpu_s / elapsed_s, 3) if elapsed_s > 0 else 0.0,
+            # One client process: near 1.0 means the generator, not the server, is the limit.
+            "client_cpu_share": round(client_cpu_s / elapsed_s, 3) if elapsed_s > 0 else 0.0,
             "server_rss_bytes_per_session": round(rss / rec.sessions_started)
             if rec.sessions_started and rss
             else 0,
@@ -269,6 +273,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--place-rps", type=float, default=2_000.0, help="Place calls/s at most")
     p.add_argument("--place-deadline-ms", type=float, default=10.0)
     p.add_argument("--no-pools", action="store_true", help="no reference KV pools")
+    p.add_argument(
+        "--batch-delay-ms",
+        type=float,
+        default=2.0,
+        help="how long a worker waits to fill a batch (WorkerClient default 2 ms)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ramp", help="START:STEP:MAX events/s; stops at the knee")
     p.add_argument("--ramp-p99-ms", type=float, default=10.0)
@@ -324,6 +334,7 @@ def loadtest_main(argv: list[str]) -> int:
             place_rps=ns.place_rps,
             place_deadline_s=ns.place_deadline_ms / 1000.0,
             pools=not ns.no_pools,
+            batch_delay_s=ns.batch_delay_ms / 1000.0,
             seed=ns.seed,
             token=ns.token,
         )

@@ -339,6 +339,7 @@ class Fleet:
             for w in self.workers
         )
         rec.directives_applied = sum(w.stats.directives_applied for w in self.workers)
+        rec.messages_framed = sum(w.outbox.stats.framed_messages for w in self.workers)
         dropped = sum(w.outbox.stats.dropped_session_events for w in self.workers)
         if dropped:
             rec.errors["dropped_by_outbox"] = dropped

@@ -99,6 +99,7 @@ class Recorder:
     pool_exhausted: int = 0
     sessions_started: int = 0
     sessions_finished: int = 0
+    messages_framed: int = 0  # upstream stream messages (events, KV, directive acks, heartbeats)
     errors: Counter[str] = field(default_factory=Counter)
 
     def events_per_s_series(self) -> list[tuple[float, float]]:
@@ -170,6 +171,10 @@ def summary(rec: Recorder, elapsed_s: float, extra: dict[str, Any]) -> dict[str,
         "kv_batches_acked": rec.kv_batches_acked,
         "pool_exhausted": rec.pool_exhausted,
         "sessions_finished": rec.sessions_finished,
+        "messages_per_s": round(rec.messages_framed / elapsed_s, 1) if elapsed_s > 0 else 0.0,
+        "events_per_message": round(rec.events_sent / rec.messages_framed, 2)
+        if rec.messages_framed
+        else 0.0,
         "elapsed_s": round(elapsed_s, 3),
     }
     out.update(extra)

@@ -117,3 +117,30 @@ def test_sessions_come_from_the_shared_coding_generator() -> None:
     assert all(3_000 <= int(x) < 7_000 for x in plan.prompt_tokens[1:])
     again = new_session(np.random.default_rng(7), "coding", "s0", "t0")
     assert json.dumps(again.prompt_tokens.tolist()) == json.dumps(plan.prompt_tokens.tolist())
+
+
+def test_report_writes_a_page_and_three_plots(tmp_path: Any) -> None:
+    from loadtest.fleet_metrics import LatencySeries
+    from loadtest.fleet_report import write_report
+
+    lat = LatencySeries()
+    for i in range(200):
+        lat.record(0.001 * (1 + i % 7), i / 100.0)
+    out = {
+        "events_per_s": 100.0,
+        "ack_p99_ms": lat.pct_ms(99),
+        "errors": {},
+        "offered_events_per_s": 100.0,
+        "series": {"ack": lat.series(), "place": [], "ack_cdf": lat.cdf(), "place_cdf": []},
+    }
+    page = write_report(out, tmp_path / "r")
+    names = sorted(p.name for p in (tmp_path / "r").iterdir())
+    assert names == [
+        "index.html",
+        "latency_cdf.png",
+        "latency_over_time.png",
+        "result.json",
+        "throughput_over_time.png",
+    ]
+    assert "latency_cdf.png" in page.read_text()
+    assert [int(s["n"]) for s in lat.series()] == [100, 100]
