@@ -50,6 +50,10 @@ COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
         "compare policies in the discrete-event simulator",
         _delegate("loadtest.sim.cli", "simulate_main"),
     ),
+    "replay": (
+        "replay a recorded or Mooncake trace through LRU / Belady",
+        _delegate("loadtest.sim.replay", "replay_main"),
+    ),
     "loadtest": (
         "drive a live server with a synthetic agent fleet",
         _delegate("loadtest.fleet", "loadtest_main"),
