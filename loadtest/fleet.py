@@ -79,8 +79,13 @@ def _wait_healthy(target: str, timeout_s: float) -> None:
 
 
 @contextlib.contextmanager
-def spawned_server(server_args: list[str]) -> Iterator[tuple[str, int]]:
-    """Starts `kvsched serve` on a free loopback port (auth off); yields (target, pid)."""
+def spawned_server(
+    server_args: list[str], log_path: str | None = None
+) -> Iterator[tuple[str, int]]:
+    """Starts `kvsched serve` on a free loopback port (auth off); yields (target, pid).
+
+    The server's log (stderr) goes to `log_path` when given, else nowhere.
+    """
     port = _free_port()
     with tempfile.TemporaryDirectory(prefix="kvsched-loadtest-") as tmp:
         cmd = [
@@ -100,7 +105,8 @@ def spawned_server(server_args: list[str]) -> Iterator[tuple[str, int]]:
             "warning",
             *server_args,
         ]
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
+        log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
         try:
             _wait_healthy(f"127.0.0.1:{port}", 60.0)
             yield f"127.0.0.1:{port}", proc.pid
@@ -111,6 +117,8 @@ def spawned_server(server_args: list[str]) -> Iterator[tuple[str, int]]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            if not isinstance(log, int):
+                log.close()
 
 
 @contextlib.contextmanager
@@ -262,6 +270,7 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--target", help="HOST:PORT of a running server (loopback only)")
     where.add_argument("--spawn-server", action="store_true", help="start a local server")
     p.add_argument("--server-arg", action="append", default=[], help="extra `kvsched serve` flag")
+    p.add_argument("--server-log", help="with --spawn-server: write its log here")
     p.add_argument("--server-pid", type=int, help="pid of --target's server (RSS and CPU)")
     p.add_argument("--token", help="bearer token (worker + router roles) for --auth token")
     p.add_argument("--workers", type=int, default=64)
@@ -320,7 +329,7 @@ def loadtest_main(argv: list[str]) -> int:
         rates = [start + i * step for i in range(int((stop - start) // step) + 1)]
     with contextlib.ExitStack() as stack:
         if ns.spawn_server:
-            target, pid = stack.enter_context(spawned_server(ns.server_arg))
+            target, pid = stack.enter_context(spawned_server(ns.server_arg, ns.server_log))
         else:
             target, pid = ns.target, ns.server_pid
         cfg = FleetConfig(

@@ -171,6 +171,10 @@ class Fleet:
         end = self._t0 + cfg.duration_s
         total = int(cfg.duration_s * cfg.rate_per_s)
         picks = self._rng.integers(0, cfg.sessions, size=max(1, total))
+        # NOTE: the first `sessions` events open every session once, so the server
+        # tracks all of them early (a random pick would leave some unopened for long).
+        fill = min(total, cfg.sessions)
+        picks[:fill] = np.arange(fill)
         while self._next_event < total:
             now = time.perf_counter()
             if now >= end + cfg.drain_s:
