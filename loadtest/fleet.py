@@ -152,6 +152,7 @@ async def run_fleet(
     fleet = Fleet(cfg, rec)
     await fleet.start()
     cpu0 = probe.cpu_s()
+    rss0 = probe.rss_bytes()
     client_cpu0 = time.process_time()
     rss_series: list[tuple[float, int]] = []
     display = asyncio.create_task(_sample(fleet, probe, rss_series, live))
@@ -175,7 +176,8 @@ async def run_fleet(
             "server_cpu_share": round(cpu_s / elapsed_s, 3) if elapsed_s > 0 else 0.0,
             # One client process: near 1.0 means the generator, not the server, is the limit.
             "client_cpu_share": round(client_cpu_s / elapsed_s, 3) if elapsed_s > 0 else 0.0,
-            "server_rss_bytes_per_session": round(rss / rec.sessions_started)
+            # Growth over the run's start, so the server's fixed footprint is not spread in.
+            "server_rss_growth_per_session_bytes": round((rss - rss0) / rec.sessions_started)
             if rec.sessions_started and rss
             else 0,
             "offered_events_per_s": cfg.rate_per_s,

@@ -17,6 +17,7 @@ so STEP_START ack latency includes the Place round trip, as it would in a router
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 import uuid
@@ -34,6 +35,8 @@ from loadtest.fleet_sessions import SESSION_FINISH, STEP_END, STEP_START, Sessio
 
 __all__ = ["Fleet", "FleetConfig"]
 
+_EVENTS_PER_TURN = 128
+
 
 @dataclass(frozen=True, slots=True)
 class FleetConfig:
@@ -50,6 +53,9 @@ class FleetConfig:
     place_rps: float = 2_000.0
     place_deadline_s: float = 0.010
     place_cooldown_s: float = 0.1
+    # NOTE: a generator that falls behind would otherwise pile up Place calls
+    # without bound; past this many in flight a step keeps its worker (place_skipped).
+    max_place_in_flight: int = 256
     pools: bool = True
     # Pool blocks per worker; each pool token stands for `token_scale` real tokens
     # so the reference pool (pure Python) keeps up with tens of thousands of events/s.
@@ -166,6 +172,18 @@ class Fleet:
     async def run(self) -> float:
         """Drives the schedule for `duration_s`, then drains; returns the elapsed seconds."""
         cfg = self.cfg
+        # NOTE: an overloaded run holds millions of buffered events; the cyclic GC's
+        # full passes over them then stall the loop for seconds and the run collapses.
+        # Nothing here makes reference cycles worth collecting mid-run.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return await self._run(cfg)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    async def _run(self, cfg: FleetConfig) -> float:
         self._t0 = time.perf_counter()
         last = self._t0
         end = self._t0 + cfg.duration_s
@@ -186,11 +204,14 @@ class Fleet:
             )
             last = now
             due = min(total, int((now - self._t0) * cfg.rate_per_s) + 1)
-            # NOTE: bounded per turn so acks keep being read when the generator is behind.
-            for i in range(self._next_event, min(due, self._next_event + 2_000)):
+            # NOTE: a few ms of work per turn at most: asyncio gives every ready task
+            # one turn per loop pass, so a long generator turn starves the streams'
+            # reads and writes (acks then arrive seconds late) when the generator is behind.
+            stop = min(due, self._next_event + _EVENTS_PER_TURN)
+            for i in range(self._next_event, stop):
                 self._emit(int(picks[i]), self._t0 + i / cfg.rate_per_s)
-            self._next_event = min(due, self._next_event + 2_000)
-            await asyncio.sleep(0.001)
+            self._next_event = stop
+            await asyncio.sleep(0.001 if stop >= due else 0.0)
         gen_end = time.perf_counter()
         if self._place_tasks:
             await asyncio.gather(*self._place_tasks, return_exceptions=True)
@@ -200,15 +221,23 @@ class Fleet:
         return gen_end - self._t0
 
     def _emit(self, slot: int, intended: float) -> None:
+        cfg = self.cfg
         rec = self.rec
         rec.events_due += 1
         s = self._live[slot]
-        if s is None or s.plan.done:
+        # NOTE: events already waiting behind a Place count against the plan; a plan
+        # with nothing left to give hands its slot to a new session (the old one
+        # finishes in its Place task), so no due event is ever lost.
+        if s is None or s.plan.events_total - s.plan.cursor - len(s.backlog) <= 0:
             s = self._new_session(slot)
         if s.placing:
             s.backlog.append(intended)
             return
-        if s.plan.peek_kind() == STEP_START and self._place_tokens >= 1.0:
+        if (
+            s.plan.peek_kind() == STEP_START
+            and self._place_tokens >= 1.0
+            and len(self._place_tasks) < cfg.max_place_in_flight
+        ):
             self._place_tokens -= 1.0
             s.placing = True
             s.backlog.append(intended)

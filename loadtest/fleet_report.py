@@ -44,8 +44,8 @@ def _plots(out: dict[str, Any], folder: Path) -> list[str]:
         for label, pts in (("ack", ack), ("Place", place)):
             if pts:
                 t = [p["t_s"] for p in pts]
-                ax.plot(t, [p["p50_ms"] for p in pts], label=f"{label} p50")
-                ax.plot(t, [p["p99_ms"] for p in pts], label=f"{label} p99")
+                ax.plot(t, [p["p50_ms"] for p in pts], ".-", label=f"{label} p50")
+                ax.plot(t, [p["p99_ms"] for p in pts], ".-", label=f"{label} p99")
         ax.set_yscale("log")
         ax.set_xlabel("time into the run (s)")
         ax.set_ylabel("latency from intended send time (ms)")
@@ -58,7 +58,7 @@ def _plots(out: dict[str, Any], folder: Path) -> list[str]:
         names.append("latency_over_time.png")
     if ack:
         fig, ax = plt.subplots(figsize=(8, 4))
-        ax.plot([p["t_s"] for p in ack], [p["n"] for p in ack], label="events acked/s")
+        ax.plot([p["t_s"] for p in ack], [p["n"] for p in ack], ".-", label="events acked/s")
         ax.axhline(out.get("offered_events_per_s", 0.0), color="grey", ls="--", label="offered")
         ax.set_xlabel("time into the run (s)")
         ax.set_ylabel("events/s")
