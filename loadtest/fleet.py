@@ -283,7 +283,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--routers", type=int, default=4)
     p.add_argument("--place-rps", type=float, default=2_000.0, help="Place calls/s at most")
     p.add_argument("--place-deadline-ms", type=float, default=10.0)
+    p.add_argument(
+        "--place-cooldown-ms",
+        type=float,
+        default=100.0,
+        help="after a failed Place the router falls back without calling for this long",
+    )
     p.add_argument("--no-pools", action="store_true", help="no reference KV pools")
+    p.add_argument(
+        "--place-only", action="store_true", help="only Place calls, --rate of them per second"
+    )
     p.add_argument(
         "--batch-delay-ms",
         type=float,
@@ -344,7 +353,9 @@ def loadtest_main(argv: list[str]) -> int:
             routers=ns.routers,
             place_rps=ns.place_rps,
             place_deadline_s=ns.place_deadline_ms / 1000.0,
+            place_cooldown_s=ns.place_cooldown_ms / 1000.0,
             pools=not ns.no_pools,
+            place_only=ns.place_only,
             batch_delay_s=ns.batch_delay_ms / 1000.0,
             seed=ns.seed,
             token=ns.token,

@@ -28,7 +28,7 @@ import numpy as np
 
 from kvsched_client._proto.kvsched.v1 import placement_pb2, types_pb2, worker_pb2
 from kvsched_client.pool import BlockPool, PoolExhaustedError
-from kvsched_client.router import PlacementClient
+from kvsched_client.router import PlacementClient, PlaceResult
 from kvsched_client.worker import WorkerClient
 from loadtest.fleet_metrics import Recorder
 from loadtest.fleet_sessions import SESSION_FINISH, STEP_END, STEP_START, SessionPlan, new_session
@@ -56,6 +56,8 @@ class FleetConfig:
     # NOTE: a generator that falls behind would otherwise pile up Place calls
     # without bound; past this many in flight a step keeps its worker (place_skipped).
     max_place_in_flight: int = 256
+    # Only Place calls, `rate_per_s` of them per second (workers stream nothing but Hello).
+    place_only: bool = False
     pools: bool = True
     # Pool blocks per worker; each pool token stands for `token_scale` real tokens
     # so the reference pool (pure Python) keeps up with tens of thousands of events/s.
@@ -225,6 +227,16 @@ class Fleet:
         rec = self.rec
         rec.events_due += 1
         s = self._live[slot]
+        if cfg.place_only:
+            # Router load alone: each due tick is one Place call, no session events.
+            if len(self._place_tasks) >= cfg.max_place_in_flight:
+                rec.place_skipped += 1
+                return
+            plan = (s or self._new_session(slot)).plan
+            task = asyncio.create_task(self._place_call(plan, intended))
+            self._place_tasks.add(task)
+            task.add_done_callback(self._place_tasks.discard)
+            return
         # NOTE: events already waiting behind a Place count against the plan; a plan
         # with nothing left to give hands its slot to a new session (the old one
         # finishes in its Place task), so no due event is ever lost.
@@ -261,8 +273,15 @@ class Fleet:
         return s
 
     async def _place(self, s: _Live, intended: float) -> None:
-        plan = s.plan
-        step = plan.cursor // 4
+        try:
+            res = await self._place_call(s.plan, intended)
+        finally:
+            s.placing = False
+        self._placed(s, res)
+
+    async def _place_call(self, plan: SessionPlan, intended: float) -> PlaceResult:
+        """Calls Place for the plan's next step; records latency from `intended`."""
+        step = min(plan.cursor // 4, plan.steps - 1)
         req = placement_pb2.PlaceRequest(
             session_id=plan.session_id,
             tenant_id=plan.tenant_id,
@@ -272,10 +291,7 @@ class Fleet:
             new_tokens=int(plan.prompt_tokens[step]),
         )
         router = self.routers[hash(plan.session_id) % len(self.routers)]
-        try:
-            res = await router.place(req)
-        finally:
-            s.placing = False
+        res = await router.place(req)
         now = time.perf_counter()
         rec = self.rec
         rec.place_calls += 1
@@ -283,6 +299,11 @@ class Fleet:
         if res.fell_back:
             rec.place_fallbacks += 1
             rec.errors[f"place:{res.reason.removeprefix('fallback:')}"] += 1
+        return res
+
+    def _placed(self, s: _Live, res: PlaceResult) -> None:
+        plan = s.plan
+        now = time.monotonic()
         target = self._worker_index.get(res.primary or "", s.worker)
         if target != s.worker:
             pool = self.pools[s.worker]

@@ -65,6 +65,30 @@ async def test_every_event_is_acked_or_counted_and_directives_balance(
     assert sum(int(s["n"]) for s in per_s) == out["events_acked"]
 
 
+@pytest.mark.timeout(30)
+async def test_place_only_makes_one_call_per_tick_and_sends_no_events(
+    server: tuple[str, int],
+) -> None:
+    target, pid = server
+    cfg = FleetConfig(
+        target=target,
+        workers=2,
+        sessions=20,
+        rate_per_s=200.0,
+        duration_s=1.0,
+        routers=1,
+        place_deadline_s=0.05,
+        place_cooldown_s=0.0,
+        place_only=True,
+    )
+    out: dict[str, Any] = await run_fleet(cfg, ServerProbe(pid))
+    assert out["events_due"] == 200
+    assert out["place_calls"] + out["place_skipped"] == 200
+    assert out["events_sent"] == 0 and out["events_acked"] == 0
+    assert 0 < out["place_p50_ms"] <= out["place_p99_ms"]
+    assert out["negative_latencies"] == 0
+
+
 def test_non_loopback_targets_are_refused() -> None:
     assert check_loopback("127.0.0.1:50051") == "127.0.0.1:50051"
     assert check_loopback("[::1]:50051") == "[::1]:50051"
