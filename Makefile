@@ -9,7 +9,7 @@ DEV_STAMP     := $(VENV)/.installed-dev
 ARGS ?= --listen 127.0.0.1:50051 --data-dir ./kvsched-data
 PYTEST_ARGS ?=
 # Packages held to `mypy --strict`.
-MYPY_PATHS := scheduler_service kvsched scripts
+MYPY_PATHS := scheduler_service kvsched scripts loadtest
 
 .PHONY: serve test check lint typecheck proto bench venv clean system-deps
 
