@@ -116,12 +116,12 @@ def _why(err: grpc.RpcError) -> str:
     return code.name.lower() if code is not None else "error"
 
 
-class PlacementClient:
-    """Async Place with a deadline and a rendezvous-hash fallback."""
+class _PlacementClientBase:
+    """What the async and blocking clients share: stub, deadline, fallback, token."""
 
     def __init__(
         self,
-        channel: grpc.aio.Channel,
+        channel: grpc.Channel | grpc.aio.Channel,
         *,
         deadline_s: float = DEFAULT_DEADLINE_S,
         live_workers: Mapping[str, str] | None = None,
@@ -142,6 +142,10 @@ class PlacementClient:
     def fallbacks(self) -> int:
         """Returns how many calls were answered by the fallback."""
         return self._fb.fallbacks
+
+
+class PlacementClient(_PlacementClientBase):
+    """Async Place with a deadline and a rendezvous-hash fallback."""
 
     async def place(self, request: placement_pb2.PlaceRequest) -> PlaceResult:
         """Returns the service's placement, or the fallback's within the deadline."""
@@ -154,32 +158,8 @@ class PlacementClient:
         return self._fb.answer(request, resp)
 
 
-class SyncPlacementClient:
+class SyncPlacementClient(_PlacementClientBase):
     """Blocking twin of PlacementClient for routers that are not asyncio."""
-
-    def __init__(
-        self,
-        channel: grpc.Channel,
-        *,
-        deadline_s: float = DEFAULT_DEADLINE_S,
-        live_workers: Mapping[str, str] | None = None,
-        cooldown_s: float = DEFAULT_COOLDOWN_S,
-        clock: Callable[[], float] = time.monotonic,
-        token: str | None = None,
-    ) -> None:
-        self._stub = placement_pb2_grpc.PlacementServiceStub(channel)
-        self.deadline_s = deadline_s
-        self._fb = _Fallback(live_workers, cooldown_s, clock)
-        self._metadata = _auth(token)
-
-    def set_live_workers(self, live_workers: Mapping[str, str]) -> None:
-        """Replaces the worker set the fallback chooses from (id -> endpoint)."""
-        self._fb.live = dict(live_workers)
-
-    @property
-    def fallbacks(self) -> int:
-        """Returns how many calls were answered by the fallback."""
-        return self._fb.fallbacks
 
     def place(self, request: placement_pb2.PlaceRequest) -> PlaceResult:
         """Returns the service's placement, or the fallback's within the deadline."""
