@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hdrh.histogram import HdrHistogram
 
 from kvsched_client._proto.kvsched.v1 import types_pb2, worker_pb2
+from loadtest.echo import varint as _varint
 
 ROOT = Path(__file__).resolve().parent.parent
 CONNECT = "/kvsched.v1.WorkerService/Connect"
@@ -39,18 +40,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
 
 
 def _bodies(worker: int, batch: int) -> tuple[bytes, bytes]:

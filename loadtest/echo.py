@@ -23,12 +23,13 @@ import grpc
 
 from kvsched_client._proto.kvsched.v1 import types_pb2, worker_pb2
 
-__all__ = ["echo_client", "serve_echo"]
+__all__ = ["echo_client", "serve_echo", "varint"]
 
 METHOD = "/kvsched.v1.WorkerService/Connect"
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """Protobuf base-128 varint encoding of ``n`` (for pre-serialized messages)."""
     out = bytearray()
     while True:
         b = n & 0x7F
@@ -145,7 +146,7 @@ async def _one_stream(
         def send() -> None:
             nonlocal seq
             seq += 1
-            q.put_nowait(b"\x08" + _varint(seq) + body)
+            q.put_nowait(b"\x08" + varint(seq) + body)
 
         last = seq
         for _ in range(window):
