@@ -89,6 +89,19 @@ class StaleEpoch(Exception):
         self.current = current
 
 
+class TenantLimitExceeded(Exception):
+    """A tenant is at one of its configured limits; the same request may succeed later."""
+
+    def __init__(self, tenant_id: str, limit_name: str, limit: int, current: int) -> None:
+        super().__init__(
+            f"tenant {tenant_id!r} is at its {limit_name} limit of {limit} (now {current})"
+        )
+        self.tenant_id = tenant_id
+        self.limit_name = limit_name
+        self.limit = limit
+        self.current = current
+
+
 @dataclass(frozen=True, slots=True)
 class CacheSpec:
     """A worker's KV cache as declared in Hello."""
@@ -100,6 +113,8 @@ class CacheSpec:
     hash_algo: str = "sha256"
     prefill_tokens_per_s: float = 20_000.0
     host_link_bytes_per_s: float = 25e9
+    decode_tokens_per_s: float = 0.0  # one sequence alone; 0 = unknown (learned)
+    hbm_bytes_per_s: float = 0.0  # KV read bandwidth of decode; 0 = unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,6 +323,8 @@ class TenantStatsView:
     completed_sessions: int
     events: int
     mean_slowdown: float
+    kv_gpu_bytes: int = 0  # KV its sessions hold on GPUs
+    kv_host_bytes: int = 0  # and on host tiers
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,6 +39,7 @@ from scheduler_service.domain import (
     SessionId,
     SessionView,
     TenantId,
+    TenantLimitExceeded,
     TenantSpec,
     WorkerId,
     WorkerLoad,
@@ -52,7 +53,8 @@ from scheduler_service.engine_workers import WorkerEvents
 from scheduler_service.fairness import FairShare
 from scheduler_service.graph import FINISH_NODE, GraphStore
 from scheduler_service.placement import Placer
-from scheduler_service.retention import Retention
+from scheduler_service.quotas import TenantQuotas
+from scheduler_service.retention import OVER_QUOTA, Retention
 from scheduler_service.state import (
     NO_SLOT,
     NO_TIMER,
@@ -75,6 +77,9 @@ _K_ABORT = EventKind.SESSION_ABORT
 
 #: Directives remembered until acked (older ones are forgotten first).
 UNACKED_MEMORY = 1 << 18
+#: How fast a worker's decode-time floor forgets (per observed step): a floor
+#: set by one lucky step rises back ~0.2% a step until steps confirm it.
+DECODE_FLOOR_DRIFT = 0.002
 #: Agent types with a graph of their own; later ones share one graph.
 MAX_AGENT_TYPES = 512
 OTHER_AGENT_TYPE = "*other*"
@@ -104,6 +109,7 @@ class Engine:
         self.placements_total = 0
         self.directives_total = 0
         self.acks: dict[DirectiveOutcome, int] = dict.fromkeys(DirectiveOutcome, 0)
+        self.quotas = TenantQuotas(self.state)
         self.retention = Retention(
             self.config,
             self.state,
@@ -112,6 +118,7 @@ class Engine:
             self.graphs,
             self._emit,
             self._set_timer,
+            self.quotas,
         )
         self.placer = Placer(self.config, self.state, self.kernels, self.fair)
         self._workers = WorkerEvents(self.state, self.retention)
@@ -247,6 +254,7 @@ class Engine:
             graph.observe_outcome(node, True, now)
             ss.wait_started_s_v[s] = -1.0  # outcome credited once per wait
         ss.state_v[s] = STATE_RUNNING
+        ss.step_started_s_v[s] = now
         ss.lease_expires_s_v[s] = 0.0
         ss.prefetch_at_s_v[s] = 0.0
         ss.timer_due_s_v[s] = NO_TIMER
@@ -264,8 +272,31 @@ class Engine:
         self.state.set_gpu_blocks(s, blocks)
         self.retention.relieve(w, now, exclude=s)
 
+    def _step_done(self, s: int, context_tokens: int, now: float) -> None:
+        """A running step ended: credit its decode's standalone time to fair share."""
+        ss = self.state.sessions
+        started = float(ss.step_started_s_v[s])
+        w = int(ss.home_v[s])
+        ss.step_started_s_v[s] = -1.0
+        out = context_tokens - int(ss.context_tokens_v[s])
+        if started < 0.0 or w == NO_SLOT or out <= 0:
+            return
+        # NOTE: the step's time per output token, queueing and interference
+        # included; the decaying minimum over a worker's steps approaches what
+        # a step takes alone, and whatever it misses, it misses for everyone.
+        ws = self.state.workers
+        floor = float(ws.decode_s_per_token_v[w])
+        if not ws.spec(w).cache.decode_tokens_per_s:
+            seen = (now - started) / out
+            floor = seen if floor <= 0.0 else min(floor * (1.0 + DECODE_FLOOR_DRIFT), seen)
+            ws.decode_s_per_token_v[w] = floor
+        # each output token reads the context so far: its mean over the step
+        mean_ctx = int(ss.context_tokens_v[s]) + out / 2
+        ss.ideal_s_v[s] += out * (floor + mean_ctx * float(ws.decode_s_per_context_token_v[w]))
+
     def _tool_wait(self, s: int, ev: SessionEvent, now: float) -> None:
         ss = self.state.sessions
+        self._step_done(s, ev.context_tokens, now)
         graph = self.graphs.graphs[int(ss.agent_v[s])]
         node = graph.node((int(_K_WAIT), ev.tool_name), now, ev.expected_tool_latency_s)
         self._enter_node(s, node, ev, now)
@@ -284,6 +315,12 @@ class Engine:
             bs = int(self.state.workers.block_size_tokens[w])
             self.state.set_gpu_blocks(s, blocks_for(ev.context_tokens, bs))
             if ss.gpu_blocks_v[s] <= 0:
+                if self.quotas.over_gpu(int(ss.tenant_v[s])):
+                    # no lease over the GPU quota; with no size there is nothing to offload
+                    self.state.release(s)
+                    ss.timer_due_s_v[s] = NO_TIMER
+                    self._emit(s, Action.RELEASE, 0.0, 0.0, OVER_QUOTA)
+                    return
                 # size unknown: a plain lease, the one decision that needs no price
                 ttl = self.config.default_lease_ttl_s
                 ss.lease_expires_s_v[s] = now + ttl
@@ -313,6 +350,7 @@ class Engine:
 
     def _step_end(self, s: int, ev: SessionEvent, now: float) -> None:
         ss = self.state.sessions
+        self._step_done(s, ev.context_tokens, now)
         graph = self.graphs.graphs[int(ss.agent_v[s])]
         node = graph.node((int(_K_STEP_END), ""), now)
         self._enter_node(s, node, ev, now)
@@ -359,19 +397,18 @@ class Engine:
             self.state.release(s)
             reason = reason or ("session_finish" if finished else "session_abort")
             self._emit(s, Action.RELEASE, 0.0, 0.0, reason)
-        self.state.unlink(s)
-        self.state.sessions.remove(SessionId(ss.ids[s] or ""))
+        self.state.remove_session(s)
 
     def _new_session(self, sid: SessionId, tenant_id: TenantId, agent_type: str, now: float) -> int:
         ss = self.state.sessions
-        s = ss.add(sid)
-        ss.tenant_v[s] = self.fair.slot(tenant_id)
+        s = self.state.add_session(sid, self.fair.slot(tenant_id))
         if agent_type not in self.agents.index and len(self.agents.names) >= MAX_AGENT_TYPES:
             agent_type = OTHER_AGENT_TYPE  # bounded graphs whatever clients send
         a = self.agents.get(agent_type)
         self.graphs.for_agent(a, agent_type)
         ss.agent_v[s] = a
         ss.started_s_v[s] = now
+        self.fair.session_started(now)
         ss.last_event_s_v[s] = now
         ss.wait_started_s_v[s] = -1.0
         return s
@@ -389,7 +426,8 @@ class Engine:
     # -- timers ------------------------------------------------------------------
 
     def tick(self, now: float) -> Decisions:
-        """Expire leases, start due prefetches, re-price leases where pressure rose."""
+        """Expire leases, start due prefetches, re-price leases where pressure rose,
+        bring tenants over their GPU quota back under it."""
         ss = self.state.sessions
         due = ss.timer_due_s[: ss.high_water]
         fire = np.flatnonzero(due <= now)
@@ -400,6 +438,7 @@ class Engine:
                 ss.timer_due_s_v[s] = NO_TIMER
                 self.retention.on_timer(s, kind, now)
         self.retention.redecide_pricier_workers(now)
+        self.retention.enforce_quotas(now)
         self._expire_silent_sessions(now)
         return self._flush()
 
@@ -437,7 +476,7 @@ class Engine:
                 sid,
                 action,
                 ttl_s,
-                self.fair.priority[ss.tenant_v[s]],
+                self.fair.directive_priority(ss.tenant_v[s]),
                 self.leader_epoch,
                 within_s,
                 reason,
@@ -458,9 +497,22 @@ class Engine:
     # -- placement ---------------------------------------------------------------
 
     def place(self, req: PlaceRequest, now: float) -> Placement:
-        """Rank workers for a session's next step; empty when none is live."""
+        """Rank workers for a session's next step; empty when none is live.
+
+        Raises TenantLimitExceeded for a session the engine does not know yet
+        when its tenant already has max_concurrent_sessions live sessions.
+        """
+        if req.session_id not in self.state.sessions.slot_of:
+            t = self.fair.tenants.index.get(req.tenant_id)
+            if t is not None and self.quotas.at_session_limit(t):
+                raise TenantLimitExceeded(
+                    req.tenant_id,
+                    "max_concurrent_sessions",
+                    self.quotas.session_limit(t),
+                    self.state.tenant_sessions[t],
+                )
         self.placements_total += 1
-        return self.placer.place(req)
+        return self.placer.place(req, now)
 
     # -- tenants -------------------------------------------------------------------
 
@@ -470,6 +522,7 @@ class Engine:
             raise FileExistsError(spec.tenant_id)
         self._tenants[spec.tenant_id] = spec
         self.fair.set_weight(spec.tenant_id, spec.weight)
+        self.quotas.set(self.fair.slot(spec.tenant_id), spec)
         return spec
 
     def update_tenant(self, spec: TenantSpec, fields: Iterable[str] | None = None) -> TenantSpec:
@@ -480,6 +533,7 @@ class Engine:
         new = spec if fields is None else replace(cur, **{f: getattr(spec, f) for f in fields})
         self._tenants[spec.tenant_id] = new
         self.fair.set_weight(new.tenant_id, new.weight)
+        self.quotas.set(self.fair.slot(new.tenant_id), new)
         return new
 
     def get_tenant(self, tenant_id: TenantId) -> TenantSpec | None:
@@ -491,8 +545,13 @@ class Engine:
         return [self._tenants[t] for t in sorted(self._tenants)]
 
     def delete_tenant(self, tenant_id: TenantId) -> bool:
-        """Remove a tenant; True when it existed."""
-        return self._tenants.pop(tenant_id, None) is not None
+        """Remove a tenant (and its limits); True when it existed."""
+        if self._tenants.pop(tenant_id, None) is None:
+            return False
+        t = self.fair.tenants.index.get(tenant_id)
+        if t is not None:
+            self.quotas.set(t, None)
+        return True
 
     # -- read side -------------------------------------------------------------
 

@@ -73,6 +73,7 @@ def cluster_stats(engine: Engine, now: float) -> ClusterStatsView:
         ss.tenant[:hw][in_use].astype(np.int64), minlength=len(fair.tenants.names)
     )
     order = sorted(range(len(fair.tenants.names)), key=lambda t: fair.tenants.names[t])
+    gpu_bytes, host_bytes = engine.state.tenant_gpu_bytes, engine.state.tenant_host_bytes
     nw = ws.high_water
     return ClusterStatsView(
         workers=len(ws),
@@ -92,6 +93,8 @@ def cluster_stats(engine: Engine, now: float) -> ClusterStatsView:
                 completed_sessions=fair.completed[t],
                 events=fair.events[t],
                 mean_slowdown=fair.mean_slowdown(t),
+                kv_gpu_bytes=gpu_bytes[t] if t < len(gpu_bytes) else 0,
+                kv_host_bytes=host_bytes[t] if t < len(host_bytes) else 0,
             )
             for t in order
         ),

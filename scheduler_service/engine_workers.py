@@ -24,7 +24,7 @@ from scheduler_service.domain import (
     WorkerSpec,
 )
 from scheduler_service.retention import TIMER_LEASE, Retention
-from scheduler_service.state import NO_TIMER, TIER_GPU, TIER_HOST, TIER_NONE, ClusterState
+from scheduler_service.state import NO_TIMER, TIER_GPU, TIER_HOST, ClusterState
 
 NewSession = Callable[[SessionId, TenantId, str, float], int]
 
@@ -67,7 +67,7 @@ class WorkerEvents:
             ws.draining_v[w] = False
             ws.kv_feed_v[w] = False
             ws.price_at_decision_v[w] = 0.0
-        ws.set_spec(w, spec)
+        self.state.set_worker_spec(w, spec)
         ws.connected_v[w] = True
         ws.live_v[w] = not ws.draining_v[w]
         return w
@@ -156,9 +156,7 @@ class WorkerEvents:
             known = ss.slot_of.get(r.session_id)
             s = new_session(r.session_id, r.tenant_id, "", now) if known is None else known
             self.state.link(s, w)
-            ss.gpu_blocks_v[s] = r.gpu_blocks
-            ss.host_blocks_v[s] = r.host_blocks
-            ss.tier_v[s] = TIER_GPU if r.gpu_blocks else (TIER_HOST if r.host_blocks else TIER_NONE)
+            self.state.set_residency(s, r.gpu_blocks, r.host_blocks)
             ss.context_tokens_v[s] = max(int(ss.context_tokens_v[s]), r.cached_tokens)
             ss.prefetch_at_s_v[s] = 0.0
             if r.lease_remaining_s > 0 and ss.tier_v[s] == TIER_GPU:

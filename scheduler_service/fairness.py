@@ -1,11 +1,26 @@
-"""Agent Fair Share, first version: tenants share task completions, not GPU time.
+"""Agent Fair Share: tenants share task completions, not GPU time.
 
-Each finished session's slowdown is its wall time over its standalone time
-(the prefill of the tokens it actually added plus the tools it waited on). A
-tenant's slowdown is an exponentially weighted mean of its sessions'. A tenant
-whose weighted slowdown is above the cluster's mean gets a higher step
-priority and more protection from eviction, which pulls the slowdowns of
-backlogged tenants toward each other.
+A task's slowdown is its wall time over its standalone time (what it would
+take alone with a perfect cache: the prefill of the tokens it actually added,
+its tools' waits). Fair share keeps the backlogged tenants' slowdowns, scaled
+by weight, within a bounded factor of each other with two levers:
+
+* **Step priority** (Place). Each step gets a deadline: the task's start plus
+  its tenant's *stretch* times the standalone time of the work done so far
+  and of this step. The engine's queue runs the earliest deadline first
+  (``step_priority`` is the deadline, encoded so that higher runs sooner).
+  Earliest-deadline-first over deadlines proportional to standalone time
+  equalises slowdowns: a short chat task that waited one second is as late
+  as a long coding task that waited a minute. A tenant's stretch is the
+  cluster's mean slowdown over its weight, corrected by feedback: a tenant
+  whose weighted slowdown stays above the mean gets tighter deadlines.
+* **Eviction protection**. A tenant whose weighted slowdown is above the mean
+  has its idle sessions' eviction keys divided by more (they stay cached).
+
+# NOTE: starvation-free by construction. A queued step's deadline is fixed
+# when it is placed and finite; every step placed later gets a deadline no
+# earlier than its own placement time, so once the clock passes a waiting
+# step's deadline nothing placed afterwards can overtake it.
 """
 
 from __future__ import annotations
@@ -18,14 +33,24 @@ from scheduler_service.state import Interned
 
 #: Weight of the newest completion in a tenant's mean slowdown.
 SLOWDOWN_SMOOTHING = 0.1
-#: Step priorities run 0..MAX_PRIORITY; a tenant at the mean gets the middle.
+#: Directive priorities run 0..MAX_PRIORITY; a tenant at the mean gets the middle.
 MAX_PRIORITY = 100
 #: Protection (the divisor of a session's eviction key) stays within these bounds.
 MIN_PROTECTION, MAX_PROTECTION = 0.5, 4.0
+#: Step priorities encode deadlines in steps of this many seconds.
+DEADLINE_QUANTUM_S = 0.01
+#: The largest step priority (int32): a deadline at the engine's epoch.
+TOP_STEP_PRIORITY = (1 << 31) - 1
+#: How strongly a tenant's slowdown off the mean moves its deadlines (an exponent).
+CORRECTION_GAIN = 2.0
+#: The correction stays within these bounds (deadlines at most 4x tighter or looser).
+MIN_CORRECTION, MAX_CORRECTION = 0.25, 4.0
+#: Stretch before anything has completed.
+INITIAL_STRETCH = 2.0
 
 
 class FairShare:
-    """Per-tenant slowdown, weight, step priority and eviction protection."""
+    """Per-tenant slowdown, weight, stretch, step deadlines and eviction protection."""
 
     def __init__(self) -> None:
         self.tenants: Interned[TenantId] = Interned()
@@ -33,8 +58,14 @@ class FairShare:
         self.slowdown: list[float] = []
         self.completed: list[int] = []
         self.events: list[int] = []
+        self.correction: list[float] = []
         self.protection: npt.NDArray[np.float64] = np.ones(16, dtype=np.float64)
-        self.priority: list[int] = []  # step priority per tenant slot, kept current
+        self.priority: list[int] = []  # directive priority per tenant slot, kept current
+        self.mean_stretch = INITIAL_STRETCH  # the cluster's smoothed slowdown
+        # NOTE: deadlines are encoded relative to the first session the engine
+        # saw, so a step priority fits int32 for years at 10 ms resolution. It
+        # is engine state (journaled input sets it), so a replay encodes alike.
+        self.epoch_s: float | None = None
 
     def slot(self, tenant_id: TenantId) -> int:
         """The tenant's dense slot (tenants are interned on first sight)."""
@@ -44,6 +75,7 @@ class FairShare:
             self.slowdown.append(1.0)
             self.completed.append(0)
             self.events.append(0)
+            self.correction.append(1.0)
             self.priority.append(MAX_PRIORITY // 2)
             if t >= self.protection.shape[0]:
                 grown = np.ones(self.protection.shape[0] * 2, dtype=np.float64)
@@ -57,6 +89,11 @@ class FairShare:
         self.weight[t] = weight if weight > 0 else 1.0
         self._refresh()
 
+    def session_started(self, now: float) -> None:
+        """Fix the deadline epoch at the first session."""
+        if self.epoch_s is None:
+            self.epoch_s = now
+
     def record_completion(self, t: int, elapsed_s: float, standalone_s: float) -> None:
         """A session of tenant slot ``t`` finished after ``elapsed_s``."""
         slowdown = max(1.0, elapsed_s / max(standalone_s, 1e-3))
@@ -65,10 +102,28 @@ class FairShare:
             self.slowdown[t] = slowdown
         else:
             self.slowdown[t] += SLOWDOWN_SMOOTHING * (slowdown - self.slowdown[t])
+        self.mean_stretch += SLOWDOWN_SMOOTHING * (slowdown - self.mean_stretch)
         self._refresh()
 
-    def step_priority(self, t: int) -> int:
-        """Priority for a step of tenant slot ``t`` (higher runs sooner)."""
+    def stretch(self, t: int) -> float:
+        """Deadline stretch of tenant slot ``t``: allowed slowdown for its steps."""
+        if t < 0 or t >= len(self.weight):
+            return self.mean_stretch
+        return self.mean_stretch * self.correction[t] / self.weight[t]
+
+    def step_priority(self, t: int, started_s: float, standalone_s: float, now: float) -> int:
+        """Priority of a step (higher runs sooner): its deadline, earliest highest.
+
+        ``started_s`` is when the task started and ``standalone_s`` its
+        standalone time including this step.
+        """
+        deadline = started_s + self.stretch(t) * standalone_s
+        epoch = self.epoch_s if self.epoch_s is not None else now
+        ticks = round((deadline - epoch) / DEADLINE_QUANTUM_S)
+        return max(0, min(TOP_STEP_PRIORITY, TOP_STEP_PRIORITY - ticks))
+
+    def directive_priority(self, t: int) -> int:
+        """Priority carried by a tenant's directives (0..MAX_PRIORITY, higher keeps longer)."""
         if t < 0 or t >= len(self.priority):
             return MAX_PRIORITY // 2
         return self.priority[t]
@@ -77,15 +132,24 @@ class FairShare:
         """The tenant's smoothed slowdown (0 before any completion)."""
         return self.slowdown[t] if self.completed[t] else 0.0
 
-    def _refresh(self) -> None:
-        # Weighted slowdown relative to the mean over tenants that completed work.
+    def _mean_weighted(self) -> float:
         active = [i for i, c in enumerate(self.completed) if c]
         if not active:
+            return 0.0
+        return sum(self.slowdown[i] * self.weight[i] for i in active) / len(active)
+
+    def _refresh(self) -> None:
+        # Weighted slowdown relative to the mean over tenants that completed work.
+        mean = self._mean_weighted()
+        if mean <= 0.0:
             return
-        # a heavier tenant is owed more: the same slowdown hurts it more
-        norm = {i: self.slowdown[i] * self.weight[i] for i in active}
-        mean = sum(norm.values()) / len(norm)
-        for i, v in norm.items():
-            rel = min(MAX_PROTECTION, max(MIN_PROTECTION, v / mean))
+        for i, c in enumerate(self.completed):
+            if not c:
+                continue
+            # a heavier tenant is owed more: the same slowdown hurts it more
+            ratio = self.slowdown[i] * self.weight[i] / mean
+            # above the mean: tighter deadlines; below: looser ones
+            self.correction[i] = min(MAX_CORRECTION, max(MIN_CORRECTION, ratio**-CORRECTION_GAIN))
+            rel = min(MAX_PROTECTION, max(MIN_PROTECTION, ratio))
             self.protection[i] = rel
             self.priority[i] = max(0, min(MAX_PRIORITY, round(MAX_PRIORITY / 2 * rel)))

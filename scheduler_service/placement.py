@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from scheduler_service.costs import prefill_time_s
 from scheduler_service.domain import Candidate, Placement, PlaceRequest, Tier, WorkerId
 from scheduler_service.engine_config import EngineConfig
 from scheduler_service.fairness import FairShare
@@ -36,7 +37,7 @@ class Placer:
         self._out_slots = np.zeros(k, dtype=np.int32)
         self._out_scores = np.zeros(k, dtype=np.float64)
 
-    def place(self, req: PlaceRequest) -> Placement:
+    def place(self, req: PlaceRequest, now: float) -> Placement:
         """Candidates for ``req`` best first; empty when no allowed worker is live."""
         ws = self.state.workers
         n = ws.high_water
@@ -53,8 +54,11 @@ class Placer:
         ss = self.state.sessions
         s = ss.slot_of.get(req.session_id)
         home, tier, cached, t = NO_SLOT, TIER_NONE, 0, NO_SLOT
+        started_s, done_s, known_tokens = now, 0.0, 0
         if s is not None:
             t = int(ss.tenant_v[s])
+            started_s, done_s = float(ss.started_s_v[s]), float(ss.ideal_s_v[s])
+            known_tokens = int(ss.context_tokens_v[s])
             tier = int(ss.tier_v[s])
             if tier != TIER_NONE:
                 home = int(ss.home_v[s])
@@ -107,9 +111,19 @@ class Placer:
             reason = "affinity"
         else:
             reason = "steal"  # the home is loaded enough that rebuilding elsewhere wins
+        # the step's standalone time: the prefill of the tokens it adds, its decode
+        w0 = int(self._out_slots[0])
+        step_s = prefill_time_s(
+            float(max(0, req.context_tokens - known_tokens)),
+            float(ws.prefill_tokens_per_s_v[w0]),
+            c.knee_tokens,
+        ) + req.new_tokens * (
+            float(ws.decode_s_per_token_v[w0])
+            + (req.context_tokens + req.new_tokens / 2) * float(ws.decode_s_per_context_token_v[w0])
+        )
         return Placement(
             candidates=tuple(cands),
-            step_priority=self.fair.step_priority(t),
+            step_priority=self.fair.step_priority(t, started_s, done_s + step_s, now),
             affinity_ttl_s=c.affinity_ttl_s,
             reason=reason,
         )

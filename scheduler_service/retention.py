@@ -7,6 +7,13 @@ alternative. An offload plans a prefetch so the KV is back on the GPU before
 the predicted return (if the pool has room for it then). Under memory pressure the eviction kernel picks
 victims among a worker's idle residents. When a worker's shadow price rises,
 its waiting sessions are re-decided and a lease can be cut short.
+
+Tenant KV quotas bend all of this: a tenant over its GPU quota gets no new
+retain (the next-best alternative instead) and no prefetch that would add to
+it, its idle sessions are the first victims under pressure, and ``enforce_quotas``
+evicts its idle sessions until it is back under; an offload that would put a
+tenant over its host quota releases instead. The reason these carry is
+``over_quota``.
 """
 
 from __future__ import annotations
@@ -23,10 +30,17 @@ from scheduler_service.engine_config import EngineConfig
 from scheduler_service.fairness import FairShare
 from scheduler_service.graph import GraphStore, WaitPrediction
 from scheduler_service.kernels import KernelSet
-from scheduler_service.kernels.retention import OFFLOAD_HOST, RETAIN_GPU
+from scheduler_service.kernels.eviction import (
+    MIN_P_CONTINUE,
+    MIN_REBUILD_S,
+    MIN_TIME_TO_NEXT_USE_S,
+)
+from scheduler_service.kernels.retention import OFFLOAD_HOST, RELEASE, RETAIN_GPU
+from scheduler_service.quotas import TenantQuotas
 from scheduler_service.state import (
     NO_SLOT,
     NO_TIMER,
+    STATE_RUNNING,
     STATE_TOOL_WAIT,
     TIER_GPU,
     TIER_HOST,
@@ -45,6 +59,11 @@ PREFETCHED = -1.0
 #: A re-decided lease is only replaced when it shrinks by more than this.
 _LEASE_CUT_SLACK_S = 0.5
 
+#: Eviction protection of a tenant over its GPU quota: its idle sessions' keys
+#: grow by 10^9, so under pressure they go before any other tenant's.
+OVER_QUOTA_PROTECTION = 1e-9
+OVER_QUOTA = "over_quota"
+
 
 class Retention:
     """Decides retain / offload / release / evict / prefetch for sessions."""
@@ -58,6 +77,7 @@ class Retention:
         graphs: GraphStore,
         emit: Emit,
         set_timer: SetTimer,
+        quotas: TenantQuotas | None = None,
     ) -> None:
         self.config = config
         self.state = state
@@ -66,6 +86,7 @@ class Retention:
         self.graphs = graphs
         self.emit = emit
         self.set_timer = set_timer
+        self.quotas = quotas if quotas is not None else TenantQuotas(state)
 
     # -- prices ------------------------------------------------------------------
 
@@ -109,6 +130,11 @@ class Retention:
         ws = self.state.workers
         return int(ws.host_cap_blocks_v[w]) - int(ws.host_used_blocks_v[w]) >= blocks > 0
 
+    def host_quota_allows(self, s: int, w: int, blocks: int) -> bool:
+        """True when offloading ``blocks`` of ``s`` to ``w``'s host keeps its tenant in quota."""
+        t = int(self.state.sessions.tenant_v[s])
+        return self.quotas.host_allows(t, blocks * int(self.state.workers.block_bytes_v[w]))
+
     # -- the tool wait --------------------------------------------------------------
 
     def predict(
@@ -137,20 +163,33 @@ class Retention:
         ss.p_continue_v[s] = pred.p_continue
         ws.price_at_decision_v[w] = max(float(ws.price_at_decision_v[w]), price)
         move_s = self.transfer_s(s, w, blocks)
-        action, ttl, _cr, _co, _cx = self.kernels.retention_choice(
-            blocks,
-            int(ws.gpu_cap_blocks_v[w]),
-            price,
-            pred.expected_remaining_s,
-            pred.p_continue,
-            self.rebuild_s(s, w),
-            move_s,
-            move_s,  # the link is symmetric: reload takes what the copy out took
-            self.host_room(w, blocks),
-            c.transfer_weight,
-            c.min_lease_ttl_s,
-            c.max_lease_ttl_s,
-        )
+        rebuild_s = self.rebuild_s(s, w)
+        room = self.host_room(w, blocks)
+        host_ok = room and self.host_quota_allows(s, w, blocks)
+
+        def choose(host: bool) -> tuple[int, float, float, float, float]:
+            return self.kernels.retention_choice(  # type: ignore[no-any-return]
+                blocks,
+                int(ws.gpu_cap_blocks_v[w]),
+                price,
+                pred.expected_remaining_s,
+                pred.p_continue,
+                rebuild_s,
+                move_s,
+                move_s,  # the link is symmetric: reload takes what the copy out took
+                host,
+                c.transfer_weight,
+                c.min_lease_ttl_s,
+                c.max_lease_ttl_s,
+            )
+
+        action, ttl, _cr, c_offload, c_release = choose(host_ok)
+        if room and not host_ok and choose(True)[0] == OFFLOAD_HOST:
+            reason = OVER_QUOTA  # the host quota turned an offload into this
+        if action == RETAIN_GPU and self.quotas.over_gpu(int(ss.tenant_v[s])):
+            # no new retain over the GPU quota: the cheaper of the alternatives
+            action = OFFLOAD_HOST if host_ok and c_offload <= c_release else RELEASE
+            reason = OVER_QUOTA
         if action == RETAIN_GPU:
             ss.price_at_grant_v[s] = price
             expires = now + ttl
@@ -184,11 +223,19 @@ class Retention:
         ss.prefetch_at_s_v[s] = at
         self.set_timer(s, at, TIMER_PREFETCH)
 
-    def prefetch(self, s: int, now: float, reason: str) -> None:
-        """Bring a host-tier session back to its home GPU, leased until it is used."""
+    def prefetch(self, s: int, now: float, reason: str) -> bool:
+        """Bring a host-tier session back to its home GPU, leased until it is used.
+
+        False (and nothing done) when the reload would put the session's tenant
+        over its GPU quota: the KV stays on the host until the step needs it.
+        """
         ss = self.state.sessions
         w = int(ss.home_v[s])
         blocks = int(ss.host_blocks_v[s])
+        extra = blocks * int(self.state.workers.block_bytes_v[w])
+        if not self.quotas.gpu_allows(int(ss.tenant_v[s]), extra):
+            ss.prefetch_at_s_v[s] = 0.0
+            return False
         reload_s = self.transfer_s(s, w, blocks)
         node = int(ss.node_v[s])
         waiting = ss.state_v[s] == STATE_TOOL_WAIT
@@ -212,6 +259,7 @@ class Retention:
         # started one reload plus margin ahead of it); on a returned tool, at once
         within_s = reload_s * (1.0 + self.config.prefetch_margin) if waiting else reload_s
         self.emit(s, Action.PREFETCH_GPU, ttl, within_s, reason)
+        return True
 
     def rejected(self, s: int, action: Action) -> None:
         """The home worker refused a directive: put the session back where its KV is."""
@@ -258,6 +306,15 @@ class Retention:
 
     # -- pressure ----------------------------------------------------------------------
 
+    def protection(self) -> npt.NDArray[np.float64]:
+        """Eviction protection per tenant slot: fair share's, tiny for tenants over quota."""
+        prot = self.fair.protection
+        over = self.quotas.over_gpu_tenants() if self.quotas.gpu_limited else None
+        if over:
+            prot = prot.copy()
+            prot[over] = OVER_QUOTA_PROTECTION
+        return prot
+
     def relieve(self, w: int, now: float, exclude: int = NO_SLOT) -> None:
         """If ``w`` is under its low watermark, evict idle sessions up to the high one."""
         c = self.config
@@ -277,7 +334,7 @@ class Retention:
             ss.next_use_s,
             ss.p_continue,
             ss.tenant,
-            self.fair.protection,
+            self.protection(),
             float(now),
             float(ws.prefill_tokens_per_s_v[w]),
             float(c.knee_tokens),
@@ -286,6 +343,46 @@ class Retention:
         )
         for v in victims:
             self.evict(int(v), w, now)
+
+    def enforce_quotas(self, now: float) -> None:
+        """Evict idle GPU sessions of each tenant over its GPU quota until it is back under.
+
+        A tenant's candidates are its sessions on a GPU that are not running a
+        step, taken in the eviction kernel's order (farthest next use per
+        second of rebuild first, lower slot on ties). One vectorised pass over
+        the session arrays, and only while some tenant is over.
+        """
+        over = self.quotas.over_gpu_tenants() if self.quotas.gpu_limited else None
+        if not over:
+            return
+        ss = self.state.sessions
+        hw = ss.high_water
+        idle = (
+            (ss.tier[:hw] == TIER_GPU)
+            & (ss.state[:hw] != STATE_RUNNING)
+            & (ss.gpu_blocks[:hw] > 0)
+            & (ss.home[:hw] != NO_SLOT)
+        )
+        for t in over:
+            cand = np.flatnonzero(idle & (ss.tenant[:hw] == t))
+            if not cand.size:
+                continue
+            keys = self.victim_keys(cand, now)
+            for s in cand[np.lexsort((cand, -keys))].tolist():
+                if not self.quotas.over_gpu(t):
+                    break
+                self.evict(s, int(ss.home_v[s]), now, OVER_QUOTA)
+
+    def victim_keys(self, cand: npt.NDArray[np.intp], now: float) -> npt.NDArray[np.float64]:
+        """The eviction kernel's ``victim_key`` (protection 1) of sessions ``cand``, vectorised."""
+        ss, ws = self.state.sessions, self.state.workers
+        ttn = np.maximum(ss.next_use_s[cand] - now, MIN_TIME_TO_NEXT_USE_S)
+        pc = np.maximum(ss.p_continue[cand], MIN_P_CONTINUE)
+        tokens = ss.context_tokens[cand].astype(np.float64)
+        linear = tokens / ws.prefill_tokens_per_s[ss.home[cand]]
+        rebuild = np.maximum(linear + linear * (tokens / self.config.knee_tokens), MIN_REBUILD_S)
+        keys: npt.NDArray[np.float64] = ttn / pc * ss.gpu_blocks[cand] / rebuild
+        return keys
 
     def evict(
         self,
@@ -309,6 +406,9 @@ class Retention:
         ss.lease_expires_s_v[s] = 0.0
         ss.timer_due_s_v[s] = NO_TIMER
         pays = self.config.transfer_weight * 2.0 * move_s < pc * self.rebuild_s(s, w)
+        if pays and self.host_room(w, blocks) and not self.host_quota_allows(s, w, blocks):
+            pays = False  # the host quota is full: release instead
+            reason = OVER_QUOTA
         if self.host_room(w, blocks) and pays:
             self.state.to_host(s)
             self.emit(s, Action.OFFLOAD_HOST, 0.0, move_s, reason)

@@ -54,6 +54,7 @@ _WORKER_FIELDS: tuple[tuple[str, type, float], ...] = (
     ("host_link_bytes_per_s", np.float64, 1.0),
     ("block_size_tokens", np.int64, 1),
     ("bytes_per_token", np.int64, 0),
+    ("block_bytes", np.int64, 0),  # block_size_tokens × bytes_per_token
     ("epoch", np.int64, 0),
     ("live", np.bool_, False),  # connected and not draining: may take new steps
     ("connected", np.bool_, False),
@@ -62,6 +63,10 @@ _WORKER_FIELDS: tuple[tuple[str, type, float], ...] = (
     ("head", np.int32, NO_SLOT),  # first session homed here
     ("residents", np.int32, 0),
     ("price_at_decision", np.float64, 0.0),  # shadow price the waiting leases were set at
+    # NOTE: the fastest seconds per output token seen lately (decaying minimum):
+    # what a step's decode would take alone, for fair share's standalone times.
+    ("decode_s_per_token", np.float64, 0.0),
+    ("decode_s_per_context_token", np.float64, 0.0),  # KV read per token of context
 )
 
 _SESSION_FIELDS: tuple[tuple[str, type, float], ...] = (
@@ -94,6 +99,7 @@ _SESSION_FIELDS: tuple[tuple[str, type, float], ...] = (
     ("price_at_grant", np.float64, 0.0),  # shadow price its current lease was priced at
     ("started_s", np.float64, 0.0),
     ("ideal_s", np.float64, 0.0),  # standalone time of the work done (fair share)
+    ("step_started_s", np.float64, -1.0),  # STEP_START of the step running (-1: none)
 )
 
 
@@ -190,6 +196,7 @@ class WorkerTable(_Table[WorkerId]):
     host_link_bytes_per_s: npt.NDArray[np.float64]
     block_size_tokens: npt.NDArray[np.int64]
     bytes_per_token: npt.NDArray[np.int64]
+    block_bytes: npt.NDArray[np.int64]
     epoch: npt.NDArray[np.int64]
     live: npt.NDArray[np.bool_]
     connected: npt.NDArray[np.bool_]
@@ -198,6 +205,8 @@ class WorkerTable(_Table[WorkerId]):
     head: npt.NDArray[np.int32]
     residents: npt.NDArray[np.int32]
     price_at_decision: npt.NDArray[np.float64]
+    decode_s_per_token: npt.NDArray[np.float64]
+    decode_s_per_context_token: npt.NDArray[np.float64]
     gpu_cap_blocks_v: Elements
     host_cap_blocks_v: Elements
     gpu_used_blocks_v: Elements
@@ -209,6 +218,7 @@ class WorkerTable(_Table[WorkerId]):
     host_link_bytes_per_s_v: Elements
     block_size_tokens_v: Elements
     bytes_per_token_v: Elements
+    block_bytes_v: Elements
     epoch_v: Elements
     live_v: Elements
     connected_v: Elements
@@ -217,6 +227,8 @@ class WorkerTable(_Table[WorkerId]):
     head_v: Elements
     residents_v: Elements
     price_at_decision_v: Elements
+    decode_s_per_token_v: Elements
+    decode_s_per_context_token_v: Elements
 
     def __init__(self, capacity: int = 64) -> None:
         super().__init__(capacity)
@@ -234,6 +246,11 @@ class WorkerTable(_Table[WorkerId]):
         self.host_link_bytes_per_s[slot] = max(c.host_link_bytes_per_s, 1.0)
         self.block_size_tokens[slot] = max(c.block_size_tokens, 1)
         self.bytes_per_token[slot] = c.bytes_per_token
+        # declared: fixed; unknown (0): the engine learns a floor from steps
+        rate = c.decode_tokens_per_s
+        self.decode_s_per_token[slot] = 1.0 / rate if rate > 0 else 0.0
+        hbm = c.hbm_bytes_per_s
+        self.decode_s_per_context_token[slot] = c.bytes_per_token / hbm if hbm > 0 else 0.0
         self.epoch[slot] = spec.epoch
 
     def spec(self, slot: int) -> WorkerSpec:
@@ -277,6 +294,7 @@ class SessionTable(_Table[SessionId]):
     price_at_grant: npt.NDArray[np.float64]
     started_s: npt.NDArray[np.float64]
     ideal_s: npt.NDArray[np.float64]
+    step_started_s: npt.NDArray[np.float64]
     tenant_v: Elements
     agent_v: Elements
     home_v: Elements
@@ -303,6 +321,7 @@ class SessionTable(_Table[SessionId]):
     price_at_grant_v: Elements
     started_s_v: Elements
     ideal_s_v: Elements
+    step_started_s_v: Elements
 
     def __init__(self, capacity: int = 1024) -> None:
         super().__init__(capacity)
@@ -326,11 +345,85 @@ class Interned(Generic[IdT]):
 
 
 class ClusterState:
-    """Workers, sessions and the residency lists that join them."""
+    """Workers, sessions and the residency lists that join them.
+
+    Per tenant slot it also keeps live sessions and the KV bytes its sessions
+    hold on GPU and host tiers (blocks × the home worker's ``block_bytes``),
+    moved by every method that changes a session's blocks or home, so a quota
+    check reads one counter instead of scanning sessions. A session with no
+    home is charged nothing.
+    """
 
     def __init__(self, worker_capacity: int = 64, session_capacity: int = 1024) -> None:
         self.workers = WorkerTable(worker_capacity)
         self.sessions = SessionTable(session_capacity)
+        self.tenant_sessions: list[int] = []
+        self.tenant_gpu_bytes: list[int] = []
+        self.tenant_host_bytes: list[int] = []
+
+    # -- sessions and tenants -----------------------------------------------------
+
+    def ensure_tenant(self, t: int) -> None:
+        """Make room in the per-tenant counters for tenant slot ``t``."""
+        while len(self.tenant_sessions) <= t:
+            self.tenant_sessions.append(0)
+            self.tenant_gpu_bytes.append(0)
+            self.tenant_host_bytes.append(0)
+
+    def add_session(self, sid: SessionId, t: int) -> int:
+        """A fresh session slot owned by tenant slot ``t``."""
+        ss = self.sessions
+        s = ss.add(sid)
+        ss.tenant_v[s] = t
+        if t >= 0:
+            self.ensure_tenant(t)
+            self.tenant_sessions[t] += 1
+        return s
+
+    def remove_session(self, s: int) -> None:
+        """Drop session ``s`` (unlinked from its home, its charges with it)."""
+        self.unlink(s)
+        ss = self.sessions
+        t = int(ss.tenant_v[s])
+        if t >= 0:
+            self.tenant_sessions[t] -= 1
+        ss.remove(SessionId(ss.ids[s] or ""))
+
+    def set_worker_spec(self, w: int, spec: WorkerSpec) -> None:
+        """Adopt a worker's declared cache; re-charges its residents if a block's size changed."""
+        ws, ss = self.workers, self.sessions
+        old = int(ws.block_bytes_v[w])
+        ws.set_spec(w, spec)
+        ws.block_bytes_v[w] = int(ws.block_size_tokens_v[w]) * int(ws.bytes_per_token_v[w])
+        delta = int(ws.block_bytes_v[w]) - old
+        if delta:
+            for s in self.residents_of(w):
+                t = int(ss.tenant_v[s])
+                if t >= 0:
+                    self.tenant_gpu_bytes[t] += int(ss.gpu_blocks_v[s]) * delta
+                    self.tenant_host_bytes[t] += int(ss.host_blocks_v[s]) * delta
+
+    def _charge(self, s: int, w: int, sign: int) -> None:
+        # add (sign 1) or remove (sign -1) session ``s``'s blocks as held on ``w``
+        ss = self.sessions
+        t = int(ss.tenant_v[s])
+        if t < 0:
+            return
+        bb = sign * int(self.workers.block_bytes_v[w])
+        self.tenant_gpu_bytes[t] += int(ss.gpu_blocks_v[s]) * bb
+        self.tenant_host_bytes[t] += int(ss.host_blocks_v[s]) * bb
+
+    def _charge_gpu(self, s: int, w: int, delta_blocks: int) -> None:
+        t = int(self.sessions.tenant_v[s])
+        if t >= 0 and w != NO_SLOT:
+            self.tenant_gpu_bytes[t] += delta_blocks * int(self.workers.block_bytes_v[w])
+
+    def _charge_host(self, s: int, w: int, delta_blocks: int) -> None:
+        t = int(self.sessions.tenant_v[s])
+        if t >= 0 and w != NO_SLOT:
+            self.tenant_host_bytes[t] += delta_blocks * int(self.workers.block_bytes_v[w])
+
+    # -- residency lists ----------------------------------------------------------
 
     def link(self, s: int, w: int) -> None:
         """Make worker ``w`` the home of session ``s`` (unlinking any old home)."""
@@ -348,6 +441,7 @@ class ClusterState:
         ws.head_v[w] = s
         ws.residents_v[w] += 1
         ss.home_v[s] = w
+        self._charge(s, w, 1)
 
     def unlink(self, s: int) -> None:
         """Remove session ``s`` from its home's resident list."""
@@ -355,6 +449,7 @@ class ClusterState:
         w = int(ss.home_v[s])
         if w == NO_SLOT:
             return
+        self._charge(s, w, -1)
         p, n = int(ss.prev_v[s]), int(ss.next_v[s])
         if p != NO_SLOT:
             ss.next_v[p] = n
@@ -391,8 +486,12 @@ class ClusterState:
         delta = blocks - int(ss.gpu_blocks_v[s])
         ss.gpu_blocks_v[s] = blocks
         ss.tier_v[s] = TIER_GPU
-        if w != NO_SLOT and not ws.kv_feed_v[w]:
-            ws.gpu_used_blocks_v[w] += delta
+        if w != NO_SLOT and delta:
+            t = int(ss.tenant_v[s])
+            if t >= 0:
+                self.tenant_gpu_bytes[t] += delta * int(ws.block_bytes_v[w])
+            if not ws.kv_feed_v[w]:
+                ws.gpu_used_blocks_v[w] += delta
 
     def free_gpu(self, s: int) -> int:
         """The engine ordered ``s``'s GPU blocks freed; returns how many."""
@@ -403,6 +502,7 @@ class ClusterState:
         if ss.tier_v[s] == TIER_GPU:
             ss.tier_v[s] = TIER_NONE
         if w != NO_SLOT and n:
+            self._charge_gpu(s, w, -n)
             ws.gpu_used_blocks_v[w] = max(0, int(ws.gpu_used_blocks_v[w]) - n)
             if ws.kv_feed_v[w]:
                 ws.pending_free_blocks_v[w] += n
@@ -412,9 +512,10 @@ class ClusterState:
         """Move ``s``'s GPU blocks to its home's host tier; returns how many."""
         n = self.free_gpu(s)
         ss = self.sessions
+        w = int(ss.home_v[s])
+        self._charge_host(s, w, n - int(ss.host_blocks_v[s]))
         ss.host_blocks_v[s] = n
         ss.tier_v[s] = TIER_HOST
-        w = int(ss.home_v[s])
         if w != NO_SLOT:
             self.workers.host_used_blocks[w] += n
         return n
@@ -428,6 +529,9 @@ class ClusterState:
     def forget(self, s: int) -> None:
         """``s`` holds nothing any more (the worker said so; usage came from it)."""
         ss = self.sessions
+        w = int(ss.home_v[s])
+        if w != NO_SLOT:
+            self._charge(s, w, -1)
         ss.tier_v[s] = TIER_NONE
         ss.gpu_blocks_v[s] = 0
         ss.host_blocks_v[s] = 0
@@ -441,7 +545,18 @@ class ClusterState:
         w = int(ss.home_v[s])
         ss.host_blocks_v[s] = 0
         if w != NO_SLOT and n:
+            self._charge_host(s, w, -n)
             self.workers.host_used_blocks[w] = max(0, int(self.workers.host_used_blocks[w]) - n)
+
+    def set_residency(self, s: int, gpu_blocks: int, host_blocks: int) -> None:
+        """Adopt what the worker says ``s`` holds (its usage figures come from it too)."""
+        ss = self.sessions
+        w = int(ss.home_v[s])
+        self._charge_gpu(s, w, gpu_blocks - int(ss.gpu_blocks_v[s]))
+        self._charge_host(s, w, host_blocks - int(ss.host_blocks_v[s]))
+        ss.gpu_blocks_v[s] = gpu_blocks
+        ss.host_blocks_v[s] = host_blocks
+        ss.tier_v[s] = TIER_GPU if gpu_blocks else (TIER_HOST if host_blocks else TIER_NONE)
 
     def nbytes(self) -> int:
         """Bytes in the numpy arrays of both tables."""

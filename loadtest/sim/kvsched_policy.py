@@ -8,7 +8,8 @@ to the simulated pools the way the reference block pool applies them:
 RETAIN_GPU leases the blocks until the TTL, OFFLOAD_HOST copies them to the
 host tier, PREFETCH_GPU reloads them (ready after the link time) under a
 lease, RELEASE ends a lease and puts the blocks first in line for eviction,
-EVICT_NOW frees them. Under admission pressure the replica still evicts LRU
+EVICT_NOW frees them. Each step queues on its replica at the fair-share
+priority Place gave it. Under admission pressure the replica still evicts LRU
 on its own, as a worker whose scheduler is slow would.
 """
 
@@ -61,6 +62,8 @@ class KvschedPolicy(VllmApc):
             host_capacity_blocks=m.host_capacity_blocks,
             prefill_tokens_per_s=m.prefill_tokens_per_s,
             host_link_bytes_per_s=m.host_link_bytes_per_s,
+            decode_tokens_per_s=1.0 / m.token_time_s(0.0),
+            hbm_bytes_per_s=m.hbm_bytes_per_s,
         )
         for w in self.wids:
             self.engine.register_worker(WorkerSpec(w, 1, spec), 0.0)
@@ -70,6 +73,11 @@ class KvschedPolicy(VllmApc):
         self.ev = 0
         self.last_heartbeat_s = -1e9
         self.directives = 0
+        self.priority: dict[int, int] = {}
+
+    def step_priority(self, sid: int) -> int:
+        """The fair-share priority the engine gave the step's placement."""
+        return self.priority.get(sid, 0)
 
     def _event(
         self,
@@ -152,6 +160,7 @@ class KvschedPolicy(VllmApc):
             ),
             now,
         )
+        self.priority[sid] = p.step_priority
         if not p.candidates:
             return self.home(sid)
         return self.slot[p.candidates[0].worker_id]

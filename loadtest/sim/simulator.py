@@ -8,6 +8,11 @@ reloaded over the link instead), then it decodes at a per-token time set by
 the batch's KV reads, then the agent waits on its tool. Each replica's prefill
 lane is serial: prefill is compute bound, so steps sharing a replica queue for
 it; decode is memory bound and batches.
+
+The admission queue and the prefill lane are ordered by the step priority
+the policy gives (higher first, then arrival), as vLLM's
+``--scheduling-policy priority`` orders its queues; the baselines give every step the same priority,
+which is first come, first served.
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ class Replica:
     """One model replica: pool, admission queue, prefill lane, decode batch."""
 
     pool: Pool
-    queue: deque[int] = field(default_factory=deque)
-    lane_free_s: float = 0.0
+    queue: list[tuple[int, int, int]] = field(default_factory=list)  # heap (-priority, seq, sid)
+    lane: list[tuple[int, int, int]] = field(default_factory=list)  # heap (-priority, seq, sid)
+    lane_free_s: float = 0.0  # when the prefill in progress ends
+    lane_pending_s: float = 0.0  # prefill seconds admitted but not started
     running: int = 0
     running_kv_tokens: int = 0
     queued_prefill_tokens: int = 0
@@ -74,6 +81,9 @@ class Simulator:
         self.next_use_s = [math.inf] * n  # clairvoyant: when the session's next step is ready
         self.pending_children = [0] * n
         self.queued_est = [0] * n  # prefill tokens a queued step was counted for
+        self.priority = [0] * n  # the current step's priority
+        self.lane_ready_s = [0.0] * n  # an admitted step's KV is reloaded by then
+        self.lane_prefill_s = [0.0] * n  # an admitted step's prefill time
         # closed loop: per tenant, the backlog of tasks not started yet (in draw order)
         # the agent trace (loadtest.sim.replay documents the format), when asked for
         self.events: list[dict[str, Any]] | None = [] if trace_events else None
@@ -142,7 +152,9 @@ class Simulator:
         self.where[sid] = r
         rep = self.replicas[r]
         s = self.sessions[sid]
-        rep.queue.append(sid)
+        self._seq += 1
+        self.priority[sid] = self.policy.step_priority(sid)
+        heapq.heappush(rep.queue, (-self.priority[sid], self._seq, sid))
         # what the step will prefill if its cache here survives until it runs
         prompt = s.context_before_step(self.step[sid])
         pool = rep.pool
@@ -158,7 +170,7 @@ class Simulator:
         pool = rep.pool
         m = self.model
         while rep.queue and rep.running < m.max_running_steps:
-            sid = rep.queue[0]
+            sid = rep.queue[0][2]
             s = self.sessions[sid]
             i = self.step[sid]
             prompt = s.context_before_step(i)
@@ -168,7 +180,7 @@ class Simulator:
                 self.policy.evict(pool, need - have, self.now, sid)
                 if pool.free < need - have:
                     return  # head of line waits for memory
-            rep.queue.popleft()
+            heapq.heappop(rep.queue)
             rep.queued_prefill_tokens -= self.queued_est[sid]
             self._admit(sid, r, prompt, need)
 
@@ -194,8 +206,11 @@ class Simulator:
         seen = max(self.computed_tokens[sid], shared_hit if i == 0 else 0)
         recompute_tokens = max(0, min(seen, prompt) - hit)
         recompute_s = m.extend_s(hit, hit + recompute_tokens)
-        done = max(start + reload_s, rep.lane_free_s) + prefill_s
-        rep.lane_free_s = done
+        self.lane_ready_s[sid] = start + reload_s
+        self.lane_prefill_s[sid] = prefill_s
+        rep.lane_pending_s += prefill_s
+        self._seq += 1
+        heapq.heappush(rep.lane, (-self.priority[sid], self._seq, sid))
         rep.running += 1
         self.next_use_s[sid] = math.inf
         self.rec.admitted(
@@ -213,15 +228,27 @@ class Simulator:
         if self.events is not None:
             self._trace(sid, "step_start", prompt, s.output_tokens[i])
         self.policy.on_admit(sid, i, r, now)
+        self._next_prefill(rep)
+
+    def _next_prefill(self, rep: Replica) -> None:
+        """Start the highest-priority admitted prefill when the lane is free."""
+        if not rep.lane or rep.lane_free_s > self.now:
+            return
+        sid = heapq.heappop(rep.lane)[2]
+        prefill_s = self.lane_prefill_s[sid]
+        rep.lane_pending_s -= prefill_s
+        done = max(self.now, self.lane_ready_s[sid]) + prefill_s
+        rep.lane_free_s = done
         self.at(done, PREFILL_DONE, sid)
 
     def _prefill_done(self, sid: int) -> None:
         rep = self.replicas[self.where[sid]]
+        self._next_prefill(rep)
         s = self.sessions[sid]
         i = self.step[sid]
         ctx = s.context_before_step(i)
         rep.running_kv_tokens += ctx
-        busy_s = max(0.0, rep.lane_free_s - self.now)
+        busy_s = max(0.0, rep.lane_free_s - self.now) + rep.lane_pending_s
         decode_s = self.model.decode_s(s.output_tokens[i], rep.running_kv_tokens, busy_s)
         self.rec.first_token(sid, self.now - self.ready_s[sid], decode_s / max(1, rep.running))
         self.at(self.now + decode_s, DECODE_DONE, sid)
@@ -291,7 +318,7 @@ class Simulator:
     def queued_prefill_tokens(self, r: int) -> int:
         """Prefill work waiting on ``r``: queued steps' uncached tokens plus the lane backlog."""
         rep = self.replicas[r]
-        backlog_s = max(0.0, rep.lane_free_s - self.now)
+        backlog_s = max(0.0, rep.lane_free_s - self.now) + rep.lane_pending_s
         return rep.queued_prefill_tokens + int(backlog_s * self.model.prefill_tokens_per_s)
 
     def lease(self, r: int, sid: int, ttl_s: float) -> None:

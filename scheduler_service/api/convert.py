@@ -128,6 +128,8 @@ def cache_spec_from_pb(pb: types_pb2.CacheSpec, field: str) -> CacheSpec:
             pb.prefill_tokens_per_s, f"{field}.prefill_tokens_per_s", MAX_RATE, positive=True
         ),
         host_link_bytes_per_s=link,
+        decode_tokens_per_s=_real(pb.decode_tokens_per_s, f"{field}.decode_tokens_per_s", MAX_RATE),
+        hbm_bytes_per_s=_real(pb.hbm_bytes_per_s, f"{field}.hbm_bytes_per_s", MAX_RATE),
     )
 
 
@@ -502,6 +504,8 @@ def cache_spec_to_pb(c: CacheSpec) -> types_pb2.CacheSpec:
         hash_algo=c.hash_algo,
         prefill_tokens_per_s=c.prefill_tokens_per_s,
         host_link_bytes_per_s=c.host_link_bytes_per_s,
+        decode_tokens_per_s=c.decode_tokens_per_s,
+        hbm_bytes_per_s=c.hbm_bytes_per_s,
     )
 
 

@@ -12,7 +12,10 @@ from scheduler_service.api import convert, errors
 from scheduler_service.api.auth import ROUTERS, WORKERS, Authorizer, Role
 from scheduler_service.api.dispatch import Dispatcher
 from scheduler_service.api.ratelimit import TenantRateLimiter
-from scheduler_service.domain import Rejected, TenantId
+from scheduler_service.domain import Rejected, TenantId, TenantLimitExceeded
+
+#: RetryInfo of a Place refused at a tenant's session limit: about one agent step.
+SESSION_LIMIT_RETRY_S = 1.0
 
 
 class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
@@ -51,7 +54,19 @@ class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
         if (reason := self._d.unavailable_reason) is not None:
             await errors.abort(context, errors.unavailable(reason, 1.0))
         await self._admit(context, req.tenant_id, 1.0)
-        placement = self._d.engine.place(req, self._clock())
+        try:
+            placement = self._d.engine.place(req, self._clock())
+        except TenantLimitExceeded as e:
+            self._d.metrics.rejected.add(1, {"code": "RESOURCE_EXHAUSTED"})
+            await errors.abort(
+                context,
+                errors.resource_exhausted(
+                    f"tenant {e.tenant_id!r} has {e.current} live sessions, at its"
+                    f" {e.limit_name} limit of {e.limit}: session {req.session_id!r}"
+                    " cannot start until one finishes",
+                    SESSION_LIMIT_RETRY_S,
+                ),
+            )
         if not placement.candidates:
             await errors.abort(
                 context, errors.unavailable("no live worker can take this step", 0.5)

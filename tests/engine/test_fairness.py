@@ -1,23 +1,36 @@
-"""Agent Fair Share, first version: slowdown over task completions drives priority."""
+"""Agent Fair Share: slowdown over task completions drives deadlines and protection."""
 
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from scheduler_service.domain import TenantId
-from scheduler_service.fairness import MAX_PRIORITY, FairShare
+from scheduler_service.fairness import (
+    CORRECTION_GAIN,
+    DEADLINE_QUANTUM_S,
+    INITIAL_STRETCH,
+    MAX_PRIORITY,
+    TOP_STEP_PRIORITY,
+    FairShare,
+)
 
 
-def test_the_slower_tenant_gets_priority_and_protection() -> None:
+def test_the_slower_tenant_gets_protection_and_tighter_deadlines() -> None:
     f = FairShare()
     a, b = f.slot(TenantId("a")), f.slot(TenantId("b"))
-    assert f.step_priority(a) == f.step_priority(b) == MAX_PRIORITY // 2
+    assert f.directive_priority(a) == f.directive_priority(b) == MAX_PRIORITY // 2
+    assert f.stretch(a) == f.stretch(b) == INITIAL_STRETCH
     f.record_completion(a, elapsed_s=10.0, standalone_s=10.0)  # slowdown 1
     f.record_completion(b, elapsed_s=30.0, standalone_s=10.0)  # slowdown 3
     assert (f.mean_slowdown(a), f.mean_slowdown(b)) == (1.0, 3.0)
     # relative to the mean slowdown 2: a at 0.5, b at 1.5
     assert f.protection[a] == pytest.approx(0.5) and f.protection[b] == pytest.approx(1.5)
-    assert (f.step_priority(a), f.step_priority(b)) == (25, 75)
+    assert (f.directive_priority(a), f.directive_priority(b)) == (25, 75)
+    # deadlines: b's are tighter by (1.5 / 0.5) ** gain
+    ratio = f.stretch(a) / f.stretch(b)
+    assert ratio == pytest.approx(3.0**CORRECTION_GAIN)
     # the smoothed slowdown moves a tenth of the way per completion
     f.record_completion(b, elapsed_s=10.0, standalone_s=10.0)
     assert f.mean_slowdown(b) == pytest.approx(2.8)
@@ -30,7 +43,48 @@ def test_weights_scale_what_a_slowdown_costs() -> None:
     f.record_completion(a, 20.0, 10.0)
     f.record_completion(b, 20.0, 10.0)
     # same slowdown, but a is owed three times the share
-    assert f.step_priority(a) > f.step_priority(b)
-    assert f.mean_slowdown(f.slot(TenantId("new"))) == 0.0
+    assert f.directive_priority(a) > f.directive_priority(b)
+    assert f.stretch(a) < f.stretch(b) / 3.0
+    new = f.slot(TenantId("new"))
+    assert f.mean_slowdown(new) == 0.0
     # no completion of its own: a newcomer is neither favoured nor penalised
-    assert f.step_priority(f.slot(TenantId("new"))) == MAX_PRIORITY // 2
+    assert f.directive_priority(new) == MAX_PRIORITY // 2
+    assert f.stretch(new) == pytest.approx(f.mean_stretch)
+
+
+def test_step_priority_is_the_deadline_earliest_highest() -> None:
+    f = FairShare()
+    t = f.slot(TenantId("t"))
+    f.session_started(100.0)
+    f.session_started(500.0)  # the epoch is the first session's
+    assert f.epoch_s == 100.0
+    s = f.stretch(t)
+    # a task started at the epoch with 1 s of standalone work: deadline 100 + s
+    p = f.step_priority(t, 100.0, 1.0, now=120.0)
+    assert p == TOP_STEP_PRIORITY - round(s / DEADLINE_QUANTUM_S)
+    # a short task that started later can still be due first (its deadline is earlier)
+    long_task = f.step_priority(t, 100.0, 60.0, now=130.0)
+    short_task = f.step_priority(t, 110.0, 2.0, now=130.0)
+    assert short_task > long_task
+    # far-future deadlines saturate instead of wrapping around
+    assert f.step_priority(t, 100.0, 1e12, now=130.0) == 0
+
+
+@given(
+    placed=st.lists(st.tuples(st.floats(0.0, 1e5), st.floats(0.0, 1e4)), min_size=1, max_size=30),
+    later_s=st.floats(0.0, 1e4),
+)
+def test_no_step_placed_after_a_deadline_passes_overtakes_it(
+    placed: list[tuple[float, float]], later_s: float
+) -> None:
+    # starvation freedom: once the clock is past a waiting step's deadline, any
+    # step placed from then on (started no earlier than it is placed) ranks below
+    f = FairShare()
+    t = f.slot(TenantId("t"))
+    f.session_started(0.0)
+    for started, work in placed:
+        waiting = f.step_priority(t, started, work, now=started)
+        deadline = started + f.stretch(t) * work
+        now = deadline + DEADLINE_QUANTUM_S + later_s
+        newcomer = f.step_priority(t, now, 0.0, now=now)
+        assert newcomer <= waiting

@@ -127,7 +127,11 @@ class PlaceResponse(_message.Message):
     AFFINITY_TTL_S_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     step_priority: _builtins.int
-    """Priority of the step in the engine's queue (higher = sooner)."""
+    """Priority of the step in the engine's queue (higher = sooner): its
+    fair-share deadline, 2^31-1 minus hundredths of a second after the
+    scheduler's epoch, so steps of any session compare directly. Engines
+    that run the lowest value first (vLLM, SGLang) take 2^31-1 minus it.
+    """
     affinity_ttl_s: _builtins.float
     """Seconds the router should keep routing this session to the primary."""
     reason: _builtins.str

@@ -412,6 +412,8 @@ class CacheSpec(_message.Message):
     HASH_ALGO_FIELD_NUMBER: _builtins.int
     PREFILL_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
     HOST_LINK_BYTES_PER_S_FIELD_NUMBER: _builtins.int
+    DECODE_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
+    HBM_BYTES_PER_S_FIELD_NUMBER: _builtins.int
     block_size_tokens: _builtins.int
     """Tokens per KV block (vLLM default 16), 1..4096."""
     bytes_per_token: _builtins.int
@@ -426,6 +428,16 @@ class CacheSpec(_message.Message):
     """Prefill throughput of this replica, tokens per second (> 0)."""
     host_link_bytes_per_s: _builtins.float
     """Host <-> GPU link bandwidth, bytes per second (> 0 when a host tier exists)."""
+    decode_tokens_per_s: _builtins.float
+    """Decode speed of one sequence alone on this replica, output tokens per
+    second (>= 0; 0 = unknown: the scheduler learns it from observed steps).
+    Fair share uses it for a task's standalone time.
+    """
+    hbm_bytes_per_s: _builtins.float
+    """HBM bandwidth a decode step reads the sequence's KV at, bytes per second
+    (>= 0; 0 = unknown): a token of a long context takes longer by
+    context_tokens * bytes_per_token / hbm_bytes_per_s.
+    """
     def __init__(
         self,
         *,
@@ -436,10 +448,12 @@ class CacheSpec(_message.Message):
         hash_algo: _builtins.str = ...,
         prefill_tokens_per_s: _builtins.float = ...,
         host_link_bytes_per_s: _builtins.float = ...,
+        decode_tokens_per_s: _builtins.float = ...,
+        hbm_bytes_per_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size_tokens", b"block_size_tokens", "bytes_per_token", b"bytes_per_token", "gpu_capacity_blocks", b"gpu_capacity_blocks", "hash_algo", b"hash_algo", "host_capacity_blocks", b"host_capacity_blocks", "host_link_bytes_per_s", b"host_link_bytes_per_s", "prefill_tokens_per_s", b"prefill_tokens_per_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size_tokens", b"block_size_tokens", "bytes_per_token", b"bytes_per_token", "decode_tokens_per_s", b"decode_tokens_per_s", "gpu_capacity_blocks", b"gpu_capacity_blocks", "hash_algo", b"hash_algo", "hbm_bytes_per_s", b"hbm_bytes_per_s", "host_capacity_blocks", b"host_capacity_blocks", "host_link_bytes_per_s", b"host_link_bytes_per_s", "prefill_tokens_per_s", b"prefill_tokens_per_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
