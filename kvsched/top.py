@@ -16,6 +16,10 @@ from rich.table import Table
 from kvsched_client._proto.kvsched.v1 import admin_pb2, admin_pb2_grpc
 
 
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
 def _bar(used: int, cap: int, width: int = 20) -> str:
     frac = used / cap if cap else 0.0
     n = round(frac * width)
@@ -49,7 +53,15 @@ def render(
         "",
     )
     tenants = Table(title="tenants", expand=True)
-    for col in ("tenant", "live sessions", "completed", "events", "mean slowdown"):
+    for col in (
+        "tenant",
+        "live sessions",
+        "completed",
+        "events",
+        "KV on GPU",
+        "KV on host",
+        "mean slowdown",
+    ):
         tenants.add_column(col, justify="right" if col != "tenant" else "left")
     slowdowns = [t.mean_slowdown for t in stats.tenants if t.mean_slowdown > 0]
     for t in stats.tenants:
@@ -58,6 +70,8 @@ def render(
             f"{t.sessions:,}",
             f"{t.completed_sessions:,}",
             f"{t.events:,}",
+            _gib(t.kv_gpu_bytes),
+            _gib(t.kv_host_bytes),
             f"{t.mean_slowdown:.2f}" if t.mean_slowdown else "-",
         )
     if len(slowdowns) > 1:

@@ -365,6 +365,46 @@ async def test_tenant_rate_limit_is_resource_exhausted_and_spares_other_tenants(
         assert calm == ["UNAVAILABLE"] * 40  # never throttled by the other tenant's flood
 
 
+async def test_a_new_session_over_the_tenant_session_limit_is_resource_exhausted(
+    secured: Service,
+) -> None:
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{secured.port}") as ch:
+        admin = admin_pb2_grpc.AdminServiceStub(ch)
+        await admin.CreateTenant(
+            admin_pb2.CreateTenantRequest(
+                tenant=admin_pb2.Tenant(tenant_id="cap", max_concurrent_sessions=1)
+            ),
+            metadata=md(ADMIN_TOKEN),
+        )
+        assert await stream_events(ch, ADMIN_TOKEN, "w1", [ev("s1", "cap")]) == OK
+        place = placement_pb2_grpc.PlacementServiceStub(ch)
+
+        def req(sid: str, tenant: str = "cap") -> placement_pb2.PlaceRequest:
+            return placement_pb2.PlaceRequest(session_id=sid, tenant_id=tenant)
+
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await place.Place(req("s2"), metadata=md(ADMIN_TOKEN))
+        assert ei.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_concurrent_sessions" in (ei.value.details() or "")
+        status = rpc_status.from_call(ei.value)  # type: ignore[arg-type]
+        retry = error_details_pb2.RetryInfo()
+        assert status is not None and status.details[0].Unpack(retry)
+        assert retry.retry_delay.ToNanoseconds() > 0
+        # the live session and other tenants are not limited (no worker is
+        # connected any more, so the answer is UNAVAILABLE, not EXHAUSTED)
+        assert await code_of(place.Place(req("s1"), metadata=md(ADMIN_TOKEN))) == "UNAVAILABLE"
+        assert await code_of(place.Place(req("x", "open"), metadata=md(ADMIN_TOKEN))) == (
+            "UNAVAILABLE"
+        )
+        # once s1 finishes, s2 may start
+        done = ev("s1", "cap", types_pb2.SESSION_FINISH)
+        assert await stream_events(ch, ADMIN_TOKEN, "w2", [done]) == OK
+        assert await code_of(place.Place(req("s2"), metadata=md(ADMIN_TOKEN))) == "UNAVAILABLE"
+
+
 def _openssl(*args: str) -> None:
     subprocess.run(["openssl", *args], check=True, capture_output=True)
 

@@ -203,6 +203,7 @@ def test_kvsched_top_renders_the_cluster(tmp_path: Path, port_factory: Callable[
         )
         assert r.returncode == 0, r.stderr
         assert "leader epoch 1" in r.stdout and "workers 0/0" in r.stdout
+        assert "acme" in r.stdout and "KV on GPU" in r.stdout and "0.0 GiB" in r.stdout
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0

@@ -565,6 +565,8 @@ def stats_to_pb(v: ClusterStatsView, uptime_s: float) -> admin_pb2.ClusterStats:
                 completed_sessions=t.completed_sessions,
                 events=t.events,
                 mean_slowdown=t.mean_slowdown,
+                kv_gpu_bytes=t.kv_gpu_bytes,
+                kv_host_bytes=t.kv_host_bytes,
             )
             for t in v.tenants
         ],

@@ -678,6 +678,8 @@ class TenantStats(_message.Message):
     COMPLETED_SESSIONS_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
     MEAN_SLOWDOWN_FIELD_NUMBER: _builtins.int
+    KV_GPU_BYTES_FIELD_NUMBER: _builtins.int
+    KV_HOST_BYTES_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     sessions: _builtins.int
     """Live sessions."""
@@ -687,6 +689,9 @@ class TenantStats(_message.Message):
     """Session events accepted."""
     mean_slowdown: _builtins.float
     """Mean task slowdown (completion time / standalone estimate); 0 = not enough data."""
+    kv_gpu_bytes: _builtins.int
+    """KV bytes its sessions hold on worker GPUs and host tiers (what its quotas count)."""
+    kv_host_bytes: _builtins.int
     def __init__(
         self,
         *,
@@ -695,10 +700,12 @@ class TenantStats(_message.Message):
         completed_sessions: _builtins.int = ...,
         events: _builtins.int = ...,
         mean_slowdown: _builtins.float = ...,
+        kv_gpu_bytes: _builtins.int = ...,
+        kv_host_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_sessions", b"completed_sessions", "events", b"events", "mean_slowdown", b"mean_slowdown", "sessions", b"sessions", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_sessions", b"completed_sessions", "events", b"events", "kv_gpu_bytes", b"kv_gpu_bytes", "kv_host_bytes", b"kv_host_bytes", "mean_slowdown", b"mean_slowdown", "sessions", b"sessions", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
