@@ -379,6 +379,22 @@ class Engine:
     def _session_finish(self, s: int, ev: SessionEvent, now: float) -> None:
         self._finish(s, True, now)
 
+    def _observe_live_slowdowns(self, now: float) -> None:
+        """Hand fair share each tenant's time in flight and standalone work so far.
+
+        One vectorised pass over the session arrays at each completion (not on
+        a timer, so a replay of the same events computes the same figures).
+        """
+        ss = self.state.sessions
+        hw = ss.high_water
+        t = ss.tenant[:hw]
+        live = t >= 0
+        n = len(self.fair.weight)
+        tl = t[live]
+        elapsed = np.bincount(tl, weights=now - ss.started_s[:hw][live], minlength=n)
+        ideal = np.bincount(tl, weights=ss.ideal_s[:hw][live], minlength=n)
+        self.fair.observe_live(elapsed[:n].tolist(), ideal[:n].tolist())
+
     def _session_abort(self, s: int, ev: SessionEvent, now: float) -> None:
         self._finish(s, False, now)
 
@@ -392,6 +408,7 @@ class Engine:
                 graph.observe_outcome(node, False, now)
         t = int(ss.tenant_v[s])
         if finished:
+            self._observe_live_slowdowns(now)
             self.fair.record_completion(t, now - float(ss.started_s_v[s]), float(ss.ideal_s_v[s]))
         if ss.home_v[s] != NO_SLOT and ss.tier_v[s] != TIER_NONE:
             self.state.release(s)

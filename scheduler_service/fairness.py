@@ -14,6 +14,12 @@ by weight, within a bounded factor of each other with two levers:
   as a long coding task that waited a minute. A tenant's stretch is the
   cluster's mean slowdown over its weight, corrected by feedback: a tenant
   whose weighted slowdown stays above the mean gets tighter deadlines.
+* **What is equalised.** A tenant's slowdown is the worse of its completed
+  tasks' (smoothed) and its in-flight work's: summed time in flight over
+  summed standalone work done, across its live sessions, taken at each
+  completion. Completed tasks alone are a biased sample under backlog: a
+  tenant with long tasks finishes only its lucky fast ones and would look
+  well served while the rest wait.
 * **Eviction protection**. A tenant whose weighted slowdown is above the mean
   has its idle sessions' eviction keys divided by more (they stay cached).
 
@@ -59,6 +65,9 @@ class FairShare:
         self.completed: list[int] = []
         self.events: list[int] = []
         self.correction: list[float] = []
+        # time in flight / standalone work done, over the tenant's live sessions
+        self.live_slowdown: list[float] = []
+        self.effective: list[float] = []  # effective_slowdown per slot, as of the last refresh
         self.protection: npt.NDArray[np.float64] = np.ones(16, dtype=np.float64)
         self.priority: list[int] = []  # directive priority per tenant slot, kept current
         self.mean_stretch = INITIAL_STRETCH  # the cluster's smoothed slowdown
@@ -76,6 +85,7 @@ class FairShare:
             self.completed.append(0)
             self.events.append(0)
             self.correction.append(1.0)
+            self.live_slowdown.append(0.0)
             self.priority.append(MAX_PRIORITY // 2)
             if t >= self.protection.shape[0]:
                 grown = np.ones(self.protection.shape[0] * 2, dtype=np.float64)
@@ -105,6 +115,22 @@ class FairShare:
         self.mean_stretch += SLOWDOWN_SMOOTHING * (slowdown - self.mean_stretch)
         self._refresh()
 
+    def observe_live(self, elapsed_s: list[float], standalone_s: list[float]) -> None:
+        """Per tenant slot: summed time in flight and standalone work of its live sessions."""
+        for i, (e, w) in enumerate(zip(elapsed_s, standalone_s, strict=False)):
+            if i < len(self.live_slowdown):
+                self.live_slowdown[i] = max(1.0, e / w) if w > 0.0 else 0.0
+
+    def effective_slowdown(self, t: int) -> float:
+        """What fair share equalises: the worse of completed and in-flight work.
+
+        Completed tasks alone would hide a tenant whose long tasks are still
+        running (only its lucky fast ones finish); in-flight work alone would
+        forget the slowdown of tasks that just ended.
+        """
+        done = self.slowdown[t] if self.completed[t] else 0.0
+        return max(done, self.live_slowdown[t])
+
     def stretch(self, t: int) -> float:
         """Deadline stretch of tenant slot ``t``: allowed slowdown for its steps."""
         if t < 0 or t >= len(self.weight):
@@ -133,21 +159,20 @@ class FairShare:
         return self.slowdown[t] if self.completed[t] else 0.0
 
     def _mean_weighted(self) -> float:
-        active = [i for i, c in enumerate(self.completed) if c]
-        if not active:
-            return 0.0
-        return sum(self.slowdown[i] * self.weight[i] for i in active) / len(active)
+        active = [x * w for x, w in zip(self.effective, self.weight, strict=True) if x > 0.0]
+        return sum(active) / len(active) if active else 0.0
 
     def _refresh(self) -> None:
-        # Weighted slowdown relative to the mean over tenants that completed work.
+        # Weighted slowdown relative to the mean over tenants with work done or in flight.
+        self.effective = [self.effective_slowdown(i) for i in range(len(self.weight))]
         mean = self._mean_weighted()
         if mean <= 0.0:
             return
-        for i, c in enumerate(self.completed):
-            if not c:
-                continue
+        for i, x in enumerate(self.effective):
+            if x <= 0.0:
+                continue  # nothing done or in flight yet
             # a heavier tenant is owed more: the same slowdown hurts it more
-            ratio = self.slowdown[i] * self.weight[i] / mean
+            ratio = x * self.weight[i] / mean
             # above the mean: tighter deadlines; below: looser ones
             self.correction[i] = min(MAX_CORRECTION, max(MIN_CORRECTION, ratio**-CORRECTION_GAIN))
             rel = min(MAX_PROTECTION, max(MIN_PROTECTION, ratio))

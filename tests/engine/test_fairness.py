@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -34,6 +36,22 @@ def test_the_slower_tenant_gets_protection_and_tighter_deadlines() -> None:
     # the smoothed slowdown moves a tenth of the way per completion
     f.record_completion(b, elapsed_s=10.0, standalone_s=10.0)
     assert f.mean_slowdown(b) == pytest.approx(2.8)
+
+
+def test_in_flight_work_counts_when_completions_look_fine() -> None:
+    f = FairShare()
+    a, b = f.slot(TenantId("a")), f.slot(TenantId("b"))
+    f.record_completion(a, elapsed_s=10.0, standalone_s=10.0)
+    f.record_completion(b, elapsed_s=10.0, standalone_s=10.0)
+    assert f.stretch(a) == pytest.approx(f.stretch(b))
+    # a's live sessions have waited 600 s for 100 s of standalone work
+    f.observe_live([600.0, 20.0], [100.0, 20.0])
+    assert (f.effective_slowdown(a), f.effective_slowdown(b)) == (6.0, 1.0)
+    f.record_completion(b, elapsed_s=10.0, standalone_s=10.0)
+    assert f.stretch(a) < f.stretch(b) / 4.0 and f.protection[a] > f.protection[b]
+    # nothing in flight: the completed tasks' slowdown is what is left
+    f.observe_live([0.0, 0.0], [0.0, 0.0])
+    assert f.effective_slowdown(a) == f.mean_slowdown(a) == 1.0
 
 
 def test_weights_scale_what_a_slowdown_costs() -> None:
@@ -88,3 +106,21 @@ def test_no_step_placed_after_a_deadline_passes_overtakes_it(
         now = deadline + DEADLINE_QUANTUM_S + later_s
         newcomer = f.step_priority(t, now, 0.0, now=now)
         assert newcomer <= waiting
+
+
+def test_the_engine_measures_in_flight_slowdown_at_each_completion(script: Any) -> None:
+    from scheduler_service.domain import EventKind as K
+
+    sc = script()
+    sc.worker("w1")
+    sc.event(0.0, "long", K.STEP_START, 20_000, tenant="slow")  # ~1 s of prefill, alone
+    sc.event(99.9, "short", K.STEP_START, 1_000, tenant="fast")
+    sc.event(100.0, "short", K.SESSION_FINISH, 1_000, tenant="fast")
+    f = sc.engine.fair
+    slow, fast = f.tenants.index[TenantId("slow")], f.tenants.index[TenantId("fast")]
+    # "long" has been in flight 100 s for about a second of standalone work
+    assert f.live_slowdown[slow] > 10.0 * f.live_slowdown[fast] >= 10.0
+    assert f.effective_slowdown(slow) == f.live_slowdown[slow]
+    # no completion of its own, yet its deadlines are the tighter
+    assert f.mean_slowdown(slow) == 0.0 and f.completed[slow] == 0
+    assert f.stretch(slow) < f.stretch(fast)
