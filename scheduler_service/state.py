@@ -487,9 +487,7 @@ class ClusterState:
         ss.gpu_blocks_v[s] = blocks
         ss.tier_v[s] = TIER_GPU
         if w != NO_SLOT and delta:
-            t = int(ss.tenant_v[s])
-            if t >= 0:
-                self.tenant_gpu_bytes[t] += delta * int(ws.block_bytes_v[w])
+            self._charge_gpu(s, w, delta)
             if not ws.kv_feed_v[w]:
                 ws.gpu_used_blocks_v[w] += delta
 
