@@ -161,6 +161,7 @@ class Engine:
     def heartbeat(self, worker_id: WorkerId, load: WorkerLoad, now: float) -> Decisions:
         """Record a worker's load; relieve pressure and re-price its leases."""
         self._workers.heartbeat(worker_id, load, now)
+        self.placer.reported(self.state.workers.slot_of[worker_id])
         return self._flush()
 
     def drain_worker(self, worker_id: WorkerId, now: float) -> WorkerView:
@@ -340,9 +341,12 @@ class Engine:
             ss.ideal_s_v[s] += waited
         ss.state_v[s] = STATE_RUNNING
         ss.context_tokens_v[s] = max(int(ss.context_tokens_v[s]), ev.context_tokens)
+        leased_until = float(ss.lease_expires_s_v[s])
         ss.lease_expires_s_v[s] = 0.0
         ss.timer_due_s_v[s] = NO_TIMER
-        if ss.tier_v[s] == TIER_HOST and ss.home_v[s] != NO_SLOT:
+        if ss.tier_v[s] == TIER_GPU and ss.home_v[s] != NO_SLOT:
+            self.retention.hold_until_step(s, now, leased_until)
+        elif ss.tier_v[s] == TIER_HOST and ss.home_v[s] != NO_SLOT:
             # the tool returned before the planned prefetch: reload now
             ss.next_use_s_v[s] = now
             self.retention.prefetch(s, now, "tool_returned")

@@ -38,5 +38,9 @@ class EngineConfig:
     evict_cost_factor: float = 1.0
     bestfit_weight_s: float = 0.01
     affinity_bonus_s: float = 0.05
+    # NOTE: a step moved off its home rebuilds its context on the thief: that
+    # prefill is GPU time the whole fleet loses, not only this step's wait, so
+    # the home's saving counts (1 + this) times against the queues it avoids.
+    rebuild_weight: float = 0.0
     graph_prior: GraphPrior = field(default_factory=GraphPrior)
     use_reference_kernels: bool = False  # plain-Python twins (tests, benchmark)

@@ -2,8 +2,14 @@
 
 The placement kernel scores every allowed worker (cached prefix reused, queue
 wait, evictions forced, best fit) and keeps the top k; this module turns the
-slots into ``Candidate`` records and names the reason. Place only reads
-state: it is not journaled, so it must never change a later decision.
+slots into ``Candidate`` records and names the reason.
+
+Place is not journaled, so it never writes the cluster state: replaying the
+journal must give the same event decisions whether or not Place was called.
+It keeps one tally of its own, outside the state: the prefill tokens it has
+sent to each worker since that worker's last heartbeat. The reported queue is
+a heartbeat old; without the tally every Place between two heartbeats sees the
+same least-loaded worker and sends it all the work (a herd).
 """
 
 from __future__ import annotations
@@ -36,6 +42,19 @@ class Placer:
         # (the service drives one engine from one event loop).
         self._out_slots = np.zeros(k, dtype=np.int32)
         self._out_scores = np.zeros(k, dtype=np.float64)
+        self._placed = np.zeros(64, dtype=np.int64)
+
+    def reported(self, slot: int) -> None:
+        """A worker reported its queue: what Place sent it before is in it now."""
+        if slot < len(self._placed):
+            self._placed[slot] = 0
+
+    def _tally(self, n: int) -> np.ndarray:
+        if len(self._placed) < n:
+            grown = np.zeros(max(n, 2 * len(self._placed)), dtype=np.int64)
+            grown[: len(self._placed)] = self._placed
+            self._placed = grown
+        return self._placed
 
     def place(self, req: PlaceRequest, now: float) -> Placement:
         """Candidates for ``req`` best first; empty when no allowed worker is live."""
@@ -67,11 +86,14 @@ class Placer:
             t = self.fair.tenants.index.get(req.tenant_id, NO_SLOT)
         k = max(1, min(req.max_candidates or 3, self.config.max_candidates))
         c = self.config
+        placed = self._tally(n)
+        step_tokens = int(req.context_tokens + req.new_tokens)
         count = self.kernels.place_topk(
             allowed,
             ws.gpu_cap_blocks,
             ws.gpu_used_blocks,
             ws.queued_prefill_tokens,
+            placed,
             ws.prefill_tokens_per_s,
             ws.block_size_tokens,
             ws.bytes_per_token,
@@ -80,11 +102,12 @@ class Placer:
             home,
             tier,
             cached,
-            int(req.context_tokens + req.new_tokens),
+            step_tokens,
             float(c.knee_tokens),
             float(c.evict_cost_factor),
             float(c.bestfit_weight_s),
             float(c.affinity_bonus_s),
+            float(c.rebuild_weight),
             k,
             self._out_slots,
             self._out_scores,
@@ -111,8 +134,10 @@ class Placer:
             reason = "affinity"
         else:
             reason = "steal"  # the home is loaded enough that rebuilding elsewhere wins
-        # the step's standalone time: the prefill of the tokens it adds, its decode
+        # the first candidate is where the step will most likely queue
         w0 = int(self._out_slots[0])
+        placed[w0] += max(0, int(req.context_tokens) - (cached if w0 == home else 0))
+        # the step's standalone time: the prefill of the tokens it adds, its decode
         step_s = prefill_time_s(
             float(max(0, req.context_tokens - known_tokens)),
             float(ws.prefill_tokens_per_s_v[w0]),

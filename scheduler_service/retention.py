@@ -210,6 +210,25 @@ class Retention:
             ss.timer_due_s_v[s] = NO_TIMER
             self.emit(s, Action.RELEASE, 0.0, 0.0, reason)
 
+    def hold_until_step(self, s: int, now: float, leased_until: float) -> None:
+        """Lease a returned session's blocks until its next step is likely admitted.
+
+        Its next use is now, but the step waits in its home's queue first; without
+        a lease the worker's own LRU evicts the blocks of exactly the session it
+        is about to run (the nearest next use there is). The TTL covers twice the
+        reported queue wait; a lease still running that long is left alone.
+        """
+        c = self.config
+        ws, ss = self.state.workers, self.state.sessions
+        w = int(ss.home_v[s])
+        if ss.gpu_blocks_v[s] <= 0 or self.quotas.over_gpu(int(ss.tenant_v[s])):
+            return
+        queue_s = float(ws.queued_prefill_tokens_v[w]) / float(ws.prefill_tokens_per_s_v[w])
+        ttl = min(c.max_lease_ttl_s, c.min_lease_ttl_s + 2.0 * queue_s)
+        if leased_until - now >= ttl:
+            return
+        self.emit(s, Action.RETAIN_GPU, ttl, 0.0, "tool_returned")
+
     def plan_prefetch(self, s: int, pred: WaitPrediction, now: float, offload_s: float) -> None:
         """Schedule the reload so it completes before the early end of the wait."""
         ss = self.state.sessions

@@ -129,6 +129,7 @@ class Pool:
         "host_used",
         "lease_until",
         "lru",
+        "own",
         "ready_at",
         "used",
     )
@@ -142,6 +143,9 @@ class Pool:
         self.host_lru: OrderedDict[int, None] = OrderedDict()
         self.lease_until: dict[int, float] = {}
         self.ready_at: dict[int, float] = {}  # a prefetch lands at this time
+        # NOTE: blocks a session kept on the GPU before a reload added its host
+        # copy at the tail: what an oracle without a host tier compares with
+        self.own: dict[int, int] = {}
         self.dead: set[int] = set()  # finished sessions still cached
         self.used = 0
         self.host_used = 0
@@ -172,6 +176,7 @@ class Pool:
             self.lru.pop(s, None)
             self.lease_until.pop(s, None)
             self.ready_at.pop(s, None)
+            self.own.pop(s, None)
             if s in self.dead and s not in self.host:
                 self.dead.discard(s)
 
@@ -191,8 +196,14 @@ class Pool:
                     return
             self.take(s, min(self.gpu[s], need - (self.cap - self.used)))
 
+    def own_blocks(self, s: int) -> int:
+        """``s``'s GPU blocks that were never reloaded from the host tier."""
+        n = self.gpu.get(s, 0)
+        return min(n, self.own[s]) if s in self.own else n
+
     def hold(self, s: int, blocks: int) -> None:
         """Session ``s`` now holds ``blocks`` on the GPU and is running (not evictable)."""
+        self.own.pop(s, None)
         old = self.gpu.get(s, 0)
         self.used += blocks - old
         self.gpu[s] = blocks
@@ -260,6 +271,7 @@ class Pool:
             return 0
         self.used += n - have
         self.gpu[s] = n
+        self.own[s] = min(self.own.get(s, have), have)
         self.ready_at[s] = now + reload_s
         self.lru[s] = None
         self.lru.move_to_end(s)

@@ -40,10 +40,9 @@ class KvschedPolicy(VllmApc):
 
     name = "kvsched"
     tick_s = 0.25  # engine timers (lease expiry, prefetch) fire at this resolution
-    # NOTE: how fresh the engine's load figures are. The engine does not count
-    # its own placements as queued work between heartbeats, so staler figures
-    # pile steps onto one replica: on the standard scenario 1 s heartbeats
-    # give ~5% fewer completions than 0.25 s (docs/simulator.md).
+    # NOTE: how fresh the engine's load figures are. Place counts what it sent
+    # each worker since that worker's last heartbeat, so 1 s heartbeats do as
+    # well as these on the standard scenario (docs/simulator.md).
     heartbeat_s = 0.25
     send_hints = False  # agents do not declare tool latency unless a scenario says so
     tenant_weights: dict[str, float] = {}  # noqa: RUF012 (replaced per instance, never mutated)

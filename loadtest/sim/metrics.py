@@ -80,12 +80,19 @@ class Recorder:
         recompute_s: float,
         prompt_blocks: int,
         after_blocks: int,
+        own_hit: int,
     ) -> None:
-        """A step was admitted on replica ``r``."""
+        """A step was admitted on replica ``r``.
+
+        ``hit`` counts every prompt token not prefilled (GPU, host reload, a
+        planner's shared prefix); ``own_hit`` only the session's own blocks that
+        stayed on the GPU since it last ran (a prefetch from the host tier is a
+        fetch, so a miss), the one thing the oracle's GPU-tier replay compares with.
+        """
         self.prompt_tokens += prompt
         self.hit_tokens += hit
         self.prompt_blocks += prompt_blocks
-        self.miss_blocks += prompt_blocks - hit // self.model.block_size_tokens
+        self.miss_blocks += prompt_blocks - own_hit // self.model.block_size_tokens
         self.prefill_s += prefill_s
         self.recompute_s += recompute_s
         if self.record_trace:

@@ -191,6 +191,7 @@ class Simulator:
         i = self.step[sid]
         bs = m.block_size_tokens
         gpu_hit = min(pool.gpu.get(sid, 0) * bs, prompt)
+        own_hit = min(pool.own_blocks(sid) * bs, prompt)  # prefetched blocks were misses
         host_hit = max(0, min(pool.host.get(sid, 0) * bs, prompt) - gpu_hit)
         shared_hit = 0
         if i == 0 and s.parent >= 0 and gpu_hit == 0:
@@ -224,6 +225,7 @@ class Simulator:
             recompute_s,
             m.blocks(prompt),
             need,
+            own_hit,
         )
         if self.events is not None:
             self._trace(sid, "step_start", prompt, s.output_tokens[i])

@@ -1,7 +1,9 @@
 """Kernel: score every candidate worker for a step and keep the top k.
 
-Score (seconds, higher is better) = prefill time the cached prefix saves there
-− expected queue wait − the rebuild cost of the evictions the step would force
+Score (seconds, higher is better) = prefill time the cached prefix saves there,
+weighted by ``1 + rebuild_weight`` (leaving the home also costs the fleet the
+rebuild's GPU time, not only this step its wait) − expected queue wait (the
+queue the worker last reported plus what Place sent it since) − the rebuild cost of the evictions the step would force
 − a best-fit slack term (tight fits first, so big holes stay for big sessions)
 + a small affinity bonus on the home worker. Ties go to the lower slot, so the
 result equals a stable sort by (−score, slot).
@@ -24,6 +26,7 @@ def place_topk(
     gpu_cap_blocks: np.ndarray,
     gpu_used_blocks: np.ndarray,
     queued_prefill_tokens: np.ndarray,
+    placed_tokens: np.ndarray,
     prefill_tokens_per_s: np.ndarray,
     block_size_tokens: np.ndarray,
     bytes_per_token: np.ndarray,
@@ -37,6 +40,7 @@ def place_topk(
     evict_cost_factor: float,
     bestfit_weight_s: float,
     affinity_bonus_s: float,
+    rebuild_weight: float,
     k: int,
     out_slots: np.ndarray,
     out_scores: np.ndarray,
@@ -53,13 +57,14 @@ def place_topk(
             cached = min(cached_tokens, step_tokens)
         saved = 0.0
         if cached > 0:
-            saved = prefill_s(float(step_tokens), rate, knee_tokens) - prefill_s(
-                float(step_tokens - cached), rate, knee_tokens
+            saved = (1.0 + rebuild_weight) * (
+                prefill_s(float(step_tokens), rate, knee_tokens)
+                - prefill_s(float(step_tokens - cached), rate, knee_tokens)
             )
             if home_tier == TIER_HOST:
                 saved -= cached * bytes_per_token[w] / host_link_bytes_per_s[w]
             saved += affinity_bonus_s
-        queue_s = queued_prefill_tokens[w] / rate
+        queue_s = (queued_prefill_tokens[w] + placed_tokens[w]) / rate
         on_gpu = cached if home_tier == TIER_GPU else 0
         need_blocks = (step_tokens - on_gpu + bs - 1) // bs
         free_blocks = gpu_cap_blocks[w] - gpu_used_blocks[w]

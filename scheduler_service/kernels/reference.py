@@ -74,6 +74,7 @@ def place_topk(
     gpu_cap_blocks: npt.NDArray[np.int64],
     gpu_used_blocks: npt.NDArray[np.int64],
     queued_prefill_tokens: npt.NDArray[np.int64],
+    placed_tokens: npt.NDArray[np.int64],
     prefill_tokens_per_s: npt.NDArray[np.float64],
     block_size_tokens: npt.NDArray[np.int64],
     bytes_per_token: npt.NDArray[np.int64],
@@ -87,6 +88,7 @@ def place_topk(
     evict_cost_factor: float,
     bestfit_weight_s: float,
     affinity_bonus_s: float,
+    rebuild_weight: float,
     k: int,
     out_slots: npt.NDArray[np.int32],
     out_scores: npt.NDArray[np.float64],
@@ -101,13 +103,14 @@ def place_topk(
         cached = min(cached_tokens, step_tokens) if (w == home and home_tier != 0) else 0
         saved = 0.0
         if cached > 0:
-            saved = prefill_s(float(step_tokens), rate, knee_tokens) - prefill_s(
-                float(step_tokens - cached), rate, knee_tokens
+            saved = (1.0 + rebuild_weight) * (
+                prefill_s(float(step_tokens), rate, knee_tokens)
+                - prefill_s(float(step_tokens - cached), rate, knee_tokens)
             )
             if home_tier == _TIER_HOST:
                 saved -= cached * int(bytes_per_token[w]) / float(host_link_bytes_per_s[w])
             saved += affinity_bonus_s
-        queue_s = int(queued_prefill_tokens[w]) / rate
+        queue_s = (int(queued_prefill_tokens[w]) + int(placed_tokens[w])) / rate
         on_gpu = cached if home_tier == TIER_GPU else 0
         need_blocks = -(-(step_tokens - on_gpu) // bs)
         free_blocks = int(gpu_cap_blocks[w]) - int(gpu_used_blocks[w])

@@ -30,6 +30,7 @@ def workers(draw: st.DrawFn) -> dict[str, object]:
         "cap": cap,
         "used": np.minimum(ints(0, 6000), cap + 100),
         "queued": ints(0, 200_000),
+        "placed": ints(0, 50_000),
         "rate": np.array(
             draw(st.lists(st.floats(1e3, 1e5), min_size=n, max_size=n)), dtype=np.float64
         ),
@@ -48,8 +49,8 @@ def workers(draw: st.DrawFn) -> dict[str, object]:
 
 
 @settings(max_examples=150, deadline=None)
-@given(workers(), st.sampled_from([0.0, 0.01, 0.5]))
-def test_place_topk_matches_twin(w: dict[str, object], bestfit: float) -> None:
+@given(workers(), st.sampled_from([0.0, 0.01, 0.5]), st.sampled_from([0.0, 1.0, 2.5]))
+def test_place_topk_matches_twin(w: dict[str, object], bestfit: float, rebuild: float) -> None:
     outs = []
     for ks in (NB, PY):
         slots = np.zeros(8, dtype=np.int32)
@@ -59,6 +60,7 @@ def test_place_topk_matches_twin(w: dict[str, object], bestfit: float) -> None:
             w["cap"],
             w["used"],
             w["queued"],
+            w["placed"],
             w["rate"],
             w["bs"],
             w["bpt"],
@@ -72,6 +74,7 @@ def test_place_topk_matches_twin(w: dict[str, object], bestfit: float) -> None:
             1.0,
             bestfit,
             0.05,
+            rebuild,
             w["k"],
             slots,
             scores,

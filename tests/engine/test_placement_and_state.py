@@ -67,9 +67,36 @@ def test_new_sessions_bin_pack_into_the_tightest_fit(script: Any) -> None:
         _req("new", 3_200, candidate_worker_ids=(WorkerId("w3"), WorkerId("zz"))), 2.0
     )
     assert [c.worker_id for c in p.candidates] == ["w3"]
+    # w1 reports its queue (the first step sent there is in it, and has run)
+    sc.heartbeat(2.0, "w1", free_blocks=500)
     assert [
         c.worker_id for c in sc.engine.place(_req("new", 3_200, max_candidates=1), 2.0).candidates
     ] == ["w1"]
+
+
+def test_place_counts_what_it_sent_until_the_worker_reports_its_queue(script: Any) -> None:
+    sc = script()
+    for w in ("w1", "w2", "w3"):
+        sc.worker(w)
+    # 3 new sessions between two heartbeats: the reported queues are all empty,
+    # but each Place counts the prefill it sent, so the steps spread out
+    # instead of piling onto the first worker
+    firsts = [
+        sc.engine.place(_req(f"n{i}", 30_000, max_candidates=1), 1.0).candidates[0].worker_id
+        for i in range(3)
+    ]
+    assert firsts == ["w1", "w2", "w3"]
+    # a heartbeat replaces the tally with the worker's own figure
+    sc.heartbeat(1.5, "w2", free_blocks=10_000, queued=0)
+    assert sc.engine.place(_req("n3", 30_000), 1.5).candidates[0].worker_id == "w2"
+    sc.heartbeat(1.6, "w1", free_blocks=10_000, queued=0)
+    sc.heartbeat(1.6, "w3", free_blocks=10_000, queued=0)
+    # w2 still counts n3's 30k tokens; w1 and w3 start afresh: lowest slot first
+    assert [c.worker_id for c in sc.engine.place(_req("n4", 30_000), 1.6).candidates] == [
+        "w1",
+        "w3",
+        "w2",
+    ]
 
 
 def test_place_changes_no_decision_state(script: Any) -> None:

@@ -348,3 +348,32 @@ def test_a_silent_session_expires_and_its_kv_is_released(script: Any) -> None:
     assert sc.engine.session_view(SessionId("quiet"), 602.1) is None
     assert sc.engine.session_view(SessionId("busy"), 602.1) is not None
     assert sc.engine.stats(602.1).tenants[0].completed_sessions == 0
+
+
+def test_a_returned_tool_leases_the_kv_until_the_queued_step_is_likely_admitted(
+    script: Any,
+) -> None:
+    sc = script()
+    sc.worker("w1")
+    sc.event(1.0, "s1", K.STEP_START, 16_000)
+    sc.heartbeat(2.0, "w1", free_blocks=2_500)
+    sc.event(3.0, "s1", K.STEP_END, 16_000)
+    [lease] = sc.event(3.0, "s1", K.TOOL_CALL_WAIT, 16_000, tool_name="bash")
+    assert lease.action is Action.RETAIN_GPU
+    # the home now has 10 s of prefill queued (200k tokens at 20k tokens/s)
+    sc.heartbeat(4.0, "w1", free_blocks=2_500, queued=200_000)
+    # the tool returns with 1 s of lease left: the step will wait ~10 s in the
+    # queue, so the KV it is about to reuse is leased for 1 + 2 × 10 s
+    returned_at = 3.0 + lease.lease_ttl_s - 1.0
+    [hold] = sc.event(returned_at, "s1", K.TOOL_CALL_END, 16_100)
+    assert (hold.action, hold.reason) == (Action.RETAIN_GPU, "tool_returned")
+    assert hold.lease_ttl_s == pytest.approx(21.0)
+    # running: no lease timer of the engine's fires while the step is queued
+    assert sc.tick(returned_at + 30.0) == []
+    assert sc.event(returned_at + 8.0, "s1", K.STEP_START, 16_100) == []
+    # a lease that already covers the queue (1 s now: 3 s needed) is left as it is
+    sc.heartbeat(returned_at + 8.5, "w1", free_blocks=2_500, queued=20_000)
+    sc.event(returned_at + 9.0, "s1", K.STEP_END, 16_200)
+    [again] = sc.event(returned_at + 9.0, "s1", K.TOOL_CALL_WAIT, 16_200, tool_name="bash")
+    assert again.action is Action.RETAIN_GPU and again.lease_ttl_s > 4.0
+    assert sc.event(returned_at + 10.0, "s1", K.TOOL_CALL_END, 16_300) == []

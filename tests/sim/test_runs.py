@@ -85,9 +85,10 @@ def test_every_policy_runs_a_small_standard_scenario() -> None:
             assert set(pool.lru).isdisjoint(pool.lease_until), p
         assert summary["steps_started"] > 50, p
         assert 0.0 <= summary["kv_util"] <= 1.0
-        assert summary["misses_vs_oracle"] >= 1.0 or p == "kvsched"  # host tier is not in it
-        # the oracle replay never beats the policy's own misses on GPU-only policies
-        assert summary["oracle_miss_blocks"] <= summary["miss_blocks"] or p == "kvsched"
+        # the oracle replay never loses to a policy on the same placements: a
+        # block reloaded from the host tier counts as a miss, as it would in it
+        assert summary["oracle_miss_blocks"] <= summary["miss_blocks"], p
+        assert summary["misses_vs_oracle"] >= 1.0, p
 
 
 def test_simulate_json_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
