@@ -53,6 +53,7 @@ from scheduler_service.engine_workers import WorkerEvents
 from scheduler_service.fairness import FairShare
 from scheduler_service.graph import FINISH_NODE, GraphStore
 from scheduler_service.placement import Placer
+from scheduler_service.prefix_index import PrefixIndex
 from scheduler_service.quotas import TenantQuotas
 from scheduler_service.retention import OVER_QUOTA, Retention
 from scheduler_service.state import (
@@ -120,7 +121,8 @@ class Engine:
             self._set_timer,
             self.quotas,
         )
-        self.placer = Placer(self.config, self.state, self.kernels, self.fair)
+        self.prefix = PrefixIndex(self.config.prefix_index_blocks)
+        self.placer = Placer(self.config, self.state, self.kernels, self.fair, self.prefix)
         self._workers = WorkerEvents(self.state, self.retention)
         self._handlers = {
             _K_START: self._step_start,
@@ -146,7 +148,12 @@ class Engine:
 
     def register_worker(self, spec: WorkerSpec, now: float) -> Decisions:
         """Record a worker's Hello; a new epoch means it holds nothing any more."""
-        self._workers.register(spec)
+        ws = self.state.workers
+        known = ws.slot_of.get(spec.worker_id)
+        restarted = known is not None and spec.epoch > ws.epoch_v[known]
+        w = self._workers.register(spec)
+        if restarted:
+            self.prefix.forget_worker(w)
         return NO_DECISIONS
 
     def worker_epoch(self, worker_id: WorkerId) -> int | None:
@@ -170,8 +177,10 @@ class Engine:
         return worker_view(self.state, w)
 
     def kv_events(self, worker_id: WorkerId, events: Iterable[KvEvent], now: float) -> Decisions:
-        """Track block usage from a worker's KV events."""
-        self._workers.kv_events(worker_id, events, now)
+        """Track block usage from a worker's KV events (and which prompt blocks it holds)."""
+        batch = tuple(events)
+        self._workers.kv_events(worker_id, batch, now)
+        self.prefix.apply(self.state.workers.slot_of[worker_id], batch)
         return self._flush()
 
     def reconcile(self, worker_id: WorkerId, inv: PoolInventory, now: float) -> Decisions:

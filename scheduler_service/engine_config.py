@@ -42,5 +42,7 @@ class EngineConfig:
     # prefill is GPU time the whole fleet loses, not only this step's wait, so
     # the home's saving counts (1 + this) times against the queues it avoids.
     rebuild_weight: float = 0.0
+    # prompt blocks the prefix index remembers (least recently stored go first)
+    prefix_index_blocks: int = 1 << 20
     graph_prior: GraphPrior = field(default_factory=GraphPrior)
     use_reference_kernels: bool = False  # plain-Python twins (tests, benchmark)

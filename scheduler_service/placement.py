@@ -15,13 +15,15 @@ same least-loaded worker and sends it all the work (a herd).
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 from scheduler_service.costs import prefill_time_s
 from scheduler_service.domain import Candidate, Placement, PlaceRequest, Tier, WorkerId
 from scheduler_service.engine_config import EngineConfig
 from scheduler_service.fairness import FairShare
 from scheduler_service.kernels import KernelSet
-from scheduler_service.state import NO_SLOT, TIER_NONE, ClusterState
+from scheduler_service.prefix_index import PrefixIndex
+from scheduler_service.state import NO_SLOT, TIER_GPU, TIER_HOST, TIER_NONE, ClusterState
 
 _NO_LIVE = Placement(candidates=(), reason="no_live_worker")
 
@@ -30,9 +32,15 @@ class Placer:
     """Scores workers with the placement kernel and builds a ``Placement``."""
 
     def __init__(
-        self, config: EngineConfig, state: ClusterState, kernels: KernelSet, fair: FairShare
+        self,
+        config: EngineConfig,
+        state: ClusterState,
+        kernels: KernelSet,
+        fair: FairShare,
+        prefix: PrefixIndex,
     ) -> None:
         self.config = config
+        self.prefix = prefix
         self.state = state
         self.kernels = kernels
         self.fair = fair
@@ -43,6 +51,8 @@ class Placer:
         self._out_slots = np.zeros(k, dtype=np.int32)
         self._out_scores = np.zeros(k, dtype=np.float64)
         self._placed = np.zeros(64, dtype=np.int64)
+        # blocks of the request's prefix each worker holds; zero between calls
+        self._prefix = np.zeros(64, dtype=np.int64)
 
     def reported(self, slot: int) -> None:
         """A worker reported its queue: what Place sent it before is in it now."""
@@ -51,9 +61,8 @@ class Placer:
 
     def _tally(self, n: int) -> np.ndarray:
         if len(self._placed) < n:
-            grown = np.zeros(max(n, 2 * len(self._placed)), dtype=np.int64)
-            grown[: len(self._placed)] = self._placed
-            self._placed = grown
+            self._placed = _grown(self._placed, n)
+            self._prefix = _grown(self._prefix, n)
         return self._placed
 
     def place(self, req: PlaceRequest, now: float) -> Placement:
@@ -73,11 +82,8 @@ class Placer:
         ss = self.state.sessions
         s = ss.slot_of.get(req.session_id)
         home, tier, cached, t = NO_SLOT, TIER_NONE, 0, NO_SLOT
-        started_s, done_s, known_tokens = now, 0.0, 0
         if s is not None:
             t = int(ss.tenant_v[s])
-            started_s, done_s = float(ss.started_s_v[s]), float(ss.ideal_s_v[s])
-            known_tokens = int(ss.context_tokens_v[s])
             tier = int(ss.tier_v[s])
             if tier != TIER_NONE:
                 home = int(ss.home_v[s])
@@ -85,15 +91,46 @@ class Placer:
         else:
             t = self.fair.tenants.index.get(req.tenant_id, NO_SLOT)
         k = max(1, min(req.max_candidates or 3, self.config.max_candidates))
-        c = self.config
-        placed = self._tally(n)
+        self._tally(n)
         step_tokens = int(req.context_tokens + req.new_tokens)
+        pre = self._prefix
+        touched: list[int] = (
+            self.prefix.prefix_blocks(req.prefix_block_hashes, pre)
+            if req.prefix_block_hashes
+            else []
+        )
+        try:
+            return self._ranked(req, now, allowed, n, home, tier, cached, step_tokens, k, t, s)
+        finally:
+            pre[touched] = 0
+
+    def _ranked(
+        self,
+        req: PlaceRequest,
+        now: float,
+        allowed: npt.NDArray[np.bool_],
+        n: int,
+        home: int,
+        tier: int,
+        cached: int,
+        step_tokens: int,
+        k: int,
+        t: int,
+        s: int | None,
+    ) -> Placement:
+        ws, ss, c = self.state.workers, self.state.sessions, self.config
+        placed, pre = self._placed, self._prefix
+        started_s, done_s, known_tokens = now, 0.0, 0
+        if s is not None:
+            started_s, done_s = float(ss.started_s_v[s]), float(ss.ideal_s_v[s])
+            known_tokens = int(ss.context_tokens_v[s])
         count = self.kernels.place_topk(
             allowed,
             ws.gpu_cap_blocks,
             ws.gpu_used_blocks,
             ws.queued_prefill_tokens,
             placed,
+            pre,
             ws.prefill_tokens_per_s,
             ws.block_size_tokens,
             ws.bytes_per_token,
@@ -118,25 +155,26 @@ class Placer:
         for i in range(count):
             w = int(self._out_slots[i])
             spec = ws.spec(w)
-            on_home = w == home
+            here, here_tier = self._cached_on(w, home, tier, cached, step_tokens)
             cands.append(
                 Candidate(
                     worker_id=WorkerId(spec.worker_id),
                     endpoint=spec.endpoint,
-                    expected_cached_tokens=min(cached, int(req.context_tokens)) if on_home else 0,
+                    expected_cached_tokens=min(here, int(req.context_tokens)),
                     score=float(self._out_scores[i]),
-                    cached_tier=Tier(tier) if on_home else Tier.NONE,
+                    cached_tier=Tier(here_tier),
                 )
             )
+        w0 = int(self._out_slots[0])
         if home == NO_SLOT or not allowed[home]:
-            reason = "bin_pack"
-        elif int(self._out_slots[0]) == home:
+            reason = "prefix" if pre[w0] > 0 else "bin_pack"
+        elif w0 == home:
             reason = "affinity"
         else:
             reason = "steal"  # the home is loaded enough that rebuilding elsewhere wins
         # the first candidate is where the step will most likely queue
-        w0 = int(self._out_slots[0])
-        placed[w0] += max(0, int(req.context_tokens) - (cached if w0 == home else 0))
+        here0, _tier0 = self._cached_on(w0, home, tier, cached, step_tokens)
+        placed[w0] += max(0, int(req.context_tokens) - here0)
         # the step's standalone time: the prefill of the tokens it adds, its decode
         step_s = prefill_time_s(
             float(max(0, req.context_tokens - known_tokens)),
@@ -152,3 +190,21 @@ class Placer:
             affinity_ttl_s=c.affinity_ttl_s,
             reason=reason,
         )
+
+    def _cached_on(
+        self, w: int, home: int, tier: int, cached: int, step_tokens: int
+    ) -> tuple[int, int]:
+        """Tokens of the step cached on ``w`` and their tier, as the kernel counts them."""
+        here, here_tier = (min(cached, step_tokens), tier) if w == home else (0, TIER_NONE)
+        if tier == TIER_NONE:
+            here, here_tier = 0, TIER_NONE
+        pre = min(int(self._prefix[w]) * int(self.state.workers.block_size_tokens_v[w]), step_tokens)
+        if pre > 0 and (pre > here or (here_tier == TIER_HOST and pre == here)):
+            return pre, TIER_GPU
+        return here, here_tier
+
+
+def _grown(a: npt.NDArray[np.int64], n: int) -> npt.NDArray[np.int64]:
+    grown = np.zeros(max(n, 2 * len(a)), dtype=np.int64)
+    grown[: len(a)] = a
+    return grown

@@ -330,6 +330,38 @@ async def test_place_prefers_the_worker_holding_the_session(channel: grpc.aio.Ch
     await b.close()
 
 
+async def test_place_scores_the_prompt_prefix_a_worker_reported_in_kv_events(
+    channel: grpc.aio.Channel,
+) -> None:
+    a, _ = await connect(channel, worker_id="wa")
+    b, _ = await connect(channel, worker_id="wb")
+    prompt = [types_pb2.BlockHash(digest=bytes([i]) * 32) for i in range(1, 201)]  # 3,200 tokens
+    stored = types_pb2.KvEvent(
+        stored=types_pb2.BlockStored(block_hashes=prompt, tier=types_pb2.TIER_GPU)
+    )
+    await b.send(worker_pb2.WorkerMessage(seq=2, kv_events=types_pb2.KvEventBatch(events=[stored])))
+    await b.recv_until_ack(2)
+    stub = placement_pb2_grpc.PlacementServiceStub(channel)
+    resp = await stub.Place(
+        placement_pb2.PlaceRequest(
+            session_id="fresh",
+            tenant_id="acme",
+            agent_type="swe-agent",
+            context_tokens=4000,
+            max_candidates=2,
+            prefix_block_hashes=prompt,
+        ),
+        timeout=1.0,
+    )
+    assert resp.reason == "prefix"
+    assert [(c.worker_id, c.expected_cached_tokens) for c in resp.candidates] == [
+        ("wb", 3200),
+        ("wa", 0),
+    ]
+    await a.close()
+    await b.close()
+
+
 async def test_place_with_no_worker_is_unavailable(channel: grpc.aio.Channel) -> None:
     stub = placement_pb2_grpc.PlacementServiceStub(channel)
     with pytest.raises(grpc.aio.AioRpcError) as ei:

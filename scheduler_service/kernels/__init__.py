@@ -77,6 +77,7 @@ def _call_all(k: KernelSet) -> None:
         i64,
         i64,
         i64,
+        i64,
         f64,
         i64,
         i64,

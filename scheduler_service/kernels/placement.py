@@ -1,5 +1,9 @@
 """Kernel: score every candidate worker for a step and keep the top k.
 
+A worker's cached prefix is the session's own KV on its home (GPU or host
+tier), or the run of the prompt's blocks the prefix index found there (GPU),
+whichever is longer.
+
 Score (seconds, higher is better) = prefill time the cached prefix saves there,
 weighted by ``1 + rebuild_weight`` (leaving the home also costs the fleet the
 rebuild's GPU time, not only this step its wait) − expected queue wait (the
@@ -27,6 +31,7 @@ def place_topk(
     gpu_used_blocks: np.ndarray,
     queued_prefill_tokens: np.ndarray,
     placed_tokens: np.ndarray,
+    prefix_blocks: np.ndarray,
     prefill_tokens_per_s: np.ndarray,
     block_size_tokens: np.ndarray,
     bytes_per_token: np.ndarray,
@@ -53,19 +58,28 @@ def place_topk(
         rate = prefill_tokens_per_s[w]
         bs = block_size_tokens[w]
         cached = 0
+        tier_w = 0
         if w == home and home_tier != 0:
             cached = min(cached_tokens, step_tokens)
+            tier_w = home_tier
+        pre = prefix_blocks[w] * bs
+        if pre > step_tokens:
+            pre = step_tokens
+        if pre > 0 and (pre > cached or (tier_w == TIER_HOST and pre == cached)):
+            cached = pre
+            tier_w = TIER_GPU
         saved = 0.0
         if cached > 0:
             saved = (1.0 + rebuild_weight) * (
                 prefill_s(float(step_tokens), rate, knee_tokens)
                 - prefill_s(float(step_tokens - cached), rate, knee_tokens)
             )
-            if home_tier == TIER_HOST:
+            if tier_w == TIER_HOST:
                 saved -= cached * bytes_per_token[w] / host_link_bytes_per_s[w]
-            saved += affinity_bonus_s
+            if w == home:
+                saved += affinity_bonus_s
         queue_s = (queued_prefill_tokens[w] + placed_tokens[w]) / rate
-        on_gpu = cached if home_tier == TIER_GPU else 0
+        on_gpu = cached if tier_w == TIER_GPU else 0
         need_blocks = (step_tokens - on_gpu + bs - 1) // bs
         free_blocks = gpu_cap_blocks[w] - gpu_used_blocks[w]
         deficit = need_blocks - free_blocks

@@ -75,6 +75,7 @@ def place_topk(
     gpu_used_blocks: npt.NDArray[np.int64],
     queued_prefill_tokens: npt.NDArray[np.int64],
     placed_tokens: npt.NDArray[np.int64],
+    prefix_blocks: npt.NDArray[np.int64],
     prefill_tokens_per_s: npt.NDArray[np.float64],
     block_size_tokens: npt.NDArray[np.int64],
     bytes_per_token: npt.NDArray[np.int64],
@@ -100,18 +101,24 @@ def place_topk(
             continue
         rate = float(prefill_tokens_per_s[w])
         bs = int(block_size_tokens[w])
-        cached = min(cached_tokens, step_tokens) if (w == home and home_tier != 0) else 0
+        on_home = w == home and home_tier != 0
+        cached = min(cached_tokens, step_tokens) if on_home else 0
+        tier_w = home_tier if on_home else 0
+        pre = min(int(prefix_blocks[w]) * bs, step_tokens)
+        if pre > 0 and (pre > cached or (tier_w == _TIER_HOST and pre == cached)):
+            cached, tier_w = pre, TIER_GPU
         saved = 0.0
         if cached > 0:
             saved = (1.0 + rebuild_weight) * (
                 prefill_s(float(step_tokens), rate, knee_tokens)
                 - prefill_s(float(step_tokens - cached), rate, knee_tokens)
             )
-            if home_tier == _TIER_HOST:
+            if tier_w == _TIER_HOST:
                 saved -= cached * int(bytes_per_token[w]) / float(host_link_bytes_per_s[w])
-            saved += affinity_bonus_s
+            if w == home:
+                saved += affinity_bonus_s
         queue_s = (int(queued_prefill_tokens[w]) + int(placed_tokens[w])) / rate
-        on_gpu = cached if home_tier == TIER_GPU else 0
+        on_gpu = cached if tier_w == TIER_GPU else 0
         need_blocks = -(-(step_tokens - on_gpu) // bs)
         free_blocks = int(gpu_cap_blocks[w]) - int(gpu_used_blocks[w])
         deficit = need_blocks - free_blocks

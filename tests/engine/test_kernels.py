@@ -31,6 +31,7 @@ def workers(draw: st.DrawFn) -> dict[str, object]:
         "used": np.minimum(ints(0, 6000), cap + 100),
         "queued": ints(0, 200_000),
         "placed": ints(0, 50_000),
+        "prefix": ints(0, 3_000),
         "rate": np.array(
             draw(st.lists(st.floats(1e3, 1e5), min_size=n, max_size=n)), dtype=np.float64
         ),
@@ -61,6 +62,7 @@ def test_place_topk_matches_twin(w: dict[str, object], bestfit: float, rebuild: 
             w["used"],
             w["queued"],
             w["placed"],
+            w["prefix"],
             w["rate"],
             w["bs"],
             w["bpt"],
