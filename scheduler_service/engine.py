@@ -14,6 +14,7 @@ handles worker messages and ``engine_read`` builds the operator views.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
@@ -83,6 +84,8 @@ UNACKED_MEMORY = 1 << 18
 DECODE_FLOOR_DRIFT = 0.002
 #: Agent types with a graph of their own; later ones share one graph.
 MAX_AGENT_TYPES = 512
+# seconds of event time between two passes over the sessions for fair share
+LIVE_SLOWDOWN_EVERY_S = 1.0
 OTHER_AGENT_TYPE = "*other*"
 
 
@@ -107,6 +110,7 @@ class Engine:
         # over and over makes next(iter(d)) walk ever more deleted slots.
         self._unacked: OrderedDict[DirectiveId, tuple[SessionId, Action]] = OrderedDict()
         self.events_total = 0
+        self._live_pass_s = -math.inf
         self.placements_total = 0
         self.directives_total = 0
         self.acks: dict[DirectiveOutcome, int] = dict.fromkeys(DirectiveOutcome, 0)
@@ -395,9 +399,15 @@ class Engine:
     def _observe_live_slowdowns(self, now: float) -> None:
         """Hand fair share each tenant's time in flight and standalone work so far.
 
-        One vectorised pass over the session arrays at each completion (not on
-        a timer, so a replay of the same events computes the same figures).
+        One vectorised pass over the session arrays, at a completion at most
+        once per ``LIVE_SLOWDOWN_EVERY_S`` of event time (not on a timer, so a
+        replay of the same events computes the same figures; the time of the
+        last pass is part of the engine, so of its snapshots). Per completion
+        it made the cost of an event grow with the number of sessions.
         """
+        if now - self._live_pass_s < LIVE_SLOWDOWN_EVERY_S:
+            return
+        self._live_pass_s = now
         ss = self.state.sessions
         hw = ss.high_water
         t = ss.tenant[:hw]

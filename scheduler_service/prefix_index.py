@@ -39,6 +39,14 @@ class PrefixIndex:
         # end, so the first key is the least recently stored one.
         self._where: dict[bytes | int, int] = {}
 
+    def __getstate__(self) -> dict[str, int]:
+        # soft state: a snapshot of the engine carries the bound, not the blocks
+        return {"max_blocks": self.max_blocks}
+
+    def __setstate__(self, state: dict[str, int]) -> None:
+        self.max_blocks = state["max_blocks"]
+        self._where = {}
+
     def __len__(self) -> int:
         return len(self._where)
 

@@ -136,3 +136,14 @@ def test_place_sends_a_new_session_to_the_worker_holding_its_prompt_prefix(scrip
     sc.worker("w3", epoch=2, now=4.0)
     p = _place(sc, "new4", system_prompt, 4.0, max_candidates=3)
     assert all(c.expected_cached_tokens == 0 for c in p.candidates if c.worker_id == "w3")
+
+
+def test_a_pickled_index_keeps_its_bound_and_none_of_its_blocks() -> None:
+    import pickle
+
+    ix = PrefixIndex(max_blocks=7)
+    ix.apply(0, [KvEvent(STORED, (1, 2))])
+    back = pickle.loads(pickle.dumps(ix))
+    assert (back.max_blocks, len(back)) == (7, 0)
+    back.apply(1, [KvEvent(STORED, (1,))])
+    assert _runs(back, [1, 2]) == {1: 1}
