@@ -124,12 +124,17 @@ class Metrics:
 def configure_otel(
     metrics_port: int | None, metrics_host: str = "127.0.0.1", trace_console: bool = False
 ) -> Metrics:
-    """Install tracer + meter providers; serve Prometheus /metrics when a port is given."""
+    """Install tracer + meter providers; serve Prometheus /metrics when a port is given.
+
+    Spans are made only when something exports them (``trace_console``): a
+    recording span with nowhere to go cost ~75 µs a Place, ~15% of the server's
+    time per call. Without an exporter the API's no-op tracer stays in place.
+    """
     resource = Resource.create({"service.name": "kvsched"})
-    tp = TracerProvider(resource=resource)
     if trace_console:
+        tp = TracerProvider(resource=resource)
         tp.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
-    trace.set_tracer_provider(tp)
+        trace.set_tracer_provider(tp)
     readers = []
     if metrics_port is not None:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
