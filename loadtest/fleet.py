@@ -299,6 +299,11 @@ def _parser() -> argparse.ArgumentParser:
         default=2.0,
         help="how long a worker waits to fill a batch (WorkerClient default 2 ms)",
     )
+    p.add_argument(
+        "--message-per-kind",
+        action="store_true",
+        help="one message per kind of input instead of one WorkerBatch (the older framing)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ramp", help="START:STEP:MAX events/s; stops at the knee")
     p.add_argument("--ramp-p99-ms", type=float, default=10.0)
@@ -357,6 +362,7 @@ def loadtest_main(argv: list[str]) -> int:
             pools=not ns.no_pools,
             place_only=ns.place_only,
             batch_delay_s=ns.batch_delay_ms / 1000.0,
+            combine_messages=not ns.message_per_kind,
             seed=ns.seed,
             token=ns.token,
         )

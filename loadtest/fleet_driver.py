@@ -21,6 +21,7 @@ import gc
 import logging
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import grpc
@@ -65,6 +66,8 @@ class FleetConfig:
     token_scale: int = 256
     batch_events: int = 256
     batch_delay_s: float = 0.002
+    # One WorkerBatch for everything pending (False: one message per kind)
+    combine_messages: bool = True
     drain_s: float = 10.0
     seed: int = 0
     token: str | None = None
@@ -143,6 +146,7 @@ class Fleet:
                 collect_pool_events=cfg.pools,
                 token=cfg.token,
                 on_acked=self._on_acked,
+                combine_messages=cfg.combine_messages,
             )
             self.workers.append(client)
             self.pools.append(pool if cfg.pools else None)
@@ -368,20 +372,31 @@ class Fleet:
     def _on_acked(self, msg: worker_pb2.WorkerMessage) -> None:
         body = msg.WhichOneof("body")
         rec = self.rec
-        if body == "session_events":
-            now = time.perf_counter()
-            at_s = now - self._t0
-            for ev in msg.session_events.events:
-                t = self._intended.pop(ev.event_id, None)
-                if t is None:
-                    rec.errors["ack:unknown_event"] += 1
-                    continue
-                rec.ack.record(now - t, at_s)
-                rec.events_acked += 1
+        if body == "batch":
+            b = msg.batch
+            self._events_acked(b.session_events)
+            rec.directive_acks_acked += len(b.directive_acks)
+            rec.kv_batches_acked += int(b.HasField("kv_events"))
+        elif body == "session_events":
+            self._events_acked(msg.session_events.events)
         elif body == "directive_ack":
             rec.directive_acks_acked += 1
         elif body == "kv_events":
             rec.kv_batches_acked += 1
+
+    def _events_acked(self, events: Iterable[types_pb2.SessionEvent]) -> None:
+        if not events:
+            return
+        rec = self.rec
+        now = time.perf_counter()
+        at_s = now - self._t0
+        for ev in events:
+            t = self._intended.pop(ev.event_id, None)
+            if t is None:
+                rec.errors["ack:unknown_event"] += 1
+                continue
+            rec.ack.record(now - t, at_s)
+            rec.events_acked += 1
 
     def _collect(self) -> None:
         rec = self.rec

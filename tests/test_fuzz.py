@@ -96,7 +96,36 @@ kv_event = st.one_of(
     st.just(types_pb2.KvEvent()),
 )
 
+directive_ack = st.builds(
+    lambda did, outcome, reason: worker_pb2.DirectiveAck(
+        directive_id=did, outcome=outcome, reason=reason
+    ),
+    text,
+    st.integers(0, 9),
+    text,
+)
+
+
+def _worker_batch(
+    seq: int,
+    acks: list[worker_pb2.DirectiveAck],
+    kv: list[types_pb2.KvEvent] | None,
+    evs: list[types_pb2.SessionEvent],
+) -> worker_pb2.WorkerMessage:
+    b = worker_pb2.WorkerBatch(directive_acks=acks, session_events=evs)
+    if kv is not None:
+        b.kv_events.CopyFrom(types_pb2.KvEventBatch(events=kv))
+    return worker_pb2.WorkerMessage(seq=seq, batch=b)
+
+
 worker_message = st.one_of(
+    st.builds(
+        _worker_batch,
+        u64,
+        st.lists(directive_ack, max_size=3),
+        st.none() | st.lists(kv_event, max_size=3),
+        st.lists(session_event(), max_size=4),
+    ),
     st.builds(
         lambda seq, evs: worker_pb2.WorkerMessage(
             seq=seq, session_events=worker_pb2.SessionEventBatch(events=evs)

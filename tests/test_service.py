@@ -236,11 +236,112 @@ BAD_STREAM_MESSAGES: Sequence[tuple[str, worker_pb2.WorkerMessage]] = (
             ),
         ),
     ),
+    ("batch", worker_pb2.WorkerMessage(seq=2, batch=worker_pb2.WorkerBatch())),
+    (
+        "batch.session_events[0].session_id",
+        worker_pb2.WorkerMessage(
+            seq=2,
+            batch=worker_pb2.WorkerBatch(
+                kv_events=types_pb2.KvEventBatch(
+                    events=[
+                        types_pb2.KvEvent(
+                            stored=types_pb2.BlockStored(
+                                block_hashes=[types_pb2.BlockHash(uint64_hash=9)],
+                                tier=types_pb2.TIER_GPU,
+                            )
+                        )
+                    ]
+                ),
+                session_events=[event("ghost", K.TOOL_CALL_END)],
+            ),
+        ),
+    ),
+    (
+        "batch.session_events[1].session_id",
+        worker_pb2.WorkerMessage(
+            seq=2,
+            batch=worker_pb2.WorkerBatch(
+                session_events=[event("x", K.STEP_START), event("ghost", K.TOOL_CALL_END)]
+            ),
+        ),
+    ),
+    (
+        "batch.directive_acks[0].outcome",
+        worker_pb2.WorkerMessage(
+            seq=2,
+            batch=worker_pb2.WorkerBatch(
+                directive_acks=[worker_pb2.DirectiveAck(directive_id="d", outcome=99)],  # type: ignore[arg-type]
+                session_events=[event("x", K.STEP_START)],
+            ),
+        ),
+    ),
     (
         "heartbeat.gpu_free_blocks",
         worker_pb2.WorkerMessage(seq=2, heartbeat=worker_pb2.Heartbeat(gpu_free_blocks=1 << 41)),
     ),
 )
+
+
+def _stored(*hashes: int) -> types_pb2.KvEventBatch:
+    stored = types_pb2.BlockStored(
+        block_hashes=[types_pb2.BlockHash(uint64_hash=h) for h in hashes], tier=types_pb2.TIER_GPU
+    )
+    return types_pb2.KvEventBatch(events=[types_pb2.KvEvent(stored=stored)])
+
+
+async def _gpu_used(channel: grpc.aio.Channel, worker_id: str) -> int:
+    workers = await admin_pb2_grpc.AdminServiceStub(channel).ListWorkers(
+        admin_pb2.ListWorkersRequest()
+    )
+    [w] = [w for w in workers.workers if w.worker_id == worker_id]
+    return int(w.gpu_used_blocks)
+
+
+async def test_a_worker_batch_applies_answers_kv_events_and_session_events_as_one_message(
+    channel: grpc.aio.Channel,
+) -> None:
+    s, _ = await connect(channel)
+    await s.send(batch(2, event("s1", K.STEP_START, ctx=16_000)))
+    await s.recv_until_ack(2)
+    await s.send(batch(3, event("s1", K.TOOL_CALL_WAIT, ctx=16_000, tool="bash")))
+    got = await s.recv_until_ack(3)
+    [directive] = [m.directive for m in got if m.WhichOneof("body") == "directive"]
+    assert directive.action == worker_pb2.RETAIN_GPU
+    used = await _gpu_used(channel, "w1")
+    admin = admin_pb2_grpc.AdminServiceStub(channel)
+    leased = await admin.GetSession(admin_pb2.GetSessionRequest(session_id="s1"))
+    assert leased.lease_remaining_s > 0
+    # the pool could not hold the lease, and stored three blocks: one message
+    answer = worker_pb2.DirectiveAck(
+        directive_id=directive.directive_id,
+        outcome=worker_pb2.DIRECTIVE_REJECTED,
+        reason="pool full",
+    )
+    await s.send(
+        worker_pb2.WorkerMessage(
+            seq=4,
+            batch=worker_pb2.WorkerBatch(directive_acks=[answer], kv_events=_stored(1, 2, 3)),
+        )
+    )
+    assert [m.ack.seq for m in await s.recv_until_ack(4) if m.WhichOneof("body") == "ack"] == [4]
+    view = await admin.GetSession(admin_pb2.GetSessionRequest(session_id="s1"))
+    assert view.lease_remaining_s == 0.0  # the engine knows the lease never took
+    assert await _gpu_used(channel, "w1") == used + 3
+    await s.send(
+        worker_pb2.WorkerMessage(
+            seq=5,
+            batch=worker_pb2.WorkerBatch(
+                session_events=[
+                    event("s1", K.TOOL_CALL_END, ctx=16_000),
+                    event("s1", K.STEP_START, step=1, ctx=16_100),
+                ],
+            ),
+        )
+    )
+    await s.recv_until_ack(5)
+    after = await stats(channel)
+    assert after.events_total == 4 and after.sessions_running == 1
+    await s.close()
 
 
 @pytest.mark.parametrize(
@@ -256,12 +357,14 @@ async def test_bad_stream_input_is_invalid_argument_and_changes_nothing(
         else batch(1, event("keep", K.STEP_START))
     )
     before = await stats(channel)
+    used = await _gpu_used(channel, "w1")
     await s.send(msg)
     with pytest.raises(grpc.aio.AioRpcError) as ei:
         while True:
             await s.recv()
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field_violations(ei.value) == [field]
+    assert await _gpu_used(channel, "w1") == used  # no part of a rejected batch applied
     after = await stats(channel)
     assert after.events_total == before.events_total
     assert (after.sessions_running, after.sessions_idle, after.sessions_tool_wait) == (

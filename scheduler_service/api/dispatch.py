@@ -378,8 +378,56 @@ class Dispatcher:
         elif body == "heartbeat":
             load = convert.heartbeat_from_pb(msg.heartbeat, "heartbeat")
             decisions = self.engine.heartbeat(wid, load, now)
+        elif body == "batch":
+            decisions = self._apply_batch(wid, msg.batch, now)
         self._last_seq[(rec.worker_id, rec.epoch)] = rec.seq
         return decisions
+
+    def _apply_batch(self, wid: WorkerId, b: worker_pb2.WorkerBatch, now: float) -> Decisions:
+        """A WorkerBatch: every part validated first, then acks, KV events, session events."""
+        if len(b.directive_acks) > convert.MAX_BATCH_EVENTS:
+            raise Rejected(
+                "batch.directive_acks", f"must hold at most {convert.MAX_BATCH_EVENTS} acks"
+            )
+        acks = [
+            convert.directive_ack_from_pb(a, f"batch.directive_acks[{i}]")
+            for i, a in enumerate(b.directive_acks)
+        ]
+        kv = (
+            convert.kv_events_from_pb(b.kv_events, "batch.kv_events")
+            if b.HasField("kv_events")
+            else []
+        )
+        events = (
+            convert.session_events_from_pb(b.session_events, "batch.session_events", wid)
+            if b.session_events
+            else []
+        )
+        if not (acks or kv or events):
+            raise Rejected("batch", "must hold at least one ack, KV event or session event")
+        if events:
+            try:
+                self.engine.check_events(events)
+            except Rejected as r:
+                # the engine names fields from its own batch: "events[i].…"
+                field = r.field.removeprefix("events")
+                raise Rejected(f"batch.session_events{field}", r.description) from None
+        e = self.engine
+        for did, outcome, reason in acks:
+            e.directive_acked(wid, did, outcome, reason, now)  # type: ignore[arg-type]
+        parts = []
+        if kv:
+            parts.append(e.kv_events(wid, kv, now))
+        if events:
+            # acks and KV events neither add nor end sessions: the check still holds
+            parts.append(e.handle_batch(events, now, checked=True))
+            self.metrics.count_events(events)
+        if len(parts) == 1:
+            return parts[0]
+        return Decisions(
+            tuple(d for p in parts for d in p.directives),
+            tuple(w for p in parts for w in p.resync_workers),
+        )
 
     def _apply_report(
         self, req: placement_pb2.ReportSessionEventsRequest, now: float

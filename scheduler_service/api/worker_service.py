@@ -239,6 +239,10 @@ def _foreign_tenant(msg: worker_pb2.WorkerMessage, p: Principal) -> str | None:
         for i, ev in enumerate(msg.session_events.events):
             if ev.tenant_id != p.tenant_id:
                 return f"session_events.events[{i}].tenant_id"
+    elif body == "batch":
+        for i, ev in enumerate(msg.batch.session_events):
+            if ev.tenant_id != p.tenant_id:
+                return f"batch.session_events[{i}].tenant_id"
     elif body == "pool_snapshot":
         for i, s in enumerate(msg.pool_snapshot.sessions):
             if s.tenant_id != p.tenant_id:

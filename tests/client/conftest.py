@@ -9,13 +9,32 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 import pytest
 
-from kvsched_client._proto.kvsched.v1 import worker_pb2, worker_pb2_grpc
+from kvsched_client._proto.kvsched.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def by_kind(m: worker_pb2.WorkerMessage) -> list[worker_pb2.WorkerMessage]:
+    """A WorkerBatch as the one-kind messages it replaces (same seq); others as they are."""
+    if m.WhichOneof("body") != "batch":
+        return [m]
+    b = m.batch
+    out = [worker_pb2.WorkerMessage(seq=m.seq, directive_ack=a) for a in b.directive_acks]
+    if b.HasField("kv_events"):
+        out.append(worker_pb2.WorkerMessage(seq=m.seq, kv_events=b.kv_events))
+    if b.session_events:
+        events = worker_pb2.SessionEventBatch(events=b.session_events)
+        out.append(worker_pb2.WorkerMessage(seq=m.seq, session_events=events))
+    return out
+
+
+def session_events_of(m: worker_pb2.WorkerMessage) -> list[types_pb2.SessionEvent]:
+    """The session events a message carries, whatever its framing."""
+    return [e for v in by_kind(m) for e in v.session_events.events]
 
 
 class FakeScheduler(worker_pb2_grpc.WorkerServiceServicer):
@@ -48,7 +67,8 @@ class FakeScheduler(worker_pb2_grpc.WorkerServiceServicer):
         self.last_seq = self.durable_seq
 
     def of(self, body: str) -> list[worker_pb2.WorkerMessage]:
-        return [m for m in self.applied if m.WhichOneof("body") == body]
+        """Applied messages of one kind; a WorkerBatch counts as one of each kind it holds."""
+        return [v for m in self.applied for v in by_kind(m) if v.WhichOneof("body") == body]
 
     async def wait_for(self, pred: Callable[[], bool], timeout_s: float = 3.0) -> None:
         async def loop() -> None:

@@ -9,6 +9,7 @@ import time
 from kvsched_client._proto.kvsched.v1 import types_pb2, worker_pb2
 from kvsched_client.pool import BlockPool
 from kvsched_client.worker import SyncWorkerClient, WorkerClient, session_event
+from tests.client.conftest import session_events_of
 
 K = types_pb2
 
@@ -37,7 +38,7 @@ def events(n: int, session: str = "s") -> list[types_pb2.SessionEvent]:
 
 
 def event_ids(msgs: list[worker_pb2.WorkerMessage]) -> list[str]:
-    return [e.event_id for m in msgs for e in m.session_events.events]
+    return [e.event_id for m in msgs for e in session_events_of(m)]
 
 
 def directive(did: str, sid: str, action: int, epoch: int = 1, ttl_s: float = 30.0):
@@ -177,7 +178,7 @@ async def test_resync_is_answered_with_a_full_snapshot_and_drain_is_applied(fake
 
 async def test_refused_message_is_dropped_and_the_stream_goes_on(fake_server) -> None:
     fake = fake_server.fake
-    fake.refuse = lambda m: any(e.session_id == "poison" for e in m.session_events.events)
+    fake.refuse = lambda m: any(e.session_id == "poison" for e in session_events_of(m))
     c = client(fake_server.target)
     await c.start()
     await c.wait_connected(3.0)

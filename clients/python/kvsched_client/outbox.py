@@ -4,6 +4,12 @@ Pure bookkeeping (no I/O, no clock), safe to call from engine threads: an
 engine reports events from any thread and never blocks; the stream task frames
 what is pending into messages, and keeps each one until the server acks it.
 
+Framing: session events, KV event batches and directive answers pending at
+once go out together in ``WorkerBatch`` messages (one journal record and one
+ack for all of them); pool snapshots and heartbeats travel alone, in their
+place in the order. ``combine=False`` frames one message per kind, as servers
+before ``WorkerBatch`` need.
+
 Seqs: the Hello of every stream is seq 1; data messages take 2, 3, ... for the
 whole life of the worker epoch, so a message resent on a new stream keeps its
 seq and the server drops it as a duplicate when it already holds it.
@@ -21,6 +27,7 @@ from kvsched_client._proto.kvsched.v1 import types_pb2, worker_pb2
 __all__ = ["HELLO_SEQ", "Outbox", "OutboxStats"]
 
 HELLO_SEQ = 1
+MAX_BATCH_ACKS = 4096  # the server's limit on directive answers in one WorkerBatch
 
 
 @dataclass(slots=True)
@@ -44,12 +51,14 @@ class Outbox:
         max_buffered_events: int = 100_000,
         max_buffered_kv_batches: int = 10_000,
         on_acked: Callable[[worker_pb2.WorkerMessage], None] | None = None,
+        combine: bool = True,
     ) -> None:
         if not 1 <= max_batch_events <= 4096:
             raise ValueError("max_batch_events must be in 1..4096 (the wire limit)")
         self.max_batch_events = max_batch_events
         self.max_buffered_events = max_buffered_events
         self.max_buffered_kv_batches = max_buffered_kv_batches
+        self.combine = combine
         self._lock = threading.Lock()
         self._events: deque[types_pb2.SessionEvent] = deque()
         self._kv: deque[types_pb2.KvEventBatch] = deque()
@@ -77,9 +86,9 @@ class Outbox:
         with self._lock:
             self._kv.append(batch)
             while len(self._kv) + self._unacked_kv > self.max_buffered_kv_batches:
-                if self._drop_oldest_unacked("kv_events") is None:
+                if self._drop_oldest_unacked(_KV) is None:
                     self._kv.popleft()
-                self.stats.dropped_kv_batches += 1
+                    self.stats.dropped_kv_batches += 1
 
     def add_control(self, msg: worker_pb2.WorkerMessage) -> None:
         """Queues a DirectiveAck, PoolSnapshot or Heartbeat (never dropped for space)."""
@@ -102,22 +111,50 @@ class Outbox:
 
     def frame(self) -> list[worker_pb2.WorkerMessage]:
         """Moves what is pending into new messages (with seqs) and returns them."""
-        out: list[worker_pb2.WorkerMessage] = []
         with self._lock:
-            while self._control:
-                out.append(self._seal(self._control.popleft()))
-            while self._kv:
-                out.append(self._seal(worker_pb2.WorkerMessage(kv_events=self._kv.popleft())))
-                self._unacked_kv += 1
-            while self._events:
-                n = min(self.max_batch_events, len(self._events))
-                batch = [self._events.popleft() for _ in range(n)]
-                msg = worker_pb2.WorkerMessage(
-                    session_events=worker_pb2.SessionEventBatch(events=batch)
-                )
-                out.append(self._seal(msg))
-                self._unacked_events += n
+            return self._frame_combined() if self.combine else self._frame_by_kind()
+
+    def _frame_by_kind(self) -> list[worker_pb2.WorkerMessage]:
+        out: list[worker_pb2.WorkerMessage] = []
+        while self._control:
+            out.append(self._seal(self._control.popleft()))
+        while self._kv:
+            out.append(self._seal(worker_pb2.WorkerMessage(kv_events=self._kv.popleft())))
+        while self._events:
+            out.append(self._seal(worker_pb2.WorkerMessage(session_events=self._event_batch())))
         return out
+
+    def _frame_combined(self) -> list[worker_pb2.WorkerMessage]:
+        out: list[worker_pb2.WorkerMessage] = []
+        acks: list[worker_pb2.DirectiveAck] = []
+        while self._control:
+            m = self._control.popleft()
+            if m.WhichOneof("body") == "directive_ack":
+                acks.append(m.directive_ack)
+                if len(acks) < MAX_BATCH_ACKS:
+                    continue
+            elif not acks:
+                out.append(self._seal(m))
+                continue
+            # answers queued before a snapshot or heartbeat go out before it
+            batch = worker_pb2.WorkerBatch(directive_acks=acks)
+            out.append(self._seal(worker_pb2.WorkerMessage(batch=batch)))
+            acks = []
+            if m.WhichOneof("body") != "directive_ack":
+                out.append(self._seal(m))
+        while acks or self._kv or self._events:
+            b = worker_pb2.WorkerBatch(directive_acks=acks)
+            acks = []
+            if self._kv:
+                b.kv_events.CopyFrom(self._kv.popleft())
+            if self._events:
+                b.session_events.extend(self._event_batch().events)
+            out.append(self._seal(worker_pb2.WorkerMessage(batch=b)))
+        return out
+
+    def _event_batch(self) -> worker_pb2.SessionEventBatch:
+        n = min(self.max_batch_events, len(self._events))
+        return worker_pb2.SessionEventBatch(events=[self._events.popleft() for _ in range(n)])
 
     def ack(self, seq: int) -> int:
         """Forgets every message with seq <= `seq`; returns how many."""
@@ -170,32 +207,53 @@ class Outbox:
         msg.seq = self.next_seq
         self.next_seq += 1
         self._unacked.append(msg)
+        events, kv = _parts(msg)
+        self._unacked_events += events
+        self._unacked_kv += kv
         self.stats.framed_messages += 1
         return msg
 
     def _forget(self, msg: worker_pb2.WorkerMessage) -> None:
-        body = msg.WhichOneof("body")
-        if body == "session_events":
-            self._unacked_events -= len(msg.session_events.events)
-        elif body == "kv_events":
-            self._unacked_kv -= 1
+        events, kv = _parts(msg)
+        self._unacked_events -= events
+        self._unacked_kv -= kv
 
     def _bound_events(self) -> None:
         # NOTE: the oldest events go first, and those already framed are older
         # than those pending. A framed message that is dropped may still reach
         # the server on the live stream; it is only no longer resent.
         while len(self._events) + self._unacked_events > self.max_buffered_events:
-            msg = self._drop_oldest_unacked("session_events")
-            if msg is not None:
-                self.stats.dropped_session_events += len(msg.session_events.events)
-            else:
+            if self._drop_oldest_unacked(_EVENTS) is None:
                 self._events.popleft()
                 self.stats.dropped_session_events += 1
 
-    def _drop_oldest_unacked(self, body: str) -> worker_pb2.WorkerMessage | None:
+    def _drop_oldest_unacked(self, part: int) -> worker_pb2.WorkerMessage | None:
+        """Drops the oldest unacked message holding session events or KV events.
+
+        # NOTE: a WorkerBatch goes whole: whatever else it held (directive
+        # answers, the other kind of events) is dropped with it, and counted.
+        """
         for i, m in enumerate(self._unacked):
-            if m.WhichOneof("body") == body:
+            parts = _parts(m)
+            if parts[part]:
                 del self._unacked[i]
                 self._forget(m)
+                self.stats.dropped_session_events += parts[_EVENTS]
+                self.stats.dropped_kv_batches += parts[_KV]
                 return m
         return None
+
+
+_EVENTS, _KV = 0, 1
+
+
+def _parts(msg: worker_pb2.WorkerMessage) -> tuple[int, int]:
+    """(session events, KV batches) a message carries."""
+    body = msg.WhichOneof("body")
+    if body == "batch":
+        return len(msg.batch.session_events), int(msg.batch.HasField("kv_events"))
+    if body == "session_events":
+        return len(msg.session_events.events), 0
+    if body == "kv_events":
+        return 0, 1
+    return 0, 0

@@ -125,6 +125,7 @@ class WorkerClient:
         on_drain: Callable[[worker_pb2.Drain], None] | None = None,
         on_acked: Callable[[worker_pb2.WorkerMessage], None] | None = None,
         rng: random.Random | None = None,
+        combine_messages: bool = True,
     ) -> None:
         if hello.epoch < 1 or not hello.worker_id:
             raise ValueError("hello needs a worker_id and an epoch >= 1")
@@ -140,6 +141,7 @@ class WorkerClient:
             max_batch_events=max_batch_events,
             max_buffered_events=max_buffered_events,
             on_acked=on_acked,
+            combine=combine_messages,
         )
         self.stats = WorkerClientStats()
         self.leader_epoch = 0  # highest leader epoch seen (Welcome or directive)

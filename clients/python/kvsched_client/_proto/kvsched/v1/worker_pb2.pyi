@@ -324,6 +324,7 @@ class WorkerMessage(_message.Message):
     POOL_SNAPSHOT_FIELD_NUMBER: _builtins.int
     DIRECTIVE_ACK_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Per-stream sequence number, strictly increasing (>= 1)."""
     @_builtins.property
@@ -338,6 +339,8 @@ class WorkerMessage(_message.Message):
     def directive_ack(self) -> Global___DirectiveAck: ...
     @_builtins.property
     def heartbeat(self) -> Global___Heartbeat: ...
+    @_builtins.property
+    def batch(self) -> Global___WorkerBatch: ...
     def __init__(
         self,
         *,
@@ -348,16 +351,59 @@ class WorkerMessage(_message.Message):
         pool_snapshot: Global___PoolSnapshot | None = ...,
         directive_ack: Global___DirectiveAck | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
+        batch: Global___WorkerBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "directive_ack", b"directive_ack", "heartbeat", b"heartbeat", "hello", b"hello", "kv_events", b"kv_events", "pool_snapshot", b"pool_snapshot", "session_events", b"session_events"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "body", b"body", "directive_ack", b"directive_ack", "heartbeat", b"heartbeat", "hello", b"hello", "kv_events", b"kv_events", "pool_snapshot", b"pool_snapshot", "session_events", b"session_events"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "directive_ack", b"directive_ack", "heartbeat", b"heartbeat", "hello", b"hello", "kv_events", b"kv_events", "pool_snapshot", b"pool_snapshot", "seq", b"seq", "session_events", b"session_events"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "body", b"body", "directive_ack", b"directive_ack", "heartbeat", b"heartbeat", "hello", b"hello", "kv_events", b"kv_events", "pool_snapshot", b"pool_snapshot", "seq", b"seq", "session_events", b"session_events"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "session_events", "kv_events", "pool_snapshot", "directive_ack", "heartbeat"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "session_events", "kv_events", "pool_snapshot", "directive_ack", "heartbeat", "batch"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___WorkerMessage: _TypeAlias = WorkerMessage  # noqa: Y015
+
+@_typing.final
+class WorkerBatch(_message.Message):
+    """What a worker has to say at once, in one message (one journal record, one
+    ack): answers to directives, KV block events, session events. Applied in
+    that order and all or nothing: an invalid part rejects the whole message.
+    A fleet's replicas each report a few events per batching window, plus an
+    answer per directive and a KV batch per step: one message for all of it
+    instead of one per kind.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIRECTIVE_ACKS_FIELD_NUMBER: _builtins.int
+    KV_EVENTS_FIELD_NUMBER: _builtins.int
+    SESSION_EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def directive_acks(self) -> _containers.RepeatedCompositeFieldContainer[Global___DirectiveAck]:
+        """Answers to directives (at most 4096)."""
+
+    @_builtins.property
+    def kv_events(self) -> _types_pb2.KvEventBatch:
+        """Block events, as in a KvEventBatch message."""
+
+    @_builtins.property
+    def session_events(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.SessionEvent]:
+        """Session events, as in a SessionEventBatch message (at most 4096)."""
+
+    def __init__(
+        self,
+        *,
+        directive_acks: _abc.Iterable[Global___DirectiveAck] | None = ...,
+        kv_events: _types_pb2.KvEventBatch | None = ...,
+        session_events: _abc.Iterable[_types_pb2.SessionEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kv_events", b"kv_events"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["directive_acks", b"directive_acks", "kv_events", b"kv_events", "session_events", b"session_events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerBatch: _TypeAlias = WorkerBatch  # noqa: Y015
 
 @_typing.final
 class Welcome(_message.Message):
