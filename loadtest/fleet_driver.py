@@ -221,10 +221,37 @@ class Fleet:
         gen_end = time.perf_counter()
         if self._place_tasks:
             await asyncio.gather(*self._place_tasks, return_exceptions=True)
-        await asyncio.gather(*(w.flush(cfg.drain_s) for w in self.workers))
+        await self._drain(time.monotonic() + cfg.drain_s)
         self.finished = True
         self._collect()
         return gen_end - self._t0
+
+    async def _drain(self, deadline: float) -> None:
+        """Flush every worker until nothing more arrives (bounded by ``deadline``).
+
+        # NOTE: one worker's last message can make the server send a directive
+        # to another worker that has already flushed (a moved session's old
+        # home, pressure elsewhere); its answer needs one more flush.
+        """
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            await asyncio.gather(*(w.flush(left) for w in self.workers))
+            seen = self._directives_seen()
+            await asyncio.sleep(0.05)
+            settled = seen == self._directives_seen() and all(
+                w.outbox.idle() for w in self.workers
+            )
+            if settled or time.monotonic() >= deadline:
+                return
+
+    def _directives_seen(self) -> int:
+        return sum(
+            w.stats.directives_applied
+            + w.stats.directives_rejected
+            + w.stats.directives_stale
+            + w.stats.directives_repeated
+            for w in self.workers
+        )
 
     def _emit(self, slot: int, intended: float) -> None:
         cfg = self.cfg
@@ -400,13 +427,7 @@ class Fleet:
 
     def _collect(self) -> None:
         rec = self.rec
-        rec.directives_received = sum(
-            w.stats.directives_applied
-            + w.stats.directives_rejected
-            + w.stats.directives_stale
-            + w.stats.directives_repeated
-            for w in self.workers
-        )
+        rec.directives_received = self._directives_seen()
         rec.directives_applied = sum(w.stats.directives_applied for w in self.workers)
         rec.messages_framed = sum(w.outbox.stats.framed_messages for w in self.workers)
         dropped = sum(w.outbox.stats.dropped_session_events for w in self.workers)
