@@ -13,7 +13,12 @@ by weight, within a bounded factor of each other with two levers:
   equalises slowdowns: a short chat task that waited one second is as late
   as a long coding task that waited a minute. A tenant's stretch is the
   cluster's mean slowdown over its weight, corrected by feedback: a tenant
-  whose weighted slowdown stays above the mean gets tighter deadlines.
+  whose weighted slowdown stays above the mean gets tighter deadlines. The
+  correction has a proportional part (how far off the mean the tenant is now)
+  and a leaky integral part (how long it has been off, with a memory of about
+  1 / ``INTEGRAL_LEAK`` completions): a tenant whose arrivals come in bursts
+  needs a lasting correction, which a proportional term alone only holds by
+  staying off the mean.
 * **What is equalised.** A tenant's slowdown is the worse of its completed
   tasks' (smoothed) and its in-flight work's: summed time in flight over
   summed standalone work done, across its live sessions, taken at each
@@ -49,6 +54,10 @@ DEADLINE_QUANTUM_S = 0.01
 TOP_STEP_PRIORITY = (1 << 31) - 1
 #: How strongly a tenant's slowdown off the mean moves its deadlines (an exponent).
 CORRECTION_GAIN = 2.0
+#: Integral part: each refresh multiplies it by (slowdown / mean) ** -INTEGRAL_GAIN ...
+INTEGRAL_GAIN = 0.1
+#: ... after decaying it towards 1 by this share (in log terms), so it forgets.
+INTEGRAL_LEAK = 0.02
 #: The correction stays within these bounds (deadlines at most 4x tighter or looser).
 MIN_CORRECTION, MAX_CORRECTION = 0.25, 4.0
 #: Stretch before anything has completed.
@@ -65,6 +74,7 @@ class FairShare:
         self.completed: list[int] = []
         self.events: list[int] = []
         self.correction: list[float] = []
+        self.integral: list[float] = []  # the correction's leaky integral part
         # time in flight / standalone work done, over the tenant's live sessions
         self.live_slowdown: list[float] = []
         self.effective: list[float] = []  # effective_slowdown per slot, as of the last refresh
@@ -85,6 +95,7 @@ class FairShare:
             self.completed.append(0)
             self.events.append(0)
             self.correction.append(1.0)
+            self.integral.append(1.0)
             self.live_slowdown.append(0.0)
             self.priority.append(MAX_PRIORITY // 2)
             if t >= self.protection.shape[0]:
@@ -173,8 +184,13 @@ class FairShare:
                 continue  # nothing done or in flight yet
             # a heavier tenant is owed more: the same slowdown hurts it more
             ratio = x * self.weight[i] / mean
-            # above the mean: tighter deadlines; below: looser ones
-            self.correction[i] = min(MAX_CORRECTION, max(MIN_CORRECTION, ratio**-CORRECTION_GAIN))
+            # above the mean: tighter deadlines; below: looser ones. NOTE: the
+            # integral moves once per refresh (per completion), so a replay of
+            # the same completions computes the same corrections.
+            integral = self.integral[i] ** (1.0 - INTEGRAL_LEAK) * ratio**-INTEGRAL_GAIN
+            self.integral[i] = min(MAX_CORRECTION, max(MIN_CORRECTION, integral))
+            correction = ratio**-CORRECTION_GAIN * self.integral[i]
+            self.correction[i] = min(MAX_CORRECTION, max(MIN_CORRECTION, correction))
             rel = min(MAX_PROTECTION, max(MIN_PROTECTION, ratio))
             self.protection[i] = rel
             self.priority[i] = max(0, min(MAX_PRIORITY, round(MAX_PRIORITY / 2 * rel)))

@@ -13,6 +13,9 @@ from scheduler_service.fairness import (
     CORRECTION_GAIN,
     DEADLINE_QUANTUM_S,
     INITIAL_STRETCH,
+    INTEGRAL_GAIN,
+    INTEGRAL_LEAK,
+    MAX_CORRECTION,
     MAX_PRIORITY,
     TOP_STEP_PRIORITY,
     FairShare,
@@ -30,12 +33,38 @@ def test_the_slower_tenant_gets_protection_and_tighter_deadlines() -> None:
     # relative to the mean slowdown 2: a at 0.5, b at 1.5
     assert f.protection[a] == pytest.approx(0.5) and f.protection[b] == pytest.approx(1.5)
     assert (f.directive_priority(a), f.directive_priority(b)) == (25, 75)
-    # deadlines: b's are tighter by (1.5 / 0.5) ** gain
+    # deadlines: b's are tighter, a's looser, by the proportional and integral
+    # parts (the integral has moved once); a's loosening stops at the bound
+    gain = CORRECTION_GAIN + INTEGRAL_GAIN
     ratio = f.stretch(a) / f.stretch(b)
-    assert ratio == pytest.approx(3.0**CORRECTION_GAIN)
+    assert ratio == pytest.approx(min(MAX_CORRECTION, 0.5**-gain) / 1.5**-gain)
     # the smoothed slowdown moves a tenth of the way per completion
     f.record_completion(b, elapsed_s=10.0, standalone_s=10.0)
     assert f.mean_slowdown(b) == pytest.approx(2.8)
+
+
+def test_a_lasting_gap_keeps_tightening_and_a_closed_one_is_forgotten() -> None:
+    f = FairShare()
+    a, b = f.slot(TenantId("a")), f.slot(TenantId("b"))
+    f.record_completion(a, elapsed_s=10.0, standalone_s=10.0)
+    f.record_completion(b, elapsed_s=30.0, standalone_s=10.0)
+    f.observe_live([10.0, 30.0], [10.0, 10.0])  # in flight: the same gap as completed
+    gaps = []
+    for _ in range(10):  # (past ~15 the correction reaches its bound)
+        f.record_completion(a, elapsed_s=10.0, standalone_s=10.0)
+        gaps.append(f.stretch(a) / f.stretch(b))
+    # the proportional part alone would hold the ratio; the integral widens it
+    assert all(later > earlier for earlier, later in zip(gaps, gaps[1:], strict=False))
+    assert gaps[-1] > gaps[0] * 1.3
+    widest = max(f.integral[b], 1.0 / f.integral[b])
+    # the gap closes (both at slowdown 1): the integral decays back towards 1
+    f.observe_live([10.0, 10.0], [10.0, 10.0])
+    f.slowdown[b] = 1.0
+    for _ in range(200):
+        f.record_completion(a, elapsed_s=10.0, standalone_s=10.0)
+    assert max(f.integral[b], 1.0 / f.integral[b]) < 1.0 + (widest - 1.0) * 0.1
+    assert f.integral[b] == pytest.approx(1.0, abs=0.1)
+    assert 0.0 < INTEGRAL_LEAK < 1.0
 
 
 def test_in_flight_work_counts_when_completions_look_fine() -> None:
