@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -54,7 +55,7 @@ def test_a_lasting_gap_keeps_tightening_and_a_closed_one_is_forgotten() -> None:
         f.record_completion(a, elapsed_s=10.0, standalone_s=10.0)
         gaps.append(f.stretch(a) / f.stretch(b))
     # the proportional part alone would hold the ratio; the integral widens it
-    assert all(later > earlier for earlier, later in zip(gaps, gaps[1:], strict=False))
+    assert all(later > earlier for earlier, later in itertools.pairwise(gaps))
     assert gaps[-1] > gaps[0] * 1.3
     widest = max(f.integral[b], 1.0 / f.integral[b])
     # the gap closes (both at slowdown 1): the integral decays back towards 1
