@@ -409,6 +409,35 @@ async def test_bad_cache_spec_names_the_field(channel: grpc.aio.Channel) -> None
 # -- placement ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("accepts", [True, False])
+async def test_directives_and_their_ack_come_as_one_server_batch_when_the_worker_accepts_it(
+    channel: grpc.aio.Channel, accepts: bool
+) -> None:
+    s = Stream(channel)
+    h = hello()
+    h.hello.accepts_server_batch = accepts
+    await s.send(h)
+    assert (await s.recv()).WhichOneof("body") == "welcome"
+    sids = ("a", "b", "c")
+    await s.send(batch(2, *(event(sid, K.STEP_START, ctx=16_000) for sid in sids)))
+    await s.recv_until_ack(2)
+    # three tool waits in one message: three leases, then the ack of seq 3
+    await s.send(batch(3, *(event(sid, K.TOOL_CALL_WAIT, ctx=16_000, tool="bash") for sid in sids)))
+    got = []
+    while not got or got[-1].WhichOneof("body") not in {"ack", "batch"}:
+        got.append(await s.recv())
+    if accepts:
+        [only] = got
+        assert only.WhichOneof("body") == "batch"
+        assert only.batch.ack_seq == 3
+        assert [d.session_id for d in only.batch.directives] == list(sids)
+        assert {d.action for d in only.batch.directives} == {worker_pb2.RETAIN_GPU}
+    else:
+        assert [m.WhichOneof("body") for m in got] == ["directive"] * 3 + ["ack"]
+        assert got[-1].ack.seq == 3
+    await s.close()
+
+
 async def test_place_prefers_the_worker_holding_the_session(channel: grpc.aio.Channel) -> None:
     a, _ = await connect(channel, worker_id="wa")
     b, _ = await connect(channel, worker_id="wb")

@@ -128,6 +128,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         acks: asyncio.Queue[object] = asyncio.Queue(maxsize=MAX_IN_FLIGHT)
         reader = asyncio.create_task(self._read(request_iterator, handle, acks, principal))
         acker = asyncio.create_task(self._ack(acks, out))
+        batching = first.hello.accepts_server_batch
         try:
             while True:
                 item = await out.get()
@@ -137,6 +138,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     bound.info("stream.abort", code=item.code.name, details=item.details)
                     await errors.abort(context, item)
                 assert isinstance(item, worker_pb2.ServerMessage)
+                if batching and not out.empty() and item.WhichOneof("body") in _BATCHABLE:
+                    item = _server_batch(item, out)
                 yield item
         finally:
             reader.cancel()
@@ -230,6 +233,37 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 self._d.route(nxt.applied.decisions)
             out.put_nowait(worker_pb2.ServerMessage(ack=worker_pb2.Ack(seq=seq)))
             metrics.acks.add(1)
+
+
+_BATCHABLE = frozenset({"directive", "ack"})
+
+
+def _server_batch(
+    first: worker_pb2.ServerMessage, out: asyncio.Queue[object]
+) -> worker_pb2.ServerMessage:
+    """``first`` and the directives and acks queued right behind it, as one message.
+
+    Stops at anything else (a status, a drain, the end), which stays queued.
+    Acks are cumulative: the batch carries the highest.
+    """
+    batch = worker_pb2.ServerBatch()
+    item = first
+    while True:
+        if item.WhichOneof("body") == "directive":
+            batch.directives.append(item.directive)
+        else:
+            batch.ack_seq = max(batch.ack_seq, item.ack.seq)
+        if out.empty():
+            break
+        nxt = out._queue[0]  # type: ignore[attr-defined]
+        if (
+            not isinstance(nxt, worker_pb2.ServerMessage)
+            or nxt.WhichOneof("body") not in _BATCHABLE
+        ):
+            break
+        out.get_nowait()
+        item = nxt
+    return worker_pb2.ServerMessage(batch=batch)
 
 
 def _foreign_tenant(msg: worker_pb2.WorkerMessage, p: Principal) -> str | None:

@@ -244,3 +244,34 @@ async def test_sync_facade_runs_its_own_loop_in_a_thread(fake_server) -> None:
 async def _until(pred) -> None:
     while not pred():
         await asyncio.sleep(0.005)
+
+
+async def test_a_server_batch_applies_its_directives_in_order_then_its_ack(fake_server) -> None:
+    fake = fake_server.fake
+    fake.ack = False  # only the batch below acks
+    pool = make_pool()
+    c = client(fake_server.target, pool)
+    await c.start()
+    await c.wait_connected(3.0)
+    assert fake.hellos[-1].hello.accepts_server_batch
+    with c.pool_lock:
+        pool.start_step("s1", "t", list(range(10)), time.monotonic())
+        pool.end_step("s1", time.monotonic())
+    c.report(*events(3))
+    await fake.wait_for(lambda: len(event_ids(fake.of("session_events"))) == 3)
+    assert not c.outbox.idle()
+    sent = c.outbox.unacked()[-1].seq
+    retain, release = (
+        directive(did, "s1", action).directive
+        for did, action in (("d1", worker_pb2.RETAIN_GPU), ("d2", worker_pb2.RELEASE))
+    )
+    fake.send(
+        worker_pb2.ServerMessage(
+            batch=worker_pb2.ServerBatch(directives=[retain, release], ack_seq=sent)
+        )
+    )
+    await fake.wait_for(lambda: len(fake.of("directive_ack")) == 2)
+    assert [m.directive_ack.directive_id for m in fake.of("directive_ack")] == ["d1", "d2"]
+    assert pool.held_blocks() == 0  # retained, then released: the order held
+    assert c.outbox.acked_seq == sent
+    await c.stop(flush_timeout_s=0.0)

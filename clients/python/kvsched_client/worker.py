@@ -134,6 +134,7 @@ class WorkerClient:
         self.hello.CopyFrom(hello)
         if not self.hello.HasField("cache_spec"):
             self.hello.cache_spec.CopyFrom(pool.cache_spec())
+        self.hello.accepts_server_batch = True  # _read handles ServerBatch
         self.pool = pool
         # The engine holds this lock while it touches the pool from its own threads.
         self.pool_lock = pool_lock or threading.RLock()
@@ -376,6 +377,11 @@ class WorkerClient:
                     self._acked.set()
             elif body == "directive":
                 self._on_directive(msg.directive)
+            elif body == "batch":
+                for d in msg.batch.directives:
+                    self._on_directive(d)
+                if msg.batch.ack_seq and self.outbox.ack(msg.batch.ack_seq):
+                    self._acked.set()
             elif body == "resync":
                 with self.pool_lock:
                     snap = self.pool.snapshot(self._clock())

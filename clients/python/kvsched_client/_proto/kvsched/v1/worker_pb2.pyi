@@ -100,6 +100,7 @@ class Hello(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     CACHE_SPEC_FIELD_NUMBER: _builtins.int
     RESUME_FROM_SEQ_FIELD_NUMBER: _builtins.int
+    ACCEPTS_SERVER_BATCH_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """Stable replica id, 1..256 bytes (e.g. "pod-7/dp0")."""
     epoch: _builtins.int
@@ -118,6 +119,10 @@ class Hello(_message.Message):
     """Seq of the last message this worker saw acked in this epoch (0 = fresh stream);
     the worker resends everything after it.
     """
+    accepts_server_batch: _builtins.bool
+    """The worker reads ServerBatch messages: the server may then send the
+    directives and the ack it has ready at once in one message.
+    """
     @_builtins.property
     def cache_spec(self) -> _types_pb2.CacheSpec:
         """The replica's KV cache."""
@@ -134,10 +139,11 @@ class Hello(_message.Message):
         model: _builtins.str = ...,
         cache_spec: _types_pb2.CacheSpec | None = ...,
         resume_from_seq: _builtins.int = ...,
+        accepts_server_batch: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cache_spec", b"cache_spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_spec", b"cache_spec", "dp_rank", b"dp_rank", "endpoint", b"endpoint", "engine_name", b"engine_name", "engine_version", b"engine_version", "epoch", b"epoch", "model", b"model", "resume_from_seq", b"resume_from_seq", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_server_batch", b"accepts_server_batch", "cache_spec", b"cache_spec", "dp_rank", b"dp_rank", "endpoint", b"endpoint", "engine_name", b"engine_name", "engine_version", b"engine_version", "epoch", b"epoch", "model", b"model", "resume_from_seq", b"resume_from_seq", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -576,6 +582,7 @@ class ServerMessage(_message.Message):
     DIRECTIVE_FIELD_NUMBER: _builtins.int
     RESYNC_FIELD_NUMBER: _builtins.int
     DRAIN_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome: ...
     @_builtins.property
@@ -586,6 +593,8 @@ class ServerMessage(_message.Message):
     def resync(self) -> Global___ResyncRequest: ...
     @_builtins.property
     def drain(self) -> Global___Drain: ...
+    @_builtins.property
+    def batch(self) -> Global___ServerBatch: ...
     def __init__(
         self,
         *,
@@ -594,13 +603,45 @@ class ServerMessage(_message.Message):
         directive: Global___RetentionDirective | None = ...,
         resync: Global___ResyncRequest | None = ...,
         drain: Global___Drain | None = ...,
+        batch: Global___ServerBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "directive", b"directive", "drain", b"drain", "resync", b"resync", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "batch", b"batch", "body", b"body", "directive", b"directive", "drain", b"drain", "resync", b"resync", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "directive", b"directive", "drain", b"drain", "resync", b"resync", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "batch", b"batch", "body", b"body", "directive", b"directive", "drain", b"drain", "resync", b"resync", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "ack", "directive", "resync", "drain"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "ack", "directive", "resync", "drain", "batch"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___ServerMessage: _TypeAlias = ServerMessage  # noqa: Y015
+
+@_typing.final
+class ServerBatch(_message.Message):
+    """Directives and an ack that were ready at the same time, in one message; only
+    to workers whose Hello set accepts_server_batch. Apply the directives in
+    order, then the ack.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIRECTIVES_FIELD_NUMBER: _builtins.int
+    ACK_SEQ_FIELD_NUMBER: _builtins.int
+    ack_seq: _builtins.int
+    """Cumulative ack (as Ack.seq); 0 when the batch carries none."""
+    @_builtins.property
+    def directives(self) -> _containers.RepeatedCompositeFieldContainer[Global___RetentionDirective]:
+        """Directives, in the order they were issued."""
+
+    def __init__(
+        self,
+        *,
+        directives: _abc.Iterable[Global___RetentionDirective] | None = ...,
+        ack_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_seq", b"ack_seq", "directives", b"directives"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServerBatch: _TypeAlias = ServerBatch  # noqa: Y015
