@@ -98,21 +98,19 @@ class PrefixIndex:
         i = 1
         while alive and i < len(hashes):
             now_alive = alive & where.get(hashes[i], 0)
-            dropped = alive & ~now_alive
-            while dropped:
-                low = dropped & -dropped
-                w = low.bit_length() - 1
-                if w < len(out):
-                    out[w] = i
-                    touched.append(w)
-                dropped ^= low
+            _record(alive & ~now_alive, i, out, touched)  # their runs end here
             alive = now_alive
             i += 1
-        while alive:
-            low = alive & -alive
-            w = low.bit_length() - 1
-            if w < len(out):
-                out[w] = i
-                touched.append(w)
-            alive ^= low
+        _record(alive, i, out, touched)
         return touched
+
+
+def _record(workers: int, run: int, out: npt.NDArray[np.int64], touched: list[int]) -> None:
+    """Write ``run`` for every worker slot in the bit set ``workers`` that ``out`` holds."""
+    while workers:
+        low = workers & -workers
+        w = low.bit_length() - 1
+        if w < len(out):
+            out[w] = run
+            touched.append(w)
+        workers ^= low

@@ -30,11 +30,6 @@ from scheduler_service.engine_config import EngineConfig
 from scheduler_service.fairness import FairShare
 from scheduler_service.graph import GraphStore, WaitPrediction
 from scheduler_service.kernels import KernelSet
-from scheduler_service.kernels.eviction import (
-    MIN_P_CONTINUE,
-    MIN_REBUILD_S,
-    MIN_TIME_TO_NEXT_USE_S,
-)
 from scheduler_service.kernels.retention import OFFLOAD_HOST, RELEASE, RETAIN_GPU
 from scheduler_service.quotas import TenantQuotas
 from scheduler_service.state import (
@@ -393,14 +388,21 @@ class Retention:
                 self.evict(s, int(ss.home_v[s]), now, OVER_QUOTA)
 
     def victim_keys(self, cand: npt.NDArray[np.intp], now: float) -> npt.NDArray[np.float64]:
-        """The eviction kernel's ``victim_key`` (protection 1) of sessions ``cand``, vectorised."""
-        ss, ws = self.state.sessions, self.state.workers
-        ttn = np.maximum(ss.next_use_s[cand] - now, MIN_TIME_TO_NEXT_USE_S)
-        pc = np.maximum(ss.p_continue[cand], MIN_P_CONTINUE)
-        tokens = ss.context_tokens[cand].astype(np.float64)
-        linear = tokens / ws.prefill_tokens_per_s[ss.home[cand]]
-        rebuild = np.maximum(linear + linear * (tokens / self.config.knee_tokens), MIN_REBUILD_S)
-        keys: npt.NDArray[np.float64] = ttn / pc * ss.gpu_blocks[cand] / rebuild
+        """The eviction kernel's ``victim_key`` (protection 1) of sessions ``cand``."""
+        ss = self.state.sessions
+        keys = np.empty(cand.shape[0], dtype=np.float64)
+        self.kernels.victim_keys(
+            cand,
+            ss.next_use_s,
+            ss.p_continue,
+            ss.gpu_blocks,
+            ss.context_tokens,
+            ss.home,
+            self.state.workers.prefill_tokens_per_s,
+            float(now),
+            float(self.config.knee_tokens),
+            keys,
+        )
         return keys
 
     def evict(

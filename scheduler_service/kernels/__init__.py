@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from scheduler_service.kernels import reference
-from scheduler_service.kernels.eviction import rank_victims, victim_key
+from scheduler_service.kernels.eviction import rank_victims, victim_key, victim_keys
 from scheduler_service.kernels.placement import place_topk
 from scheduler_service.kernels.retention import retention_choice
 from scheduler_service.kernels.sketch import remaining_time
@@ -23,7 +23,7 @@ from scheduler_service.kernels.sketch import remaining_time
 
 @dataclass(frozen=True, slots=True)
 class KernelSet:
-    """The four decision kernels, as one swappable bundle."""
+    """The decision kernels, as one swappable bundle."""
 
     name: str
     place_topk: Any
@@ -31,9 +31,12 @@ class KernelSet:
     retention_choice: Any
     remaining_time: Any
     victim_key: Any
+    victim_keys: Any
 
 
-NUMBA = KernelSet("numba", place_topk, rank_victims, retention_choice, remaining_time, victim_key)
+NUMBA = KernelSet(
+    "numba", place_topk, rank_victims, retention_choice, remaining_time, victim_key, victim_keys
+)
 REFERENCE = KernelSet(
     "reference",
     reference.place_topk,
@@ -41,6 +44,7 @@ REFERENCE = KernelSet(
     reference.retention_choice,
     reference.remaining_time,
     reference.victim_key,
+    reference.victim_keys,
 )
 
 _warm_lock = threading.Lock()
@@ -101,3 +105,6 @@ def _call_all(k: KernelSet) -> None:
     k.retention_choice(1, 1, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, True, 1.0, 1.0, 1.0)
     k.remaining_time(f64, f64, f64, 0.0, 0.5)
     k.victim_key(1.0, 0.0, 1.0, 1, 1, 1.0, 1.0, 1.0)
+    cand = np.zeros(1, dtype=np.intp)
+    home = np.zeros(n, dtype=np.int32)
+    k.victim_keys(cand, f64, f64, i64, i64, home, f64, 0.0, 1.0, np.zeros(1, dtype=np.float64))

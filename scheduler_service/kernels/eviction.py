@@ -50,6 +50,38 @@ def victim_key(
 
 
 @njit(cache=True)
+def victim_keys(
+    cand: np.ndarray,
+    next_use_s: np.ndarray,
+    p_continue: np.ndarray,
+    gpu_blocks: np.ndarray,
+    context_tokens: np.ndarray,
+    home: np.ndarray,
+    worker_prefill_tokens_per_s: np.ndarray,
+    now: float,
+    knee_tokens: float,
+    out: np.ndarray,
+) -> None:
+    """``victim_key`` (protection 1) of sessions ``cand`` on their homes, into ``out``.
+
+    For ranking across workers (a tenant over its quota): each session is
+    priced at its own home's prefill rate.
+    """
+    for i in range(cand.shape[0]):
+        c = cand[i]
+        out[i] = victim_key(
+            next_use_s[c],
+            now,
+            p_continue[c],
+            gpu_blocks[c],
+            context_tokens[c],
+            worker_prefill_tokens_per_s[home[c]],
+            knee_tokens,
+            1.0,
+        )
+
+
+@njit(cache=True)
 def rank_victims(
     head: int,
     next_slot: np.ndarray,

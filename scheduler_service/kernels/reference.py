@@ -157,6 +157,32 @@ def victim_key(
     return ttn / pc * blocks / rebuild / protection
 
 
+def victim_keys(
+    cand: npt.NDArray[np.intp],
+    next_use_s: npt.NDArray[np.float64],
+    p_continue: npt.NDArray[np.float64],
+    gpu_blocks: npt.NDArray[np.int64],
+    context_tokens: npt.NDArray[np.int64],
+    home: npt.NDArray[np.int32],
+    worker_prefill_tokens_per_s: npt.NDArray[np.float64],
+    now: float,
+    knee_tokens: float,
+    out: npt.NDArray[np.float64],
+) -> None:
+    """``victim_key`` (protection 1) of sessions ``cand`` on their homes, into ``out``."""
+    for i, c in enumerate(cand.tolist()):
+        out[i] = victim_key(
+            float(next_use_s[c]),
+            now,
+            float(p_continue[c]),
+            int(gpu_blocks[c]),
+            int(context_tokens[c]),
+            float(worker_prefill_tokens_per_s[home[c]]),
+            knee_tokens,
+            1.0,
+        )
+
+
 def rank_victims(
     head: int,
     next_slot: npt.NDArray[np.int32],

@@ -220,3 +220,33 @@ def test_victim_key_matches_twin() -> None:
         (0.0, 5.0, 0.0, 1, 0, 1.0, 1.0, 2.0),
     ]:
         assert NB.victim_key(*args) == PY.victim_key(*args)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_victim_keys_match_twin_and_the_scalar_key(data: st.DataObject) -> None:
+    n_sessions = data.draw(st.integers(1, 30))
+    n_workers = data.draw(st.integers(1, 5))
+    lst = lambda strat, n=n_sessions: data.draw(st.lists(strat, min_size=n, max_size=n))  # noqa: E731
+    next_use = np.array(lst(st.floats(0.0, 1e4)), dtype=np.float64)
+    pc = np.array(lst(st.floats(0.0, 1.0)), dtype=np.float64)
+    blocks = np.array(lst(st.integers(0, 10_000)), dtype=np.int64)
+    tokens = np.array(lst(st.integers(0, 200_000)), dtype=np.int64)
+    home = np.array(lst(st.integers(0, n_workers - 1)), dtype=np.int32)
+    rates = np.array(lst(st.floats(1e3, 1e5), n_workers), dtype=np.float64)
+    cand = np.array(
+        data.draw(st.lists(st.integers(0, n_sessions - 1), max_size=n_sessions)), dtype=np.intp
+    )
+    now = data.draw(st.floats(0.0, 1e4))
+    outs = []
+    for ks in (NB, PY):
+        out = np.zeros(cand.shape[0], dtype=np.float64)
+        ks.victim_keys(cand, next_use, pc, blocks, tokens, home, rates, now, 65536.0, out)
+        outs.append(out.tolist())
+    assert outs[0] == outs[1]
+    for i, c in enumerate(cand.tolist()):
+        one = PY.victim_key(
+            float(next_use[c]), now, float(pc[c]), int(blocks[c]), int(tokens[c]),
+            float(rates[home[c]]), 65536.0, 1.0,
+        )  # fmt: skip
+        assert outs[1][i] == one
