@@ -359,11 +359,15 @@ async def test_bad_stream_input_is_invalid_argument_and_changes_nothing(
     before = await stats(channel)
     used = await _gpu_used(channel, "w1")
     await s.send(msg)
+    got = []
     with pytest.raises(grpc.aio.AioRpcError) as ei:
         while True:
-            await s.recv()
+            got.append(await s.recv())
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field_violations(ei.value) == [field]
+    # the refused message is named in the stream too, just before the status
+    refused = [m.refused for m in got if m.WhichOneof("body") == "refused"]
+    assert [(r.seq, r.field) for r in refused] == [(msg.seq, field)]
     assert await _gpu_used(channel, "w1") == used  # no part of a rejected batch applied
     after = await stats(channel)
     assert after.events_total == before.events_total
@@ -372,6 +376,24 @@ async def test_bad_stream_input_is_invalid_argument_and_changes_nothing(
         before.sessions_idle,
         before.sessions_tool_wait,
     )
+
+
+async def test_the_next_welcome_names_the_refused_message_until_the_worker_moves_past_it(
+    channel: grpc.aio.Channel,
+) -> None:
+    s, first = await connect(channel, epoch=3)
+    assert first.refused_seq == 0
+    await s.send(batch(2, event("ghost", K.TOOL_CALL_END)))
+    with pytest.raises(grpc.aio.AioRpcError):
+        while True:
+            await s.recv()
+    again, welcome = await connect(channel, epoch=3)
+    assert (welcome.last_acked_seq, welcome.refused_seq) == (0, 2)
+    await again.send(batch(3, event("s1", K.STEP_START)))  # the worker skipped seq 2
+    await again.recv_until_ack(3)
+    await again.close()
+    _, later = await connect(channel, epoch=3)
+    assert (later.last_acked_seq, later.refused_seq) == (3, 0)
 
 
 BAD_HELLOS = (

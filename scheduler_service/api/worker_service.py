@@ -108,6 +108,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             welcome=worker_pb2.Welcome(
                 leader_epoch=self._d.engine.leader_epoch,
                 last_acked_seq=self._d.last_acked_seq(handle.worker_id, handle.epoch),
+                refused_seq=self._d.refused_seq(handle.worker_id, handle.epoch),
                 server_id=self._server_id,
                 heartbeat_interval_s=HEARTBEAT_INTERVAL_S,
             )
@@ -194,6 +195,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     applied = self._d.worker_message(handle, msg, self._clock())
                 except Rejected as r:
                     self._d.metrics.rejected.add(1, {"code": "INVALID_ARGUMENT"})
+                    self._d.refused(handle.worker_id, handle.epoch, msg.seq)
+                    refused = worker_pb2.Refused(
+                        seq=msg.seq, field=r.field, description=r.description
+                    )
+                    await acks.put(worker_pb2.ServerMessage(refused=refused))
                     await acks.put(errors.invalid_argument(r.field, r.description))
                     return
                 await acks.put(_Pending(msg.seq, applied))
@@ -207,6 +213,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         metrics = self._d.metrics
         while True:
             item = await acks.get()
+            if isinstance(item, worker_pb2.ServerMessage):
+                out.put_nowait(item)  # in order, after the acks of what came before
+                continue
             if not isinstance(item, _Pending):
                 out.put_nowait(item)
                 return

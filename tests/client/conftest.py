@@ -49,6 +49,12 @@ class FakeScheduler(worker_pb2_grpc.WorkerServiceServicer):
         self.last_seq = 0
         self.durable_seq = 0  # what an ack has promised
         self.refuse: Callable[[worker_pb2.WorkerMessage], bool] = lambda m: False
+        # how a refusal ends the stream: a Refused message first (as kvsched
+        # does), and the status code the client gets
+        self.refused_message = False
+        self.refuse_code = grpc.StatusCode.INVALID_ARGUMENT
+        self.welcome_names_refused = False  # the next Welcome carries refused_seq
+        self.refused_seq = 0
         self._down: asyncio.Queue[worker_pb2.ServerMessage | None] | None = None
         self.streams = 0
         self.changed = asyncio.Event()
@@ -90,6 +96,7 @@ class FakeScheduler(worker_pb2_grpc.WorkerServiceServicer):
             welcome=worker_pb2.Welcome(
                 leader_epoch=self.leader_epoch,
                 last_acked_seq=self.durable_seq,
+                refused_seq=self.refused_seq if self.refused_seq > self.durable_seq else 0,
                 server_id="fake",
                 heartbeat_interval_s=5.0,
             )
@@ -98,8 +105,13 @@ class FakeScheduler(worker_pb2_grpc.WorkerServiceServicer):
         async def read() -> None:
             async for m in request_iterator:
                 if self.refuse(m):
+                    if self.welcome_names_refused:
+                        self.refused_seq = m.seq
+                    if self.refused_message:
+                        refused = worker_pb2.Refused(seq=m.seq, field="f", description="bad")
+                        down.put_nowait(worker_pb2.ServerMessage(refused=refused))
                     down.put_nowait(None)
-                    context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+                    context.set_code(self.refuse_code)
                     return
                 self.received.append(m)
                 if m.seq > self.last_seq:
@@ -115,8 +127,8 @@ class FakeScheduler(worker_pb2_grpc.WorkerServiceServicer):
         try:
             while (item := await down.get()) is not None:
                 yield item
-            if context.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "refused")
+            if context.code() == self.refuse_code:
+                await context.abort(self.refuse_code, "refused")
         finally:
             reader.cancel()
             if self._down is down:

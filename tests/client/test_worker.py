@@ -6,6 +6,9 @@ import asyncio
 import random
 import time
 
+import grpc
+import pytest
+
 from kvsched_client._proto.kvsched.v1 import types_pb2, worker_pb2
 from kvsched_client.pool import BlockPool
 from kvsched_client.worker import SyncWorkerClient, WorkerClient, session_event
@@ -191,6 +194,55 @@ async def test_refused_message_is_dropped_and_the_stream_goes_on(fake_server) ->
     assert await c.flush(3.0)
     assert event_ids(fake.of("session_events")) == ["a-e0", "a-e1", "b-e0", "b-e1"]
     assert c.stats.connects == 2
+    await c.stop()
+
+
+@pytest.mark.parametrize("named_in", ["refused_message", "welcome"])
+async def test_a_refusal_reported_as_internal_still_drops_only_the_named_message(
+    fake_server, named_in: str
+) -> None:
+    # grpcio's asyncio client can report the server's INVALID_ARGUMENT as
+    # INTERNAL when a write races the end of the call; kvsched names the
+    # refused seq in a Refused message first, and that is what counts
+    fake = fake_server.fake
+    fake.refused_message = named_in == "refused_message"
+    fake.welcome_names_refused = named_in == "welcome"
+    fake.refuse_code = grpc.StatusCode.INTERNAL
+    fake.refuse = lambda m: any(e.session_id == "poison" for e in session_events_of(m))
+    c = client(fake_server.target)
+    await c.start()
+    await c.wait_connected(3.0)
+    c.report(*events(2, "a"))
+    assert await c.flush(3.0)
+    c.report(session_event("poison", K.STEP_START))
+    await asyncio.sleep(0.01)
+    c.report(*events(2, "b"))
+    await asyncio.wait_for(_until(lambda: c.stats.refused_messages == 1), 3.0)
+    assert await c.flush(3.0)
+    assert event_ids(fake.of("session_events")) == ["a-e0", "a-e1", "b-e0", "b-e1"]
+    assert c.stats.connects == 2  # one refusal, one reconnect: no resend loop
+    await c.stop()
+
+
+async def test_an_internal_error_without_a_refusal_drops_nothing(fake_server) -> None:
+    fake = fake_server.fake
+    fake.refuse_code = grpc.StatusCode.INTERNAL
+    refuse_once = [True]
+
+    def refuse(m: worker_pb2.WorkerMessage) -> bool:
+        if refuse_once[0] and session_events_of(m):
+            refuse_once[0] = False
+            return True
+        return False
+
+    fake.refuse = refuse
+    c = client(fake_server.target)
+    await c.start()
+    await c.wait_connected(3.0)
+    c.report(*events(3, "a"))
+    assert await c.flush(3.0)
+    assert event_ids(fake.of("session_events")) == ["a-e0", "a-e1", "a-e2"]  # resent, kept
+    assert c.stats.refused_messages == 0
     await c.stop()
 
 

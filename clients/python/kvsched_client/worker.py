@@ -170,6 +170,7 @@ class WorkerClient:
         self._stopping = False
         self._welcomed = False  # the current stream got its Welcome
         self._drop_first_resend = False
+        self._refused_seq = 0  # the server named this message as the one it refused
         self._tasks: list[asyncio.Task[None]] = []
 
     # --------------------------------------------------------- engine-facing
@@ -279,6 +280,7 @@ class WorkerClient:
         if err.code() == grpc.StatusCode.INVALID_ARGUMENT and self._welcomed:
             self._drop_first_resend = True
 
+
     async def _stream(self, stub: worker_pb2_grpc.WorkerServiceStub) -> None:
         call = stub.Connect(metadata=self._metadata)
         reader: asyncio.Task[None] | None = None
@@ -294,8 +296,13 @@ class WorkerClient:
             self._welcomed = True
             self._on_welcome(first.welcome)
             resend = self.outbox.resume(first.welcome.last_acked_seq)
-            if self._drop_first_resend and resend:
-                self._drop_first_resend = False
+            # NOTE: a server that refused a message names it in the next Welcome
+            # (and in a Refused message before the status, when that gets
+            # through): the status itself may arrive as INTERNAL, which is how
+            # grpcio's asyncio client reports a write that raced the end of the call.
+            refused, self._refused_seq = first.welcome.refused_seq or self._refused_seq, 0
+            drop, self._drop_first_resend = self._drop_first_resend or bool(refused), False
+            if drop and resend and (not refused or resend[0].seq == refused):
                 self.outbox.drop_oldest_unacked()
                 self.stats.refused_messages += 1
                 resend = resend[1:]
@@ -387,6 +394,14 @@ class WorkerClient:
                     snap = self.pool.snapshot(self._clock())
                 self.outbox.add_control(worker_pb2.WorkerMessage(pool_snapshot=snap))
                 self.stats.snapshots_sent += 1
+            elif body == "refused":
+                self._refused_seq = msg.refused.seq
+                log.warning(
+                    "kvsched refused message seq %d: %s: %s",
+                    msg.refused.seq,
+                    msg.refused.field,
+                    msg.refused.description,
+                )
             elif body == "drain":
                 self.drain = msg.drain
                 self.worker_drained = self.worker_drained or msg.drain.worker_drained

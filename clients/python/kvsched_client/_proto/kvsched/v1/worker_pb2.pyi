@@ -421,6 +421,7 @@ class Welcome(_message.Message):
     LAST_ACKED_SEQ_FIELD_NUMBER: _builtins.int
     SERVER_ID_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _builtins.int
+    REFUSED_SEQ_FIELD_NUMBER: _builtins.int
     leader_epoch: _builtins.int
     """Current leader (fencing) epoch; directives carry it."""
     last_acked_seq: _builtins.int
@@ -429,6 +430,12 @@ class Welcome(_message.Message):
     """Id of the scheduler instance."""
     heartbeat_interval_s: _builtins.float
     """Suggested heartbeat interval, seconds."""
+    refused_seq: _builtins.int
+    """Seq of the message the previous stream of this (worker, epoch) was closed
+    for (INVALID_ARGUMENT), when it is the next one to resend: do not resend
+    it. 0 when none. Also sent as Refused before the status; this one arrives
+    even when that did not.
+    """
     def __init__(
         self,
         *,
@@ -436,10 +443,11 @@ class Welcome(_message.Message):
         last_acked_seq: _builtins.int = ...,
         server_id: _builtins.str = ...,
         heartbeat_interval_s: _builtins.float = ...,
+        refused_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_s", b"heartbeat_interval_s", "last_acked_seq", b"last_acked_seq", "leader_epoch", b"leader_epoch", "server_id", b"server_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_s", b"heartbeat_interval_s", "last_acked_seq", b"last_acked_seq", "leader_epoch", b"leader_epoch", "refused_seq", b"refused_seq", "server_id", b"server_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -583,6 +591,7 @@ class ServerMessage(_message.Message):
     RESYNC_FIELD_NUMBER: _builtins.int
     DRAIN_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome: ...
     @_builtins.property
@@ -595,6 +604,8 @@ class ServerMessage(_message.Message):
     def drain(self) -> Global___Drain: ...
     @_builtins.property
     def batch(self) -> Global___ServerBatch: ...
+    @_builtins.property
+    def refused(self) -> Global___Refused: ...
     def __init__(
         self,
         *,
@@ -604,16 +615,52 @@ class ServerMessage(_message.Message):
         resync: Global___ResyncRequest | None = ...,
         drain: Global___Drain | None = ...,
         batch: Global___ServerBatch | None = ...,
+        refused: Global___Refused | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "batch", b"batch", "body", b"body", "directive", b"directive", "drain", b"drain", "resync", b"resync", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "batch", b"batch", "body", b"body", "directive", b"directive", "drain", b"drain", "refused", b"refused", "resync", b"resync", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "batch", b"batch", "body", b"body", "directive", b"directive", "drain", b"drain", "resync", b"resync", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "batch", b"batch", "body", b"body", "directive", b"directive", "drain", b"drain", "refused", b"refused", "resync", b"resync", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "ack", "directive", "resync", "drain", "batch"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "ack", "directive", "resync", "drain", "batch", "refused"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___ServerMessage: _TypeAlias = ServerMessage  # noqa: Y015
+
+@_typing.final
+class Refused(_message.Message):
+    """The message the server refused, sent just before the stream ends with
+    INVALID_ARGUMENT (same field and description). The status can arrive as
+    INTERNAL when the client is still writing (a known grpcio asyncio client
+    issue), and then this message is often lost with it: the next Welcome's
+    refused_seq is the reliable copy.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    FIELD_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    """Seq of the refused message; everything before it was applied."""
+    field: _builtins.str
+    """The offending field, as in the BadRequest detail."""
+    description: _builtins.str
+    """What is wrong with it."""
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        field: _builtins.str = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "field", b"field", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Refused: _TypeAlias = Refused  # noqa: Y015
 
 @_typing.final
 class ServerBatch(_message.Message):
