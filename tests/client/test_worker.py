@@ -179,7 +179,8 @@ async def test_resync_is_answered_with_a_full_snapshot_and_drain_is_applied(fake
     await c.stop()
 
 
-async def test_refused_message_is_dropped_and_the_stream_goes_on(fake_server) -> None:
+async def _poison_between_good_events(fake_server) -> None:
+    """One refused message between good ones: only it is dropped, with one reconnect."""
     fake = fake_server.fake
     fake.refuse = lambda m: any(e.session_id == "poison" for e in session_events_of(m))
     c = client(fake_server.target)
@@ -193,8 +194,12 @@ async def test_refused_message_is_dropped_and_the_stream_goes_on(fake_server) ->
     await asyncio.wait_for(_until(lambda: c.stats.refused_messages == 1), 3.0)
     assert await c.flush(3.0)
     assert event_ids(fake.of("session_events")) == ["a-e0", "a-e1", "b-e0", "b-e1"]
-    assert c.stats.connects == 2
+    assert c.stats.connects == 2  # one refusal, one reconnect: no resend loop
     await c.stop()
+
+
+async def test_refused_message_is_dropped_and_the_stream_goes_on(fake_server) -> None:
+    await _poison_between_good_events(fake_server)
 
 
 @pytest.mark.parametrize("named_in", ["refused_message", "welcome"])
@@ -203,25 +208,12 @@ async def test_a_refusal_reported_as_internal_still_drops_only_the_named_message
 ) -> None:
     # grpcio's asyncio client can report the server's INVALID_ARGUMENT as
     # INTERNAL when a write races the end of the call; kvsched names the
-    # refused seq in a Refused message first, and that is what counts
+    # refused seq (a Refused message, the next Welcome), and that is what counts
     fake = fake_server.fake
     fake.refused_message = named_in == "refused_message"
     fake.welcome_names_refused = named_in == "welcome"
     fake.refuse_code = grpc.StatusCode.INTERNAL
-    fake.refuse = lambda m: any(e.session_id == "poison" for e in session_events_of(m))
-    c = client(fake_server.target)
-    await c.start()
-    await c.wait_connected(3.0)
-    c.report(*events(2, "a"))
-    assert await c.flush(3.0)
-    c.report(session_event("poison", K.STEP_START))
-    await asyncio.sleep(0.01)
-    c.report(*events(2, "b"))
-    await asyncio.wait_for(_until(lambda: c.stats.refused_messages == 1), 3.0)
-    assert await c.flush(3.0)
-    assert event_ids(fake.of("session_events")) == ["a-e0", "a-e1", "b-e0", "b-e1"]
-    assert c.stats.connects == 2  # one refusal, one reconnect: no resend loop
-    await c.stop()
+    await _poison_between_good_events(fake_server)
 
 
 async def test_an_internal_error_without_a_refusal_drops_nothing(fake_server) -> None:
