@@ -389,6 +389,7 @@ async def test_the_next_welcome_names_the_refused_message_until_the_worker_moves
             await s.recv()
     again, welcome = await connect(channel, epoch=3)
     assert (welcome.last_acked_seq, welcome.refused_seq) == (0, 2)
+    assert welcome.refused_field == "session_events.events[0].session_id"
     await again.send(batch(3, event("s1", K.STEP_START)))  # the worker skipped seq 2
     await again.recv_until_ack(3)
     await again.close()

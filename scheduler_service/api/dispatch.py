@@ -85,7 +85,7 @@ class Dispatcher:
         self._last_seq: dict[tuple[str, int], int] = {}
         # NOTE: not journaled: after a restart a worker resends a refused
         # message once more and is refused again, which is all it costs.
-        self._refused: dict[tuple[str, int], int] = {}
+        self._refused: dict[tuple[str, int], tuple[int, str]] = {}
         self._event_ids: OrderedDict[str, None] = OrderedDict()
         self.undeliverable_directives = 0
         self.appends_since_snapshot = 0
@@ -210,22 +210,22 @@ class Dispatcher:
         """Highest seq of (worker, epoch) the journal holds."""
         return self._last_seq.get((worker_id, epoch), 0)
 
-    def refused(self, worker_id: str, epoch: int, seq: int) -> None:
-        """A stream of (worker, epoch) was closed for refusing message ``seq``."""
-        self._refused[(worker_id, epoch)] = seq
+    def refused(self, worker_id: str, epoch: int, seq: int, field: str) -> None:
+        """A stream of (worker, epoch) was closed for refusing message ``seq`` (``field``)."""
+        self._refused[(worker_id, epoch)] = (seq, field)
 
-    def refused_seq(self, worker_id: str, epoch: int) -> int:
-        """The refused seq a reconnecting (worker, epoch) should skip; 0 when none.
+    def refused_seq(self, worker_id: str, epoch: int) -> tuple[int, str]:
+        """The refused (seq, field) a reconnecting (worker, epoch) should not resend as is.
 
-        Only while it is the next message to resend: once anything after it
-        is applied, the worker has moved past it.
+        (0, "") when none, or once anything after it is applied: the worker
+        has moved past it.
         """
         key = (worker_id, epoch)
-        seq = self._refused.get(key, 0)
+        seq, field = self._refused.get(key, (0, ""))
         if seq and seq > self._last_seq.get(key, 0):
-            return seq
+            return seq, field
         self._refused.pop(key, None)
-        return 0
+        return 0, ""
 
     def hello(self, pb: worker_pb2.Hello, now: float) -> tuple[WorkerSpec, Applied]:
         """Register a worker; raises Rejected or StaleEpoch (nothing changes then)."""

@@ -104,11 +104,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         assert handle is not None
         bound = log.bind(worker=handle.worker_id, epoch=handle.epoch)
         bound.info("stream.open", resume_from_seq=first.hello.resume_from_seq)
+        refused_seq, refused_field = self._d.refused_seq(handle.worker_id, handle.epoch)
         yield worker_pb2.ServerMessage(
             welcome=worker_pb2.Welcome(
                 leader_epoch=self._d.engine.leader_epoch,
                 last_acked_seq=self._d.last_acked_seq(handle.worker_id, handle.epoch),
-                refused_seq=self._d.refused_seq(handle.worker_id, handle.epoch),
+                refused_seq=refused_seq,
+                refused_field=refused_field,
                 server_id=self._server_id,
                 heartbeat_interval_s=HEARTBEAT_INTERVAL_S,
             )
@@ -195,7 +197,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     applied = self._d.worker_message(handle, msg, self._clock())
                 except Rejected as r:
                     self._d.metrics.rejected.add(1, {"code": "INVALID_ARGUMENT"})
-                    self._d.refused(handle.worker_id, handle.epoch, msg.seq)
+                    self._d.refused(handle.worker_id, handle.epoch, msg.seq, r.field)
                     refused = worker_pb2.Refused(
                         seq=msg.seq, field=r.field, description=r.description
                     )

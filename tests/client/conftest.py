@@ -55,6 +55,8 @@ class FakeScheduler(worker_pb2_grpc.WorkerServiceServicer):
         self.refuse_code = grpc.StatusCode.INVALID_ARGUMENT
         self.welcome_names_refused = False  # the next Welcome carries refused_seq
         self.refused_seq = 0
+        self.refused_field = ""
+        self.refuse_field: Callable[[worker_pb2.WorkerMessage], str] = lambda m: "f"
         self._down: asyncio.Queue[worker_pb2.ServerMessage | None] | None = None
         self.streams = 0
         self.changed = asyncio.Event()
@@ -97,6 +99,7 @@ class FakeScheduler(worker_pb2_grpc.WorkerServiceServicer):
                 leader_epoch=self.leader_epoch,
                 last_acked_seq=self.durable_seq,
                 refused_seq=self.refused_seq if self.refused_seq > self.durable_seq else 0,
+                refused_field=self.refused_field if self.refused_seq > self.durable_seq else "",
                 server_id="fake",
                 heartbeat_interval_s=5.0,
             )
@@ -105,10 +108,11 @@ class FakeScheduler(worker_pb2_grpc.WorkerServiceServicer):
         async def read() -> None:
             async for m in request_iterator:
                 if self.refuse(m):
+                    field = self.refuse_field(m)
                     if self.welcome_names_refused:
-                        self.refused_seq = m.seq
+                        self.refused_seq, self.refused_field = m.seq, field
                     if self.refused_message:
-                        refused = worker_pb2.Refused(seq=m.seq, field="f", description="bad")
+                        refused = worker_pb2.Refused(seq=m.seq, field=field, description="bad")
                         down.put_nowait(worker_pb2.ServerMessage(refused=refused))
                     down.put_nowait(None)
                     context.set_code(self.refuse_code)

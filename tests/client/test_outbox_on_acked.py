@@ -95,3 +95,28 @@ def test_a_dropped_batch_counts_every_event_and_kv_batch_it_held() -> None:
     assert ob.stats.dropped_kv_batches == 1
     assert first not in ob.unacked()
     assert [e.event_id for m in ob.frame() for e in m.batch.session_events] == ["e4", "e5", "e6"]
+
+
+def _sev(eid: str, sid: str) -> types_pb2.SessionEvent:
+    return types_pb2.SessionEvent(event_id=eid, session_id=sid, kind=types_pb2.STEP_START)
+
+
+def test_trimming_a_refusal_takes_out_that_session_and_keeps_the_rest() -> None:
+    ob = Outbox()
+    ob.add_control(_ack("d1"))
+    ob.add_events([_sev("x0", "x"), _sev("y0", "y"), _sev("x1", "x")])
+    [m] = ob.frame()
+    assert ob.trim_refused(m.seq, "batch.session_events[2].session_id") == 2
+    [kept] = ob.unacked()
+    assert kept.seq == m.seq
+    assert [e.event_id for e in kept.batch.session_events] == ["y0"]
+    assert [a.directive_id for a in kept.batch.directive_acks] == ["d1"]
+    assert ob.stats.dropped_session_events == 2
+    # nothing but the refused session: the message goes whole
+    ob.add_events([_sev("z0", "z")])
+    [z] = ob.frame()
+    assert ob.trim_refused(z.seq, "batch.session_events[0].tenant_id") is None
+    assert [u.seq for u in ob.unacked()] == [m.seq]
+    # a refusal that names no event drops the message whole
+    assert ob.trim_refused(m.seq, "batch.kv_events.events[0]") is None
+    assert ob.unacked() == [] and ob.idle()

@@ -216,6 +216,35 @@ async def test_a_refusal_reported_as_internal_still_drops_only_the_named_message
     await _poison_between_good_events(fake_server)
 
 
+async def test_only_the_refused_session_leaves_a_batch_the_rest_is_resent(fake_server) -> None:
+    fake = fake_server.fake
+    fake.welcome_names_refused = True
+    fake.refuse_code = grpc.StatusCode.INTERNAL
+
+    def poison_at(m: worker_pb2.WorkerMessage) -> int:
+        ids = [e.session_id for e in session_events_of(m)]
+        return ids.index("poison") if "poison" in ids else -1
+
+    fake.refuse = lambda m: poison_at(m) >= 0
+    fake.refuse_field = lambda m: f"batch.session_events[{poison_at(m)}].session_id"
+    c = client(fake_server.target, max_batch_delay_s=0.05)
+    await c.start()
+    await c.wait_connected(3.0)
+    c.report(
+        *events(2, "a"),
+        session_event("poison", K.STEP_START, event_id="p0"),
+        *events(2, "b"),
+        session_event("poison", K.STEP_END, event_id="p1"),
+    )
+    await asyncio.wait_for(_until(lambda: c.stats.refused_messages == 1), 3.0)
+    assert await c.flush(3.0)
+    # one message, refused once; resent under the same seq without the session
+    assert event_ids(fake.of("session_events")) == ["a-e0", "a-e1", "b-e0", "b-e1"]
+    assert c.outbox.stats.dropped_session_events == 2
+    assert c.stats.connects == 2
+    await c.stop()
+
+
 async def test_an_internal_error_without_a_refusal_drops_nothing(fake_server) -> None:
     fake = fake_server.fake
     fake.refuse_code = grpc.StatusCode.INTERNAL

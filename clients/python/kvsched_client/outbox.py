@@ -17,17 +17,21 @@ seq and the server drops it as a duplicate when it already holds it.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from kvsched_client._proto.kvsched.v1 import types_pb2, worker_pb2
 
 __all__ = ["HELLO_SEQ", "Outbox", "OutboxStats"]
 
 HELLO_SEQ = 1
-MAX_BATCH_ACKS = 4096  # the server's limit on directive answers in one WorkerBatch
+MAX_BATCH_ACKS = 4096
+# a refusal that names one session event of a message: "…session_events[i]…"
+_REFUSED_EVENT = re.compile(r"^(?:batch\.session_events|session_events\.events)\[(\d+)\]")  # the server's limit on directive answers in one WorkerBatch
 
 
 @dataclass(slots=True)
@@ -196,6 +200,39 @@ class Outbox:
             self._forget(msg)
             return msg
 
+    def trim_refused(self, seq: int, field: str) -> int | None:
+        """Take what the server refused out of unacked message ``seq``; keep the rest.
+
+        When ``field`` names one session event, every event of that event's
+        session leaves the message (the server refuses them all alike, e.g.
+        a session it does not know yet) and the rest is resent under the same
+        seq; returns how many left. Otherwise, or when nothing is left, the
+        whole message goes; returns None.
+        """
+        with self._lock:
+            for i, m in enumerate(self._unacked):
+                if m.seq != seq:
+                    continue
+                events = _events_of(m)
+                match = _REFUSED_EVENT.match(field)
+                if events is None or match is None or int(match.group(1)) >= len(events):
+                    del self._unacked[i]
+                    self._forget(m)
+                    return None
+                sid = events[int(match.group(1))].session_id
+                keep = [e for e in events if e.session_id != sid]
+                removed = len(events) - len(keep)
+                del events[:]
+                events.extend(keep)
+                self._unacked_events -= removed
+                self.stats.dropped_session_events += removed
+                if not keep and not (m.WhichOneof("body") == "batch" and _has_other(m.batch)):
+                    del self._unacked[i]
+                    self._forget(m)
+                    return None
+                return removed
+            return None
+
     def unacked(self) -> list[worker_pb2.WorkerMessage]:
         """Returns the unacked messages (for tests and debugging)."""
         with self._lock:
@@ -257,3 +294,18 @@ def _parts(msg: worker_pb2.WorkerMessage) -> tuple[int, int]:
     if body == "kv_events":
         return 0, 1
     return 0, 0
+
+
+def _events_of(msg: worker_pb2.WorkerMessage) -> Any:
+    """The session events container of a message (None for other kinds)."""
+    body = msg.WhichOneof("body")
+    if body == "batch":
+        return msg.batch.session_events
+    if body == "session_events":
+        return msg.session_events.events
+    return None
+
+
+def _has_other(b: worker_pb2.WorkerBatch) -> bool:
+    """A batch still carries directive answers or KV events."""
+    return bool(b.directive_acks) or b.HasField("kv_events")

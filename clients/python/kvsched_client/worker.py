@@ -171,6 +171,7 @@ class WorkerClient:
         self._welcomed = False  # the current stream got its Welcome
         self._drop_first_resend = False
         self._refused_seq = 0  # the server named this message as the one it refused
+        self._refused_field = ""  # ... and this field of it
         self._tasks: list[asyncio.Task[None]] = []
 
     # --------------------------------------------------------- engine-facing
@@ -300,12 +301,16 @@ class WorkerClient:
             # (and in a Refused message before the status, when that gets
             # through): the status itself may arrive as INTERNAL, which is how
             # grpcio's asyncio client reports a write that raced the end of the call.
-            refused, self._refused_seq = first.welcome.refused_seq or self._refused_seq, 0
+            w = first.welcome
+            refused = w.refused_seq or self._refused_seq
+            field = w.refused_field if w.refused_seq else self._refused_field
+            self._refused_seq, self._refused_field = 0, ""
             drop, self._drop_first_resend = self._drop_first_resend or bool(refused), False
             if drop and resend and (not refused or resend[0].seq == refused):
-                self.outbox.drop_oldest_unacked()
+                # what the server named leaves the message; the rest goes again
                 self.stats.refused_messages += 1
-                resend = resend[1:]
+                if self.outbox.trim_refused(resend[0].seq, field) is None:
+                    resend = resend[1:]
             for msg in resend:
                 await call.write(msg)
             self._connected.set()
@@ -396,6 +401,7 @@ class WorkerClient:
                 self.stats.snapshots_sent += 1
             elif body == "refused":
                 self._refused_seq = msg.refused.seq
+                self._refused_field = msg.refused.field
                 log.warning(
                     "kvsched refused message seq %d: %s: %s",
                     msg.refused.seq,

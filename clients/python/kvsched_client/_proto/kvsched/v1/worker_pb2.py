@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from kvsched_client._proto.kvsched.v1 import types_pb2 as kvsched_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvsched/v1/worker.proto\x12\nkvsched.v1\x1a\x16kvsched/v1/types.proto\"\xea\x01\n\x05Hello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0f\n\x07\x64p_rank\x18\x03 \x01(\r\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12\x13\n\x0b\x65ngine_name\x18\x05 \x01(\t\x12\x16\n\x0e\x65ngine_version\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\x12)\n\ncache_spec\x18\x08 \x01(\x0b\x32\x15.kvsched.v1.CacheSpec\x12\x17\n\x0fresume_from_seq\x18\t \x01(\x04\x12\x1c\n\x14\x61\x63\x63\x65pts_server_batch\x18\n \x01(\x08\"=\n\x11SessionEventBatch\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.kvsched.v1.SessionEvent\"\x94\x01\n\x10SessionResidency\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x12\n\ngpu_blocks\x18\x03 \x01(\x04\x12\x13\n\x0bhost_blocks\x18\x04 \x01(\x04\x12\x19\n\x11lease_remaining_s\x18\x05 \x01(\x01\x12\x15\n\rcached_tokens\x18\x06 \x01(\x04\"\x83\x01\n\x0cPoolSnapshot\x12\x17\n\x0fgpu_used_blocks\x18\x01 \x01(\x04\x12\x18\n\x10host_used_blocks\x18\x02 \x01(\x04\x12.\n\x08sessions\x18\x03 \x03(\x0b\x32\x1c.kvsched.v1.SessionResidency\x12\x10\n\x08\x63omplete\x18\x04 \x01(\x08\"c\n\x0c\x44irectiveAck\x12\x14\n\x0c\x64irective_id\x18\x01 \x01(\t\x12-\n\x07outcome\x18\x02 \x01(\x0e\x32\x1c.kvsched.v1.DirectiveOutcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\"t\n\tHeartbeat\x12\x17\n\x0fgpu_free_blocks\x18\x01 \x01(\x04\x12\x18\n\x10host_free_blocks\x18\x02 \x01(\x04\x12\x1d\n\x15queued_prefill_tokens\x18\x03 \x01(\x04\x12\x15\n\rrunning_steps\x18\x04 \x01(\r\"\xec\x02\n\rWorkerMessage\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\"\n\x05hello\x18\n \x01(\x0b\x32\x11.kvsched.v1.HelloH\x00\x12\x37\n\x0esession_events\x18\x0b \x01(\x0b\x32\x1d.kvsched.v1.SessionEventBatchH\x00\x12-\n\tkv_events\x18\x0c \x01(\x0b\x32\x18.kvsched.v1.KvEventBatchH\x00\x12\x31\n\rpool_snapshot\x18\r \x01(\x0b\x32\x18.kvsched.v1.PoolSnapshotH\x00\x12\x31\n\rdirective_ack\x18\x0e \x01(\x0b\x32\x18.kvsched.v1.DirectiveAckH\x00\x12*\n\theartbeat\x18\x0f \x01(\x0b\x32\x15.kvsched.v1.HeartbeatH\x00\x12(\n\x05\x62\x61tch\x18\x10 \x01(\x0b\x32\x17.kvsched.v1.WorkerBatchH\x00\x42\x06\n\x04\x62ody\"\x9e\x01\n\x0bWorkerBatch\x12\x30\n\x0e\x64irective_acks\x18\x01 \x03(\x0b\x32\x18.kvsched.v1.DirectiveAck\x12+\n\tkv_events\x18\x02 \x01(\x0b\x32\x18.kvsched.v1.KvEventBatch\x12\x30\n\x0esession_events\x18\x03 \x03(\x0b\x32\x18.kvsched.v1.SessionEvent\"}\n\x07Welcome\x12\x14\n\x0cleader_epoch\x18\x01 \x01(\x04\x12\x16\n\x0elast_acked_seq\x18\x02 \x01(\x04\x12\x11\n\tserver_id\x18\x03 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x04 \x01(\x01\x12\x13\n\x0brefused_seq\x18\x05 \x01(\x04\"\x12\n\x03\x41\x63k\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"\xd3\x01\n\x12RetentionDirective\x12\x14\n\x0c\x64irective_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12+\n\x06\x61\x63tion\x18\x03 \x01(\x0e\x32\x1b.kvsched.v1.RetentionAction\x12\x13\n\x0blease_ttl_s\x18\x04 \x01(\x01\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x14\n\x0cleader_epoch\x18\x06 \x01(\x04\x12\x19\n\x11\x63omplete_within_s\x18\x07 \x01(\x01\x12\x0e\n\x06reason\x18\x08 \x01(\t\"\x1f\n\rResyncRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"C\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x12\n\ndeadline_s\x18\x02 \x01(\x01\x12\x16\n\x0eworker_drained\x18\x03 \x01(\x08\"\xb7\x02\n\rServerMessage\x12&\n\x07welcome\x18\x01 \x01(\x0b\x32\x13.kvsched.v1.WelcomeH\x00\x12\x1e\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x0f.kvsched.v1.AckH\x00\x12\x33\n\tdirective\x18\x03 \x01(\x0b\x32\x1e.kvsched.v1.RetentionDirectiveH\x00\x12+\n\x06resync\x18\x04 \x01(\x0b\x32\x19.kvsched.v1.ResyncRequestH\x00\x12\"\n\x05\x64rain\x18\x05 \x01(\x0b\x32\x11.kvsched.v1.DrainH\x00\x12(\n\x05\x62\x61tch\x18\x06 \x01(\x0b\x32\x17.kvsched.v1.ServerBatchH\x00\x12&\n\x07refused\x18\x07 \x01(\x0b\x32\x13.kvsched.v1.RefusedH\x00\x42\x06\n\x04\x62ody\":\n\x07Refused\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"R\n\x0bServerBatch\x12\x32\n\ndirectives\x18\x01 \x03(\x0b\x32\x1e.kvsched.v1.RetentionDirective\x12\x0f\n\x07\x61\x63k_seq\x18\x02 \x01(\x04*\x7f\n\x10\x44irectiveOutcome\x12!\n\x1d\x44IRECTIVE_OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44IRECTIVE_APPLIED\x10\x01\x12\x16\n\x12\x44IRECTIVE_REJECTED\x10\x02\x12\x19\n\x15\x44IRECTIVE_STALE_EPOCH\x10\x03*\x83\x01\n\x0fRetentionAction\x12 \n\x1cRETENTION_ACTION_UNSPECIFIED\x10\x00\x12\x0e\n\nRETAIN_GPU\x10\x01\x12\x10\n\x0cOFFLOAD_HOST\x10\x02\x12\x10\n\x0cPREFETCH_GPU\x10\x03\x12\x0b\n\x07RELEASE\x10\x04\x12\r\n\tEVICT_NOW\x10\x05\x32T\n\rWorkerService\x12\x43\n\x07\x43onnect\x12\x19.kvsched.v1.WorkerMessage\x1a\x19.kvsched.v1.ServerMessage(\x01\x30\x01\x42\x38Z6github.com/kvsched/kvsched/gen/go/kvsched/v1;kvschedv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvsched/v1/worker.proto\x12\nkvsched.v1\x1a\x16kvsched/v1/types.proto\"\xea\x01\n\x05Hello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0f\n\x07\x64p_rank\x18\x03 \x01(\r\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12\x13\n\x0b\x65ngine_name\x18\x05 \x01(\t\x12\x16\n\x0e\x65ngine_version\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\x12)\n\ncache_spec\x18\x08 \x01(\x0b\x32\x15.kvsched.v1.CacheSpec\x12\x17\n\x0fresume_from_seq\x18\t \x01(\x04\x12\x1c\n\x14\x61\x63\x63\x65pts_server_batch\x18\n \x01(\x08\"=\n\x11SessionEventBatch\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.kvsched.v1.SessionEvent\"\x94\x01\n\x10SessionResidency\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x12\n\ngpu_blocks\x18\x03 \x01(\x04\x12\x13\n\x0bhost_blocks\x18\x04 \x01(\x04\x12\x19\n\x11lease_remaining_s\x18\x05 \x01(\x01\x12\x15\n\rcached_tokens\x18\x06 \x01(\x04\"\x83\x01\n\x0cPoolSnapshot\x12\x17\n\x0fgpu_used_blocks\x18\x01 \x01(\x04\x12\x18\n\x10host_used_blocks\x18\x02 \x01(\x04\x12.\n\x08sessions\x18\x03 \x03(\x0b\x32\x1c.kvsched.v1.SessionResidency\x12\x10\n\x08\x63omplete\x18\x04 \x01(\x08\"c\n\x0c\x44irectiveAck\x12\x14\n\x0c\x64irective_id\x18\x01 \x01(\t\x12-\n\x07outcome\x18\x02 \x01(\x0e\x32\x1c.kvsched.v1.DirectiveOutcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\"t\n\tHeartbeat\x12\x17\n\x0fgpu_free_blocks\x18\x01 \x01(\x04\x12\x18\n\x10host_free_blocks\x18\x02 \x01(\x04\x12\x1d\n\x15queued_prefill_tokens\x18\x03 \x01(\x04\x12\x15\n\rrunning_steps\x18\x04 \x01(\r\"\xec\x02\n\rWorkerMessage\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\"\n\x05hello\x18\n \x01(\x0b\x32\x11.kvsched.v1.HelloH\x00\x12\x37\n\x0esession_events\x18\x0b \x01(\x0b\x32\x1d.kvsched.v1.SessionEventBatchH\x00\x12-\n\tkv_events\x18\x0c \x01(\x0b\x32\x18.kvsched.v1.KvEventBatchH\x00\x12\x31\n\rpool_snapshot\x18\r \x01(\x0b\x32\x18.kvsched.v1.PoolSnapshotH\x00\x12\x31\n\rdirective_ack\x18\x0e \x01(\x0b\x32\x18.kvsched.v1.DirectiveAckH\x00\x12*\n\theartbeat\x18\x0f \x01(\x0b\x32\x15.kvsched.v1.HeartbeatH\x00\x12(\n\x05\x62\x61tch\x18\x10 \x01(\x0b\x32\x17.kvsched.v1.WorkerBatchH\x00\x42\x06\n\x04\x62ody\"\x9e\x01\n\x0bWorkerBatch\x12\x30\n\x0e\x64irective_acks\x18\x01 \x03(\x0b\x32\x18.kvsched.v1.DirectiveAck\x12+\n\tkv_events\x18\x02 \x01(\x0b\x32\x18.kvsched.v1.KvEventBatch\x12\x30\n\x0esession_events\x18\x03 \x03(\x0b\x32\x18.kvsched.v1.SessionEvent\"\x94\x01\n\x07Welcome\x12\x14\n\x0cleader_epoch\x18\x01 \x01(\x04\x12\x16\n\x0elast_acked_seq\x18\x02 \x01(\x04\x12\x11\n\tserver_id\x18\x03 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x04 \x01(\x01\x12\x13\n\x0brefused_seq\x18\x05 \x01(\x04\x12\x15\n\rrefused_field\x18\x06 \x01(\t\"\x12\n\x03\x41\x63k\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"\xd3\x01\n\x12RetentionDirective\x12\x14\n\x0c\x64irective_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12+\n\x06\x61\x63tion\x18\x03 \x01(\x0e\x32\x1b.kvsched.v1.RetentionAction\x12\x13\n\x0blease_ttl_s\x18\x04 \x01(\x01\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x14\n\x0cleader_epoch\x18\x06 \x01(\x04\x12\x19\n\x11\x63omplete_within_s\x18\x07 \x01(\x01\x12\x0e\n\x06reason\x18\x08 \x01(\t\"\x1f\n\rResyncRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"C\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x12\n\ndeadline_s\x18\x02 \x01(\x01\x12\x16\n\x0eworker_drained\x18\x03 \x01(\x08\"\xb7\x02\n\rServerMessage\x12&\n\x07welcome\x18\x01 \x01(\x0b\x32\x13.kvsched.v1.WelcomeH\x00\x12\x1e\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x0f.kvsched.v1.AckH\x00\x12\x33\n\tdirective\x18\x03 \x01(\x0b\x32\x1e.kvsched.v1.RetentionDirectiveH\x00\x12+\n\x06resync\x18\x04 \x01(\x0b\x32\x19.kvsched.v1.ResyncRequestH\x00\x12\"\n\x05\x64rain\x18\x05 \x01(\x0b\x32\x11.kvsched.v1.DrainH\x00\x12(\n\x05\x62\x61tch\x18\x06 \x01(\x0b\x32\x17.kvsched.v1.ServerBatchH\x00\x12&\n\x07refused\x18\x07 \x01(\x0b\x32\x13.kvsched.v1.RefusedH\x00\x42\x06\n\x04\x62ody\":\n\x07Refused\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"R\n\x0bServerBatch\x12\x32\n\ndirectives\x18\x01 \x03(\x0b\x32\x1e.kvsched.v1.RetentionDirective\x12\x0f\n\x07\x61\x63k_seq\x18\x02 \x01(\x04*\x7f\n\x10\x44irectiveOutcome\x12!\n\x1d\x44IRECTIVE_OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44IRECTIVE_APPLIED\x10\x01\x12\x16\n\x12\x44IRECTIVE_REJECTED\x10\x02\x12\x19\n\x15\x44IRECTIVE_STALE_EPOCH\x10\x03*\x83\x01\n\x0fRetentionAction\x12 \n\x1cRETENTION_ACTION_UNSPECIFIED\x10\x00\x12\x0e\n\nRETAIN_GPU\x10\x01\x12\x10\n\x0cOFFLOAD_HOST\x10\x02\x12\x10\n\x0cPREFETCH_GPU\x10\x03\x12\x0b\n\x07RELEASE\x10\x04\x12\r\n\tEVICT_NOW\x10\x05\x32T\n\rWorkerService\x12\x43\n\x07\x43onnect\x12\x19.kvsched.v1.WorkerMessage\x1a\x19.kvsched.v1.ServerMessage(\x01\x30\x01\x42\x38Z6github.com/kvsched/kvsched/gen/go/kvsched/v1;kvschedv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,10 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvsched.v1.worker_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z6github.com/kvsched/kvsched/gen/go/kvsched/v1;kvschedv1'
-  _globals['_DIRECTIVEOUTCOME']._serialized_start=2316
-  _globals['_DIRECTIVEOUTCOME']._serialized_end=2443
-  _globals['_RETENTIONACTION']._serialized_start=2446
-  _globals['_RETENTIONACTION']._serialized_end=2577
+  _globals['_DIRECTIVEOUTCOME']._serialized_start=2340
+  _globals['_DIRECTIVEOUTCOME']._serialized_end=2467
+  _globals['_RETENTIONACTION']._serialized_start=2470
+  _globals['_RETENTIONACTION']._serialized_end=2601
   _globals['_HELLO']._serialized_start=64
   _globals['_HELLO']._serialized_end=298
   _globals['_SESSIONEVENTBATCH']._serialized_start=300
@@ -54,22 +54,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERMESSAGE']._serialized_end=1232
   _globals['_WORKERBATCH']._serialized_start=1235
   _globals['_WORKERBATCH']._serialized_end=1393
-  _globals['_WELCOME']._serialized_start=1395
-  _globals['_WELCOME']._serialized_end=1520
-  _globals['_ACK']._serialized_start=1522
-  _globals['_ACK']._serialized_end=1540
-  _globals['_RETENTIONDIRECTIVE']._serialized_start=1543
-  _globals['_RETENTIONDIRECTIVE']._serialized_end=1754
-  _globals['_RESYNCREQUEST']._serialized_start=1756
-  _globals['_RESYNCREQUEST']._serialized_end=1787
-  _globals['_DRAIN']._serialized_start=1789
-  _globals['_DRAIN']._serialized_end=1856
-  _globals['_SERVERMESSAGE']._serialized_start=1859
-  _globals['_SERVERMESSAGE']._serialized_end=2170
-  _globals['_REFUSED']._serialized_start=2172
-  _globals['_REFUSED']._serialized_end=2230
-  _globals['_SERVERBATCH']._serialized_start=2232
-  _globals['_SERVERBATCH']._serialized_end=2314
-  _globals['_WORKERSERVICE']._serialized_start=2579
-  _globals['_WORKERSERVICE']._serialized_end=2663
+  _globals['_WELCOME']._serialized_start=1396
+  _globals['_WELCOME']._serialized_end=1544
+  _globals['_ACK']._serialized_start=1546
+  _globals['_ACK']._serialized_end=1564
+  _globals['_RETENTIONDIRECTIVE']._serialized_start=1567
+  _globals['_RETENTIONDIRECTIVE']._serialized_end=1778
+  _globals['_RESYNCREQUEST']._serialized_start=1780
+  _globals['_RESYNCREQUEST']._serialized_end=1811
+  _globals['_DRAIN']._serialized_start=1813
+  _globals['_DRAIN']._serialized_end=1880
+  _globals['_SERVERMESSAGE']._serialized_start=1883
+  _globals['_SERVERMESSAGE']._serialized_end=2194
+  _globals['_REFUSED']._serialized_start=2196
+  _globals['_REFUSED']._serialized_end=2254
+  _globals['_SERVERBATCH']._serialized_start=2256
+  _globals['_SERVERBATCH']._serialized_end=2338
+  _globals['_WORKERSERVICE']._serialized_start=2603
+  _globals['_WORKERSERVICE']._serialized_end=2687
 # @@protoc_insertion_point(module_scope)

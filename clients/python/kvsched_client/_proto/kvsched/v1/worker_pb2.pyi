@@ -422,6 +422,7 @@ class Welcome(_message.Message):
     SERVER_ID_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _builtins.int
     REFUSED_SEQ_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_FIELD_NUMBER: _builtins.int
     leader_epoch: _builtins.int
     """Current leader (fencing) epoch; directives carry it."""
     last_acked_seq: _builtins.int
@@ -436,6 +437,8 @@ class Welcome(_message.Message):
     it. 0 when none. Also sent as Refused before the status; this one arrives
     even when that did not.
     """
+    refused_field: _builtins.str
+    """The field the refusal named (as Refused.field), with refused_seq."""
     def __init__(
         self,
         *,
@@ -444,10 +447,11 @@ class Welcome(_message.Message):
         server_id: _builtins.str = ...,
         heartbeat_interval_s: _builtins.float = ...,
         refused_seq: _builtins.int = ...,
+        refused_field: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_s", b"heartbeat_interval_s", "last_acked_seq", b"last_acked_seq", "leader_epoch", b"leader_epoch", "refused_seq", b"refused_seq", "server_id", b"server_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_s", b"heartbeat_interval_s", "last_acked_seq", b"last_acked_seq", "leader_epoch", b"leader_epoch", "refused_field", b"refused_field", "refused_seq", b"refused_seq", "server_id", b"server_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
