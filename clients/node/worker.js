@@ -86,13 +86,35 @@ function main() {
   let highestAcked = 0;
   let leaderEpoch = 0;
   const leases = new Map(); // session id -> lease expiry (ms since epoch)
-  const summary = { acked_seq: 0, directives: [], welcome: null };
+  const summary = { acked_seq: 0, sent_seq: 0, server_batches: 0, directives: [], welcome: null };
 
   const send = (body) => {
     const msg = { seq: String(seq), ...body };
     seq += 1;
     call.write(msg);
+    summary.sent_seq = seq - 1;
     return seq - 1;
+  };
+
+  // Apply one directive to the (toy) lease table; returns the answer to send.
+  const answer = (d) => {
+    print('directive', d);
+    let outcome = 'DIRECTIVE_APPLIED';
+    let reason = '';
+    if (Number(d.leader_epoch) < leaderEpoch) {
+      outcome = 'DIRECTIVE_STALE_EPOCH';
+      reason = `leader epoch ${d.leader_epoch} < ${leaderEpoch}`;
+    } else if (d.action === 'RETAIN_GPU') {
+      leases.set(d.session_id, Date.now() + d.lease_ttl_s * 1000);
+    } else {
+      leases.delete(d.session_id);
+    }
+    summary.directives.push({ session_id: d.session_id, action: d.action, outcome });
+    return { directive_id: d.directive_id, outcome, reason };
+  };
+  const acked = (ackSeq) => {
+    highestAcked = Math.max(highestAcked, Number(ackSeq));
+    finishIfDone();
   };
 
   call.write({
@@ -113,6 +135,7 @@ function main() {
         prefill_tokens_per_s: 10000,
       },
       resume_from_seq: '0',
+      accepts_server_batch: true,
     },
   });
   seq = 2;
@@ -143,25 +166,18 @@ function main() {
         break;
       }
       case 'ack':
-        highestAcked = Math.max(highestAcked, Number(msg.ack.seq));
         print('ack', msg.ack);
-        finishIfDone();
+        acked(msg.ack.seq);
         break;
-      case 'directive': {
-        const d = msg.directive;
-        print('directive', d);
-        let outcome = 'DIRECTIVE_APPLIED';
-        let reason = '';
-        if (Number(d.leader_epoch) < leaderEpoch) {
-          outcome = 'DIRECTIVE_STALE_EPOCH';
-          reason = `leader epoch ${d.leader_epoch} < ${leaderEpoch}`;
-        } else if (d.action === 'RETAIN_GPU') {
-          leases.set(d.session_id, Date.now() + d.lease_ttl_s * 1000);
-        } else {
-          leases.delete(d.session_id);
-        }
-        summary.directives.push({ session_id: d.session_id, action: d.action, outcome });
-        lastSent = send({ directive_ack: { directive_id: d.directive_id, outcome, reason } });
+      case 'directive':
+        lastSent = send({ directive_ack: answer(msg.directive) });
+        break;
+      case 'batch': {
+        // directives in order, then the ack; all answers go back in one WorkerBatch
+        summary.server_batches += 1;
+        const answers = msg.batch.directives.map(answer);
+        if (answers.length > 0) lastSent = send({ batch: { directive_acks: answers } });
+        if (Number(msg.batch.ack_seq) > 0) acked(msg.batch.ack_seq);
         break;
       }
       case 'resync':

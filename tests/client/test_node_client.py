@@ -51,7 +51,10 @@ async def test_node_worker_streams_events_and_acks_directives(service, node: str
         ("node-s0", "RETAIN_GPU", "DIRECTIVE_APPLIED"),
         ("node-s1", "RETAIN_GPU", "DIRECTIVE_APPLIED"),
     ]
-    assert summary["acked_seq"] == 3 + len(directives)  # events, heartbeat, one ack each
+    # everything it sent was acked: events, heartbeat, the answers to the leases
+    # (which came as one ServerBatch with the ack, and went back as one WorkerBatch)
+    assert summary["acked_seq"] == summary["sent_seq"] >= 3
+    assert summary["server_batches"] >= 1
     async with grpc.aio.insecure_channel(target) as ch:
         stats = await admin_pb2_grpc.AdminServiceStub(ch).GetClusterStats(
             admin_pb2.GetClusterStatsRequest()
