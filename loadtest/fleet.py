@@ -144,9 +144,16 @@ def spawned_echo() -> Iterator[str]:
 
 
 async def run_fleet(
-    cfg: FleetConfig, probe: ServerProbe | None = None, live: bool = False
+    cfg: FleetConfig,
+    probe: ServerProbe | None = None,
+    live: bool = False,
+    sink: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Runs one fleet against `cfg.target`; returns the summary dict."""
+    """Runs one fleet against `cfg.target`; returns the summary dict.
+
+    With `sink`, also leaves the raw recorder there (`rec`, `elapsed_s`,
+    `client_cpu_s`): a child of a `--procs` run hands that to its parent.
+    """
     probe = probe or ServerProbe(None)
     rec = Recorder()
     fleet = Fleet(cfg, rec)
@@ -163,9 +170,24 @@ async def run_fleet(
         with contextlib.suppress(asyncio.CancelledError):
             await display
         await fleet.stop()
+    client_cpu_s = time.process_time() - client_cpu0
+    if sink is not None:
+        sink.update(rec=rec, elapsed_s=elapsed_s, client_cpu_s=client_cpu_s)
+    return _summary(cfg, rec, elapsed_s, probe, cpu0, rss0, client_cpu_s, rss_series)
+
+
+def _summary(
+    cfg: FleetConfig,
+    rec: Recorder,
+    elapsed_s: float,
+    probe: ServerProbe,
+    cpu0: float,
+    rss0: int,
+    client_cpu_s: float,
+    rss_series: list[tuple[float, int]],
+) -> dict[str, Any]:
     rss = probe.rss_bytes()
     cpu_s = probe.cpu_s() - cpu0
-    client_cpu_s = time.process_time() - client_cpu0
     out = summary(
         rec,
         elapsed_s,
@@ -174,7 +196,8 @@ async def run_fleet(
             "server_peak_rss_bytes": probe.peak_rss_bytes,
             "server_cpu_s": round(cpu_s, 2),
             "server_cpu_share": round(cpu_s / elapsed_s, 3) if elapsed_s > 0 else 0.0,
-            # One client process: near 1.0 means the generator, not the server, is the limit.
+            # All client processes together: near their core count means the
+            # generator, not the server, is the limit.
             "client_cpu_share": round(client_cpu_s / elapsed_s, 3) if elapsed_s > 0 else 0.0,
             # Growth over the run's start, so the server's fixed footprint is not spread in.
             "server_rss_growth_per_session_bytes": round((rss - rss0) / rec.sessions_started)
@@ -195,6 +218,86 @@ async def run_fleet(
         "place_cdf": rec.place.cdf(),
     }
     return out
+
+
+async def run_procs(cfg: FleetConfig, probe: ServerProbe, procs: int) -> dict[str, Any]:
+    """Runs the fleet as `procs` client processes (each a share of it); merges their results.
+
+    For when one client process cannot offer the load: each child is a
+    `kvsched loadtest` with its share of the workers, sessions and rates and
+    its own seed, writing its raw recorder to a file the parent merges
+    (HDR histograms add exactly). The server is measured here, over the whole run.
+    """
+    cpu0 = probe.cpu_s()
+    rss0 = probe.rss_bytes()
+    rss_series: list[tuple[float, int]] = []
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="kvsched-loadtest-procs-") as tmp:
+        outs = [Path(tmp) / f"child{i}.json" for i in range(procs)]
+        children = [
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "kvsched",
+                "loadtest",
+                *_child_argv(cfg, procs, i, out),
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            for i, out in enumerate(outs)
+        ]
+        waits = [asyncio.create_task(c.communicate()) for c in children]
+        while not all(w.done() for w in waits):
+            await asyncio.wait(waits, timeout=1.0)
+            rss_series.append((time.perf_counter() - t0, probe.rss_bytes()))
+        for i, (c, w) in enumerate(zip(children, waits, strict=True)):
+            if c.returncode != 0:
+                err = w.result()[1].decode(errors="replace")[-2000:]
+                raise RuntimeError(f"client process {i} exited {c.returncode}: {err}")
+        rec = Recorder()
+        elapsed_s = client_cpu_s = 0.0
+        for out in outs:
+            part = json.loads(out.read_text())
+            rec.merge_wire(part["rec"])
+            elapsed_s = max(elapsed_s, float(part["elapsed_s"]))
+            client_cpu_s += float(part["client_cpu_s"])
+    result = _summary(cfg, rec, elapsed_s, probe, cpu0, rss0, client_cpu_s, rss_series)
+    result["client_processes"] = procs
+    return result
+
+
+def _child_argv(cfg: FleetConfig, procs: int, i: int, out: Path) -> list[str]:
+    """`kvsched loadtest` flags for child `i` of `procs`: its share of the fleet."""
+
+    def share(total: int) -> int:
+        return total // procs + (1 if i < total % procs else 0)
+
+    argv = [
+        "--target", cfg.target,
+        "--workers", str(share(cfg.workers)),
+        "--sessions", str(share(cfg.sessions)),
+        "--rate", repr(cfg.rate_per_s / procs),
+        "--duration", f"{cfg.duration_s!r}s",
+        "--scenario", cfg.scenario,
+        "--routers", str(max(1, share(cfg.routers))),
+        "--place-rps", repr(cfg.place_rps / procs),
+        "--place-deadline-ms", repr(cfg.place_deadline_s * 1000.0),
+        "--place-cooldown-ms", repr(cfg.place_cooldown_s * 1000.0),
+        "--batch-delay-ms", repr(cfg.batch_delay_s * 1000.0),
+        "--seed", str(cfg.seed * 1_000 + i),
+        "--child-out", str(out),
+        "--json",
+    ]  # fmt: skip
+    if not cfg.pools:
+        argv.append("--no-pools")
+    if cfg.place_only:
+        argv.append("--place-only")
+    if not cfg.combine_messages:
+        argv.append("--message-per-kind")
+    if cfg.token:
+        argv += ["--token", cfg.token]
+    return argv
 
 
 async def _sample(
@@ -309,6 +412,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ramp-p99-ms", type=float, default=10.0)
     p.add_argument("--baseline", action="store_true", help="also measure the echo baseline")
     p.add_argument("--baseline-s", type=float, default=5.0)
+    p.add_argument(
+        "--procs",
+        type=int,
+        default=1,
+        help="client processes (each drives a share of the fleet) when one core is not enough",
+    )
+    p.add_argument("--child-out", help=argparse.SUPPRESS)  # a --procs child's raw results
     p.add_argument("--report", help="write index.html and PNG plots into this folder")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
@@ -318,6 +428,7 @@ _MAX_WORKERS = 1024
 _MAX_SESSIONS = 1_000_000
 _MAX_DURATION_S = 3_600.0
 _MAX_RATE = 1_000_000.0
+_MAX_PROCS = 16
 
 
 def loadtest_main(argv: list[str]) -> int:
@@ -334,6 +445,10 @@ def loadtest_main(argv: list[str]) -> int:
         p.error(f"--workers in 1..{_MAX_WORKERS}, --sessions in 1..{_MAX_SESSIONS}")
     if not (0 < duration_s <= _MAX_DURATION_S and 0 < ns.rate <= _MAX_RATE):
         p.error(f"--duration in (0, {_MAX_DURATION_S:.0f}s], --rate in (0, {_MAX_RATE:.0f}]")
+    if not 1 <= ns.procs <= _MAX_PROCS:
+        p.error(f"--procs in 1..{_MAX_PROCS}")
+    if ns.procs > 1 and (ns.ramp or ns.workers < ns.procs):
+        p.error("--procs wants no --ramp and at least one worker per process")
     rates: list[float] = []
     if ns.ramp:
         try:
@@ -394,6 +509,20 @@ async def _main(
 ) -> dict[str, Any]:
     if rates:
         out = await run_ramp(cfg, rates, ns.ramp_p99_ms, probe, duration_s)
+    elif ns.procs > 1:
+        out = await run_procs(cfg, probe, ns.procs)
+    elif ns.child_out:
+        sink: dict[str, Any] = {}
+        out = await run_fleet(cfg, probe, False, sink)
+        Path(ns.child_out).write_text(
+            json.dumps(
+                {
+                    "rec": sink["rec"].to_wire(),
+                    "elapsed_s": sink["elapsed_s"],
+                    "client_cpu_s": sink["client_cpu_s"],
+                }
+            )
+        )
     else:
         out = await run_fleet(cfg, probe, live)
     if ns.baseline or rates:

@@ -238,9 +238,7 @@ class Fleet:
             await asyncio.gather(*(w.flush(left) for w in self.workers))
             seen = self._directives_seen()
             await asyncio.sleep(0.05)
-            settled = seen == self._directives_seen() and all(
-                w.outbox.idle() for w in self.workers
-            )
+            settled = seen == self._directives_seen() and all(w.outbox.idle() for w in self.workers)
             if settled or time.monotonic() >= deadline:
                 return
 

@@ -63,6 +63,26 @@ class LatencySeries:
             )
         return out
 
+    def to_wire(self) -> dict[str, Any]:
+        """The histograms, HDR-encoded, for another process to merge."""
+        return {
+            "total": self.total.encode().decode("ascii"),
+            "per_s": {str(k): h.encode().decode("ascii") for k, h in self.per_s.items()},
+            "count": self.count,
+            "negative": self.negative,
+        }
+
+    def merge_wire(self, w: dict[str, Any]) -> None:
+        """Adds another process's latencies (from `to_wire`) to these."""
+        self.total.add(HdrHistogram.decode(w["total"].encode("ascii")))
+        for k, enc in w["per_s"].items():
+            h = self.per_s.get(int(k))
+            if h is None:
+                h = self.per_s[int(k)] = _hist()
+            h.add(HdrHistogram.decode(enc.encode("ascii")))
+        self.count += int(w["count"])
+        self.negative += int(w["negative"])
+
     def cdf(self) -> list[tuple[float, float]]:
         """Returns (latency_ms, fraction <= it) points of the whole run."""
         if self.count == 0:
@@ -102,9 +122,28 @@ class Recorder:
     messages_framed: int = 0  # upstream stream messages (events, KV, directive acks, heartbeats)
     errors: Counter[str] = field(default_factory=Counter)
 
+    def to_wire(self) -> dict[str, Any]:
+        """Everything recorded, as JSON-able data another process can merge."""
+        out: dict[str, Any] = {f: getattr(self, f) for f in _COUNTS}
+        out["errors"] = dict(self.errors)
+        out["ack"] = self.ack.to_wire()
+        out["place"] = self.place.to_wire()
+        return out
+
+    def merge_wire(self, w: dict[str, Any]) -> None:
+        """Adds another process's recorder (from `to_wire`) to this one."""
+        for f in _COUNTS:
+            setattr(self, f, getattr(self, f) + int(w[f]))
+        self.errors.update(w["errors"])
+        self.ack.merge_wire(w["ack"])
+        self.place.merge_wire(w["place"])
+
     def events_per_s_series(self) -> list[tuple[float, float]]:
         """Returns (t_s, events acked in that second) from the ack histograms."""
         return [(float(s), float(h.get_total_count())) for s, h in sorted(self.ack.per_s.items())]
+
+
+_COUNTS = tuple(f for f in Recorder.__dataclass_fields__ if f not in ("ack", "place", "errors"))
 
 
 class ServerProbe:

@@ -15,6 +15,7 @@ from loadtest.fleet import (
     loadtest_main,
     parse_duration_s,
     run_fleet,
+    run_procs,
     spawned_server,
 )
 from loadtest.fleet_driver import FleetConfig
@@ -63,6 +64,33 @@ async def test_every_event_is_acked_or_counted_and_directives_balance(
     assert out["server_rss_bytes"] > 0
     per_s = out["series"]["ack"]
     assert sum(int(s["n"]) for s in per_s) == out["events_acked"]
+
+
+@pytest.mark.timeout(90)
+async def test_two_client_processes_add_up_to_one_fleet(server: tuple[str, int]) -> None:
+    target, pid = server
+    cfg = FleetConfig(
+        target=target,
+        workers=4,
+        sessions=40,
+        rate_per_s=600.0,
+        duration_s=2.0,
+        routers=2,
+        place_rps=300.0,
+        place_deadline_s=0.05,
+    )
+    out: dict[str, Any] = await run_procs(cfg, ServerProbe(pid), procs=2)
+    assert out["client_processes"] == 2
+    # each process offered half the rate: together, the whole schedule
+    assert out["events_due"] == out["events_sent"] == int(cfg.duration_s * cfg.rate_per_s)
+    assert out["events_sent"] == out["events_acked"] + out["errors"].get("unacked", 0)
+    assert out["ack_latencies"] == out["events_acked"] > 0
+    assert out["negative_latencies"] == 0
+    assert out["directives_received"] == out["directive_acks_acked"]
+    # the merged histograms hold every latency of both processes
+    assert sum(int(s["n"]) for s in out["series"]["ack"]) == out["events_acked"]
+    assert 0 < out["ack_p50_ms"] <= out["ack_p99_ms"]
+    assert out["sessions"] == cfg.sessions
 
 
 @pytest.mark.timeout(30)
