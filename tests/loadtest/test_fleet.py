@@ -196,3 +196,22 @@ def test_report_writes_a_page_and_three_plots(tmp_path: Any) -> None:
     ]
     assert "latency_cdf.png" in page.read_text()
     assert [int(s["n"]) for s in lat.series()] == [100, 100]
+
+
+@pytest.mark.timeout(90)
+def test_the_cli_runs_a_short_fleet_and_names_its_event_loop(
+    server: tuple[str, int], capsys: pytest.CaptureFixture[str]
+) -> None:
+    target, pid = server
+    argv = ["--target", target, "--server-pid", str(pid), "--workers", "2", "--sessions", "10"]
+    argv += ["--rate", "200", "--duration", "1s", "--json"]
+    assert loadtest_main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    try:
+        import uvloop  # type: ignore[import-not-found, unused-ignore]  # noqa: F401
+
+        expected = "uvloop"
+    except ImportError:
+        expected = "asyncio"
+    assert out["event_loop"] == expected
+    assert out["events_sent"] == out["events_acked"] + out["errors"].get("unacked", 0) == 200
