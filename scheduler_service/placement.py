@@ -23,7 +23,7 @@ from scheduler_service.engine_config import EngineConfig
 from scheduler_service.fairness import FairShare
 from scheduler_service.kernels import KernelSet
 from scheduler_service.prefix_index import PrefixIndex
-from scheduler_service.state import NO_SLOT, TIER_GPU, TIER_HOST, TIER_NONE, ClusterState
+from scheduler_service.state import NO_SLOT, TIER_NONE, ClusterState
 
 _NO_LIVE = Placement(candidates=(), reason="no_live_worker")
 
@@ -50,6 +50,8 @@ class Placer:
         # (the service drives one engine from one event loop).
         self._out_slots = np.zeros(k, dtype=np.int32)
         self._out_scores = np.zeros(k, dtype=np.float64)
+        self._out_cached = np.zeros(k, dtype=np.int64)
+        self._out_tier = np.zeros(k, dtype=np.int64)
         self._placed = np.zeros(64, dtype=np.int64)
         # blocks of the request's prefix each worker holds; zero between calls
         self._prefix = np.zeros(64, dtype=np.int64)
@@ -59,11 +61,10 @@ class Placer:
         if slot < len(self._placed):
             self._placed[slot] = 0
 
-    def _tally(self, n: int) -> np.ndarray:
+    def _grow_to(self, n: int) -> None:
         if len(self._placed) < n:
             self._placed = _grown(self._placed, n)
             self._prefix = _grown(self._prefix, n)
-        return self._placed
 
     def place(self, req: PlaceRequest, now: float) -> Placement:
         """Candidates for ``req`` best first; empty when no allowed worker is live."""
@@ -91,7 +92,7 @@ class Placer:
         else:
             t = self.fair.tenants.index.get(req.tenant_id, NO_SLOT)
         k = max(1, min(req.max_candidates or 3, self.config.max_candidates))
-        self._tally(n)
+        self._grow_to(n)
         step_tokens = int(req.context_tokens + req.new_tokens)
         pre = self._prefix
         touched: list[int] = (
@@ -148,21 +149,21 @@ class Placer:
             k,
             self._out_slots,
             self._out_scores,
+            self._out_cached,
+            self._out_tier,
         )
         if count == 0:
             return _NO_LIVE
         cands = []
         for i in range(count):
-            w = int(self._out_slots[i])
-            spec = ws.spec(w)
-            here, here_tier = self._cached_on(w, home, tier, cached, step_tokens)
+            spec = ws.spec(int(self._out_slots[i]))
             cands.append(
                 Candidate(
                     worker_id=WorkerId(spec.worker_id),
                     endpoint=spec.endpoint,
-                    expected_cached_tokens=min(here, int(req.context_tokens)),
+                    expected_cached_tokens=min(int(self._out_cached[i]), int(req.context_tokens)),
                     score=float(self._out_scores[i]),
-                    cached_tier=Tier(here_tier),
+                    cached_tier=Tier(int(self._out_tier[i])),
                 )
             )
         w0 = int(self._out_slots[0])
@@ -173,8 +174,7 @@ class Placer:
         else:
             reason = "steal"  # the home is loaded enough that rebuilding elsewhere wins
         # the first candidate is where the step will most likely queue
-        here0, _tier0 = self._cached_on(w0, home, tier, cached, step_tokens)
-        placed[w0] += max(0, int(req.context_tokens) - here0)
+        placed[w0] += max(0, int(req.context_tokens) - int(self._out_cached[0]))
         # the step's standalone time: the prefill of the tokens it adds, its decode
         step_s = prefill_time_s(
             float(max(0, req.context_tokens - known_tokens)),
@@ -190,18 +190,6 @@ class Placer:
             affinity_ttl_s=c.affinity_ttl_s,
             reason=reason,
         )
-
-    def _cached_on(
-        self, w: int, home: int, tier: int, cached: int, step_tokens: int
-    ) -> tuple[int, int]:
-        """Tokens of the step cached on ``w`` and their tier, as the kernel counts them."""
-        here, here_tier = (min(cached, step_tokens), tier) if w == home else (0, TIER_NONE)
-        if tier == TIER_NONE:
-            here, here_tier = 0, TIER_NONE
-        pre = min(int(self._prefix[w]) * int(self.state.workers.block_size_tokens_v[w]), step_tokens)
-        if pre > 0 and (pre > here or (here_tier == TIER_HOST and pre == here)):
-            return pre, TIER_GPU
-        return here, here_tier
 
 
 def _grown(a: npt.NDArray[np.int64], n: int) -> npt.NDArray[np.int64]:

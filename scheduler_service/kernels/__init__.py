@@ -99,6 +99,8 @@ def _call_all(k: KernelSet) -> None:
         1,
         out_slots,
         out_scores,
+        np.zeros(n, dtype=np.int64),
+        np.zeros(n, dtype=np.int64),
     )
     tenant = np.zeros(n, dtype=np.int32)
     k.rank_victims(0, i32, i8, i8, i64, i64, f64, f64, tenant, f64, 0.0, 1.0, 1.0, 1, -1)

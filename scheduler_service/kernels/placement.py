@@ -49,8 +49,14 @@ def place_topk(
     k: int,
     out_slots: np.ndarray,
     out_scores: np.ndarray,
+    out_cached: np.ndarray,
+    out_tier: np.ndarray,
 ) -> int:
-    """Fill ``out_slots``/``out_scores`` with the best ``k`` workers; returns how many."""
+    """Fill ``out_slots``/``out_scores`` with the best ``k`` workers; returns how many.
+
+    ``out_cached``/``out_tier``: the step's tokens cached on each of them and
+    their tier (0 none, 1 GPU, 2 host), as scored.
+    """
     count = 0
     for w in range(n_workers):
         if not allowed[w]:
@@ -104,7 +110,11 @@ def place_topk(
         while pos > 0 and out_scores[pos - 1] < score:
             out_scores[pos] = out_scores[pos - 1]
             out_slots[pos] = out_slots[pos - 1]
+            out_cached[pos] = out_cached[pos - 1]
+            out_tier[pos] = out_tier[pos - 1]
             pos -= 1
         out_scores[pos] = score
         out_slots[pos] = w
+        out_cached[pos] = cached
+        out_tier[pos] = tier_w
     return count

@@ -93,9 +93,11 @@ def place_topk(
     k: int,
     out_slots: npt.NDArray[np.int32],
     out_scores: npt.NDArray[np.float64],
+    out_cached: npt.NDArray[np.int64],
+    out_tier: npt.NDArray[np.int64],
 ) -> int:
     """Score all allowed workers, stable-sort by (−score, slot), keep k."""
-    scored: list[tuple[float, int]] = []
+    scored: list[tuple[float, int, int, int]] = []
     for w in range(n_workers):
         if not allowed[w]:
             continue
@@ -129,12 +131,15 @@ def place_topk(
         )
         slack = max(free_blocks - need_blocks, 0)
         cap = max(int(gpu_cap_blocks[w]), 1)
-        scored.append((saved - queue_s - evict_s - bestfit_weight_s * (slack / cap), w))
+        score = saved - queue_s - evict_s - bestfit_weight_s * (slack / cap)
+        scored.append((score, w, cached, tier_w))
     scored.sort(key=lambda t: (-t[0], t[1]))
     top = scored[:k]
-    for i, (score, w) in enumerate(top):
+    for i, (score, w, cached, tier_w) in enumerate(top):
         out_slots[i] = w
         out_scores[i] = score
+        out_cached[i] = cached
+        out_tier[i] = tier_w
     return len(top)
 
 

@@ -56,6 +56,8 @@ def test_place_topk_matches_twin(w: dict[str, object], bestfit: float, rebuild: 
     for ks in (NB, PY):
         slots = np.zeros(8, dtype=np.int32)
         scores = np.zeros(8, dtype=np.float64)
+        cached = np.zeros(8, dtype=np.int64)
+        tiers = np.zeros(8, dtype=np.int64)
         count = ks.place_topk(
             w["allowed"],
             w["cap"],
@@ -80,14 +82,29 @@ def test_place_topk_matches_twin(w: dict[str, object], bestfit: float, rebuild: 
             w["k"],
             slots,
             scores,
+            cached,
+            tiers,
         )
-        outs.append((count, slots[:count].tolist(), scores[:count].tolist()))
+        outs.append(
+            (
+                count,
+                slots[:count].tolist(),
+                scores[:count].tolist(),
+                cached[:count].tolist(),
+                tiers[:count].tolist(),
+            )
+        )
     assert outs[0] == outs[1]
-    count, slots, scores = outs[0]
+    count, slots, scores, cached_out, tiers_out = outs[0]
     allowed = w["allowed"]
     assert count == min(int(np.sum(allowed)), w["k"])  # type: ignore[call-overload]
     assert all(allowed[s] for s in slots)  # type: ignore[index]
     assert scores == sorted(scores, reverse=True)
+    # what each candidate has cached: the home's own KV or a prefix run, never more
+    for slot, c, tier in zip(slots, cached_out, tiers_out, strict=True):
+        assert 0 <= c <= w["step"] and tier in (0, 1, 2)  # type: ignore[operator]
+        assert tier != 0 or c == 0
+        assert c == 0 or slot == w["home"] or w["prefix"][slot] > 0  # type: ignore[index]
 
 
 @st.composite
