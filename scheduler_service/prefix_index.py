@@ -84,9 +84,7 @@ class PrefixIndex:
             else:
                 del where[h]
 
-    def prefix_blocks(
-        self, hashes: Sequence[bytes | int], out: npt.NDArray[np.int64]
-    ) -> list[int]:
+    def prefix_blocks(self, hashes: Sequence[bytes | int], out: npt.NDArray[np.int64]) -> list[int]:
         """Per worker, how many of ``hashes`` it holds as an unbroken run from the first.
 
         Writes the counts into ``out`` (indexed by worker slot) and returns the

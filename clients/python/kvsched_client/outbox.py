@@ -29,9 +29,9 @@ from kvsched_client._proto.kvsched.v1 import types_pb2, worker_pb2
 __all__ = ["HELLO_SEQ", "Outbox", "OutboxStats"]
 
 HELLO_SEQ = 1
-MAX_BATCH_ACKS = 4096
+MAX_BATCH_ACKS = 4096  # the server's limit on directive answers in one WorkerBatch
 # a refusal that names one session event of a message: "…session_events[i]…"
-_REFUSED_EVENT = re.compile(r"^(?:batch\.session_events|session_events\.events)\[(\d+)\]")  # the server's limit on directive answers in one WorkerBatch
+_REFUSED_EVENT = re.compile(r"^(?:batch\.session_events|session_events\.events)\[(\d+)\]")
 
 
 @dataclass(slots=True)
@@ -209,12 +209,12 @@ class Outbox:
         seq; returns how many left. Otherwise, or when nothing is left, the
         whole message goes; returns None.
         """
+        match = _REFUSED_EVENT.match(field)
         with self._lock:
             for i, m in enumerate(self._unacked):
                 if m.seq != seq:
                     continue
                 events = _events_of(m)
-                match = _REFUSED_EVENT.match(field)
                 if events is None or match is None or int(match.group(1)) >= len(events):
                     del self._unacked[i]
                     self._forget(m)
@@ -287,13 +287,9 @@ _EVENTS, _KV = 0, 1
 def _parts(msg: worker_pb2.WorkerMessage) -> tuple[int, int]:
     """(session events, KV batches) a message carries."""
     body = msg.WhichOneof("body")
-    if body == "batch":
-        return len(msg.batch.session_events), int(msg.batch.HasField("kv_events"))
-    if body == "session_events":
-        return len(msg.session_events.events), 0
-    if body == "kv_events":
-        return 0, 1
-    return 0, 0
+    events = _events_of(msg)
+    kv = body == "kv_events" or (body == "batch" and msg.batch.HasField("kv_events"))
+    return (len(events) if events is not None else 0), int(kv)
 
 
 def _events_of(msg: worker_pb2.WorkerMessage) -> Any:

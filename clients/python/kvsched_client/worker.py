@@ -281,7 +281,6 @@ class WorkerClient:
         if err.code() == grpc.StatusCode.INVALID_ARGUMENT and self._welcomed:
             self._drop_first_resend = True
 
-
     async def _stream(self, stub: worker_pb2_grpc.WorkerServiceStub) -> None:
         call = stub.Connect(metadata=self._metadata)
         reader: asyncio.Task[None] | None = None
