@@ -20,6 +20,7 @@ from kvsched_client._proto.kvsched.v1 import (
 )
 from scheduler_service.config import ServeConfig
 from scheduler_service.server import Service
+from tests.test_service import retry_delay_s
 
 ADMIN_TOKEN = "kvs_bootstrap0_" + "a" * 32
 OK, DENIED, UNAUTH, NOT_FOUND = "OK", "PERMISSION_DENIED", "UNAUTHENTICATED", "NOT_FOUND"
@@ -308,26 +309,20 @@ async def test_revoked_tokens_stop_working_and_tokens_survive_restart(
         await svc.stop()
 
 
+async def create_tenant(ch: grpc.aio.Channel, tenant_id: str, **fields: int) -> None:
+    """Create a tenant as the bootstrap admin."""
+    await admin_pb2_grpc.AdminServiceStub(ch).CreateTenant(
+        admin_pb2.CreateTenantRequest(tenant=admin_pb2.Tenant(tenant_id=tenant_id, **fields)),
+        metadata=md(ADMIN_TOKEN),
+    )
+
+
 async def test_tenant_rate_limit_is_resource_exhausted_and_spares_other_tenants(
     secured: Service,
 ) -> None:
-    from google.rpc import error_details_pb2
-    from grpc_status import rpc_status
-
     async with grpc.aio.insecure_channel(f"127.0.0.1:{secured.port}") as ch:
-        admin = admin_pb2_grpc.AdminServiceStub(ch)
-        await admin.CreateTenant(
-            admin_pb2.CreateTenantRequest(
-                tenant=admin_pb2.Tenant(tenant_id="flood", event_rate_limit_per_s=5)
-            ),
-            metadata=md(ADMIN_TOKEN),
-        )
-        await admin.CreateTenant(
-            admin_pb2.CreateTenantRequest(
-                tenant=admin_pb2.Tenant(tenant_id="calm", event_rate_limit_per_s=1000)
-            ),
-            metadata=md(ADMIN_TOKEN),
-        )
+        await create_tenant(ch, "flood", event_rate_limit_per_s=5)
+        await create_tenant(ch, "calm", event_rate_limit_per_s=1000)
         assert await stream_events(ch, ADMIN_TOKEN, "w", [ev("f", "flood"), ev("c", "calm")]) == OK
         place = placement_pb2_grpc.PlacementServiceStub(ch)
         codes = [
@@ -348,10 +343,7 @@ async def test_tenant_rate_limit_is_resource_exhausted_and_spares_other_tenants(
                 metadata=md(ADMIN_TOKEN),
             )
         except grpc.aio.AioRpcError as e:
-            status = rpc_status.from_call(e)  # type: ignore[arg-type]
-            retry = error_details_pb2.RetryInfo()
-            assert status is not None and status.details[0].Unpack(retry)
-            assert retry.retry_delay.ToNanoseconds() > 0
+            assert retry_delay_s(e) > 0
         calm = [
             await code_of(
                 place.Place(
@@ -368,17 +360,8 @@ async def test_tenant_rate_limit_is_resource_exhausted_and_spares_other_tenants(
 async def test_a_new_session_over_the_tenant_session_limit_is_resource_exhausted(
     secured: Service,
 ) -> None:
-    from google.rpc import error_details_pb2
-    from grpc_status import rpc_status
-
     async with grpc.aio.insecure_channel(f"127.0.0.1:{secured.port}") as ch:
-        admin = admin_pb2_grpc.AdminServiceStub(ch)
-        await admin.CreateTenant(
-            admin_pb2.CreateTenantRequest(
-                tenant=admin_pb2.Tenant(tenant_id="cap", max_concurrent_sessions=1)
-            ),
-            metadata=md(ADMIN_TOKEN),
-        )
+        await create_tenant(ch, "cap", max_concurrent_sessions=1)
         assert await stream_events(ch, ADMIN_TOKEN, "w1", [ev("s1", "cap")]) == OK
         place = placement_pb2_grpc.PlacementServiceStub(ch)
 
@@ -389,10 +372,7 @@ async def test_a_new_session_over_the_tenant_session_limit_is_resource_exhausted
             await place.Place(req("s2"), metadata=md(ADMIN_TOKEN))
         assert ei.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "max_concurrent_sessions" in (ei.value.details() or "")
-        status = rpc_status.from_call(ei.value)  # type: ignore[arg-type]
-        retry = error_details_pb2.RetryInfo()
-        assert status is not None and status.details[0].Unpack(retry)
-        assert retry.retry_delay.ToNanoseconds() > 0
+        assert retry_delay_s(ei.value) > 0
         # the live session and other tenants are not limited (no worker is
         # connected any more, so the answer is UNAVAILABLE, not EXHAUSTED)
         assert await code_of(place.Place(req("s1"), metadata=md(ADMIN_TOKEN))) == "UNAVAILABLE"

@@ -126,6 +126,14 @@ def field_violations(err: grpc.aio.AioRpcError) -> list[str]:
     return out
 
 
+def retry_delay_s(err: grpc.aio.AioRpcError) -> float:
+    """The RetryInfo delay the error carries (fails the test when it carries none)."""
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    retry = error_details_pb2.RetryInfo()
+    assert status is not None and status.details[0].Unpack(retry), "no RetryInfo"
+    return float(retry.retry_delay.ToNanoseconds()) / 1e9
+
+
 async def stats(channel: grpc.aio.Channel) -> admin_pb2.ClusterStats:
     return await admin_pb2_grpc.AdminServiceStub(channel).GetClusterStats(
         admin_pb2.GetClusterStatsRequest()
@@ -729,7 +737,4 @@ async def test_journal_backlog_is_resource_exhausted_with_retry_info(
     with pytest.raises(grpc.aio.AioRpcError) as ei:
         await s.recv()
     assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    status = rpc_status.from_call(ei.value)  # type: ignore[arg-type]
-    retry = error_details_pb2.RetryInfo()
-    assert status is not None and status.details[0].Unpack(retry)
-    assert retry.retry_delay.ToNanoseconds() > 0
+    assert retry_delay_s(ei.value) > 0
