@@ -20,17 +20,10 @@ from scheduler_service.domain import (
 )
 from scheduler_service.engine import Engine, EngineConfig
 from scheduler_service.state import NO_SLOT, TIER_GPU, TIER_HOST, TIER_NONE
+from tests.engine.agent_loop import NEXT
 
 K = EventKind
 WORKERS = [WorkerId(f"w{i}") for i in range(3)]
-# the next kind a session may send, given the last one (a valid agent loop)
-NEXT = {
-    None: [K.STEP_START],
-    K.STEP_START: [K.TOOL_CALL_WAIT, K.STEP_END, K.SESSION_FINISH],
-    K.TOOL_CALL_WAIT: [K.TOOL_CALL_END, K.SESSION_ABORT, K.STEP_START],
-    K.TOOL_CALL_END: [K.STEP_START],
-    K.STEP_END: [K.STEP_START, K.TOOL_CALL_WAIT, K.SESSION_FINISH],
-}
 
 ops = st.lists(
     st.tuples(

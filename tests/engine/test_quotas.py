@@ -38,6 +38,7 @@ from scheduler_service.domain import (
 )
 from scheduler_service.engine import Engine, EngineConfig
 from scheduler_service.state import NO_SLOT, STATE_RUNNING, TIER_GPU
+from tests.engine.agent_loop import NEXT
 
 K = EventKind
 BLOCK = 16 * 131_072  # bytes in one block of the scripted worker
@@ -362,14 +363,6 @@ def brute_force(e: Engine) -> tuple[list[int], list[int], list[int]]:
 
 WORKERS = [WorkerId(f"w{i}") for i in range(3)]
 TENANTS = [TenantId(f"t{i}") for i in range(3)]
-# the next kind a session may send, given the last one (a valid agent loop)
-NEXT = {
-    None: [K.STEP_START],
-    K.STEP_START: [K.TOOL_CALL_WAIT, K.STEP_END, K.SESSION_FINISH],
-    K.TOOL_CALL_WAIT: [K.TOOL_CALL_END, K.SESSION_ABORT, K.STEP_START],
-    K.TOOL_CALL_END: [K.STEP_START],
-    K.STEP_END: [K.STEP_START, K.TOOL_CALL_WAIT, K.SESSION_FINISH],
-}
 OPS = ["event"] * 6 + ["heartbeat", "tick", "tick", "quota", "cleared", "rehello", "reconcile"]
 ops = st.lists(
     st.tuples(
