@@ -152,10 +152,7 @@ class Engine:
 
     def register_worker(self, spec: WorkerSpec, now: float) -> Decisions:
         """Record a worker's Hello; a new epoch means it holds nothing any more."""
-        ws = self.state.workers
-        known = ws.slot_of.get(spec.worker_id)
-        restarted = known is not None and spec.epoch > ws.epoch_v[known]
-        w = self._workers.register(spec)
+        w, restarted = self._workers.register(spec)
         if restarted:
             self.prefix.forget_worker(w)
         return NO_DECISIONS

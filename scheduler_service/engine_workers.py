@@ -43,15 +43,19 @@ class WorkerEvents:
             raise Rejected("worker_id", f"{what} from unknown worker {worker_id!r}")
         return w
 
-    def register(self, spec: WorkerSpec) -> int:
-        """Record a Hello; raises StaleEpoch for an epoch older than the known one."""
+    def register(self, spec: WorkerSpec) -> tuple[int, bool]:
+        """Record a Hello; (slot, whether it is a known worker's new epoch).
+
+        Raises StaleEpoch for an epoch older than the known one.
+        """
         ws = self.state.workers
         w = ws.slot_of.get(spec.worker_id)
         if w is not None and spec.epoch < ws.epoch_v[w]:
             raise StaleEpoch(spec.worker_id, spec.epoch, int(ws.epoch_v[w]))
+        restarted = w is not None and spec.epoch > ws.epoch_v[w]
         if w is None:
             w = ws.add(spec.worker_id)
-        elif spec.epoch > ws.epoch_v[w]:
+        elif restarted:
             # a restarted worker holds nothing: its sessions keep it as home
             # (affinity) but their KV is gone
             for s in self.state.residents_of(w):
@@ -70,7 +74,7 @@ class WorkerEvents:
         self.state.set_worker_spec(w, spec)
         ws.connected_v[w] = True
         ws.live_v[w] = not ws.draining_v[w]
-        return w
+        return w, restarted
 
     def disconnected(self, worker_id: WorkerId) -> None:
         """The worker's stream closed; its KV may still be there."""
