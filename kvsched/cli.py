@@ -51,7 +51,7 @@ COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
         _delegate("loadtest.sim.cli", "simulate_main"),
     ),
     "replay": (
-        "replay a recorded or Mooncake trace through LRU / Belady",
+        "replay a recorded or Mooncake trace through LRU / Belady / kvsched",
         _delegate("loadtest.sim.replay", "replay_main"),
     ),
     "loadtest": (

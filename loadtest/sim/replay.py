@@ -13,10 +13,16 @@ Formats:
        "new_tokens": 412, "worker": "r7"}
 
   ``kind`` is ``step_start``, ``tool_call_wait`` (with ``tool`` and
-  ``expected_tool_latency_s``) or ``session_finish``. Replay uses the
-  step starts: per worker, each session's KV is a prefix of its context, so
+  ``expected_tool_latency_s``), ``tool_call_end`` or ``session_finish``.
+  The LRU and Bélády replays use the step starts: per worker, each session's KV is a prefix of its context, so
   the trace becomes (session, prompt blocks, blocks after the step) requests
   through one cache of ``--capacity-blocks`` blocks per worker.
+
+Policies: ``lru``, ``belady`` (offline, the lower bound on misses) and, for
+the agent format, ``kvsched``: the engine's eviction rule with next use
+predicted online by the agent execution graph
+(``loadtest.sim.replay_cost_aware``). A Mooncake trace has no sessions or
+tool waits to predict from, so ``kvsched`` is refused there.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.sim.oracle import replay_blocks, replay_sessions
+from loadtest.sim.replay_cost_aware import replay_cost_aware
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
@@ -49,6 +56,8 @@ def replay_kvsched(
     rows: Iterable[dict[str, Any]], capacity_blocks: int, policy: str, block_size_tokens: int = 16
 ) -> dict[str, Any]:
     """Hits and misses of an agent trace's step starts, one cache per worker."""
+    if policy == "kvsched":
+        return replay_cost_aware(rows, capacity_blocks, block_size_tokens)
     by_worker: dict[str, list[tuple[int, int, int]]] = {}
     ids: dict[str, int] = {}
     starts = sorted((r for r in rows if r.get("kind") == "step_start"), key=lambda r: float(r["t"]))
@@ -78,10 +87,17 @@ def replay_main(argv: Sequence[str]) -> int:
     p.add_argument("trace")
     p.add_argument("--format", choices=("mooncake", "kvsched"), default="mooncake")
     p.add_argument("--capacity-blocks", type=int, required=True)
-    p.add_argument("--policy", choices=("lru", "belady"), default="lru")
+    p.add_argument("--policy", choices=("lru", "belady", "kvsched"), default="lru")
     p.add_argument("--block-size-tokens", type=int, default=16, help="kvsched format only")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(list(argv))
+    if a.policy == "kvsched" and a.format == "mooncake":
+        p.error(
+            "--policy kvsched needs agent structure (sessions, tool waits, finishes):"
+            " use it with --format kvsched"
+        )
+    if a.capacity_blocks <= 0:
+        p.error(f"--capacity-blocks must be positive, got {a.capacity_blocks}")
     try:
         rows = read_jsonl(a.trace)
     except (OSError, json.JSONDecodeError) as exc:

@@ -314,6 +314,10 @@ class Simulator:
 
     def _tool_end(self, sid: int) -> None:
         self.policy.on_tool_end(sid, self.step[sid], self.now)
+        if self.events is not None:
+            s = self.sessions[sid]
+            i = self.step[sid]
+            self._trace(sid, "tool_call_end", s.context_before_step(i) + s.output_tokens[i], 0)
         self.step[sid] += 1
         self._ready(sid)
 
