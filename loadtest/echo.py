@@ -7,6 +7,11 @@ client drives it the way the load test drives kvsched: pre-serialized batches
 of session events, a window of unacked batches per stream. The ratio of the two
 event rates, measured in one run, says how much of grpcio's ceiling kvsched keeps.
 
+The same server answers ``PlacementService/Place`` with one fixed, pre-serialized
+PlaceResponse. ``place_client`` calls Place on an open-loop schedule (latency
+from the intended send time) against either server, so kvsched's Place latency
+at a rate can be read against what a unary grpcio call costs at that rate.
+
 ``python -m loadtest.echo --port N`` serves until SIGTERM.
 """
 
@@ -20,12 +25,19 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+from hdrh.histogram import HdrHistogram
 
-from kvsched_client._proto.kvsched.v1 import types_pb2, worker_pb2
+from kvsched_client._proto.kvsched.v1 import placement_pb2, types_pb2, worker_pb2
 
-__all__ = ["echo_client", "serve_echo", "varint"]
+__all__ = ["echo_client", "place_client", "serve_echo", "varint"]
 
 METHOD = "/kvsched.v1.WorkerService/Connect"
+PLACE_METHOD = "/kvsched.v1.PlacementService/Place"
+_PLACE_REPLY = bytes(
+    placement_pb2.PlaceResponse(
+        candidates=[placement_pb2.PlacementCandidate(worker_id="echo-0")], reason="echo"
+    ).SerializeToString()
+)
 
 
 def varint(n: int) -> bytes:
@@ -66,14 +78,24 @@ async def _echo(
         yield _ack(_read_seq(raw))
 
 
+async def _place_echo(raw: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+    return _PLACE_REPLY
+
+
 async def serve_echo(port: int) -> None:
-    """Serves the echo method on 127.0.0.1:`port` until cancelled or SIGTERM."""
+    """Serves the echo methods on 127.0.0.1:`port` until cancelled or SIGTERM."""
     server = grpc.aio.server()
-    handler = grpc.method_handlers_generic_handler(
-        "kvsched.v1.WorkerService",
-        {"Connect": grpc.stream_stream_rpc_method_handler(_echo)},
+    handlers = (
+        grpc.method_handlers_generic_handler(
+            "kvsched.v1.WorkerService",
+            {"Connect": grpc.stream_stream_rpc_method_handler(_echo)},
+        ),
+        grpc.method_handlers_generic_handler(
+            "kvsched.v1.PlacementService",
+            {"Place": grpc.unary_unary_rpc_method_handler(_place_echo)},
+        ),
     )
-    server.add_generic_rpc_handlers((handler,))
+    server.add_generic_rpc_handlers(handlers)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     stop = asyncio.Event()
@@ -191,6 +213,68 @@ async def echo_client(
         )
     )
     return acked[0] / (time.perf_counter() - t0)
+
+
+async def place_client(
+    target: str, *, rate_per_s: float, seconds: float, with_worker: bool = False
+) -> dict[str, float]:
+    """Place calls at `rate_per_s` for `seconds`; latency percentiles (ms) from the intended time.
+
+    `with_worker` first opens one worker stream (Hello) and keeps it open, so a
+    real kvsched has a live worker to place on; the echo needs none.
+    """
+    req = placement_pb2.PlaceRequest(
+        session_id="echo-place",
+        tenant_id="tenant-0",
+        agent_type="coding",
+        step_index=1,
+        context_tokens=20_000,
+        new_tokens=2_000,
+    ).SerializeToString()
+    hist = HdrHistogram(1, 60_000_000, 3)  # microseconds
+    errors: dict[str, int] = {}
+    async with grpc.aio.insecure_channel(target) as ch:
+        stream = None
+        if with_worker:
+            hello = _hello(0)
+            stream = ch.stream_stream(METHOD, request_serializer=None, response_deserializer=None)(
+                _hold_open(hello)
+            )
+            await stream.read()  # Welcome: the worker is live
+        place = ch.unary_unary(PLACE_METHOD, request_serializer=None, response_deserializer=None)
+
+        async def one(intended: float) -> None:
+            try:
+                await place(req, timeout=5.0)
+            except grpc.aio.AioRpcError as exc:
+                errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+                return
+            hist.record_value(max(1, int((time.perf_counter() - intended) * 1e6)))
+
+        tasks = []
+        t0 = time.perf_counter()
+        n = int(rate_per_s * seconds)
+        for i in range(n):
+            intended = t0 + i / rate_per_s
+            wait = intended - time.perf_counter()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            tasks.append(asyncio.create_task(one(intended)))
+        await asyncio.gather(*tasks)
+        if stream is not None:
+            stream.cancel()
+    return {
+        "calls": float(hist.get_total_count()),
+        "p50_ms": hist.get_value_at_percentile(50.0) / 1000.0,
+        "p99_ms": hist.get_value_at_percentile(99.0) / 1000.0,
+        "p999_ms": hist.get_value_at_percentile(99.9) / 1000.0,
+        "errors": float(sum(errors.values())),
+    }
+
+
+async def _hold_open(first: bytes) -> AsyncIterator[bytes]:
+    yield first
+    await asyncio.Event().wait()  # until the call is cancelled
 
 
 def main(argv: list[str] | None = None) -> int:

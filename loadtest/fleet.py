@@ -28,7 +28,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loadtest.echo import echo_client
+from loadtest.echo import echo_client, place_client
 from loadtest.fleet_driver import Fleet, FleetConfig
 from loadtest.fleet_metrics import Recorder, ServerProbe, summary
 from loadtest.fleet_sessions import SCENARIOS
@@ -367,16 +367,35 @@ def _fields(cfg: FleetConfig) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
 
 
-async def baselines(kvsched_target: str, seconds: float, streams: int) -> dict[str, float]:
-    """The raw client against grpcio echo and against kvsched, in one run."""
+async def baselines(
+    kvsched_target: str, seconds: float, streams: int, place_rate_per_s: float = 0.0
+) -> dict[str, float]:
+    """The raw clients against grpcio echo and against kvsched, in one run.
+
+    With `place_rate_per_s`, also Place at that rate through one raw unary client:
+    against the echo (what a grpcio unary call costs here) and against kvsched.
+    """
     with spawned_echo() as echo_target:
         echo = await echo_client(echo_target, streams=streams, seconds=seconds)
+        if place_rate_per_s:
+            echo_place = await place_client(
+                echo_target, rate_per_s=place_rate_per_s, seconds=seconds
+            )
+    out: dict[str, float] = {}
+    if place_rate_per_s:
+        # NOTE: before the raw event flood below, whose last windows the server is
+        # still applying when that client stops: Place calls would queue behind them.
+        raw_place = await place_client(
+            kvsched_target, rate_per_s=place_rate_per_s, seconds=seconds, with_worker=True
+        )
+        for name, r in (("echo_place", echo_place), ("kvsched_raw_place", raw_place)):
+            for k in ("p50_ms", "p99_ms", "p999_ms", "errors"):
+                out[f"{name}_{k}"] = round(r[k], 3)
     raw = await echo_client(kvsched_target, streams=streams, seconds=seconds, with_hello=True)
-    return {
-        "echo_events_per_s": round(echo, 1),
-        "kvsched_raw_events_per_s": round(raw, 1),
-        "kvsched_vs_echo": round(raw / echo, 4) if echo else 0.0,
-    }
+    out["echo_events_per_s"] = round(echo, 1)
+    out["kvsched_raw_events_per_s"] = round(raw, 1)
+    out["kvsched_vs_echo"] = round(raw / echo, 4) if echo else 0.0
+    return out
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -538,7 +557,12 @@ async def _main(
     else:
         out = await run_fleet(cfg, probe, live)
     if ns.baseline or rates:
-        base = await baselines(cfg.target, ns.baseline_s, streams=4)
+        base = await baselines(
+            cfg.target,
+            ns.baseline_s,
+            streams=4,
+            place_rate_per_s=cfg.rate_per_s if cfg.place_only else 0.0,
+        )
         out.update(base)
         fleet_rate = out.get("knee_events_per_s") or out.get("events_per_s", 0.0)
         echo = base["echo_events_per_s"]

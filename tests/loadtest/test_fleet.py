@@ -11,6 +11,7 @@ import pytest
 
 from kvsched_client._proto.kvsched.v1 import types_pb2
 from loadtest.fleet import (
+    baselines,
     check_loopback,
     loadtest_main,
     parse_duration_s,
@@ -115,6 +116,20 @@ async def test_place_only_makes_one_call_per_tick_and_sends_no_events(
     assert out["events_sent"] == 0 and out["events_acked"] == 0
     assert 0 < out["place_p50_ms"] <= out["place_p99_ms"]
     assert out["negative_latencies"] == 0
+
+
+@pytest.mark.timeout(60)
+async def test_place_baseline_times_echo_and_kvsched_place_at_the_same_rate(
+    server: tuple[str, int],
+) -> None:
+    target, _ = server
+    out = await baselines(target, 0.5, streams=1, place_rate_per_s=100.0)
+    assert out["echo_events_per_s"] > 0 and out["kvsched_raw_events_per_s"] > 0
+    for name in ("echo_place", "kvsched_raw_place"):
+        # every call answered (kvsched has the raw client's worker to place on)
+        assert out[f"{name}_errors"] == 0
+        assert 0 < out[f"{name}_p50_ms"] <= out[f"{name}_p99_ms"] <= out[f"{name}_p999_ms"]
+    assert "echo_place_p50_ms" not in await baselines(target, 0.2, streams=1)
 
 
 def test_non_loopback_targets_are_refused() -> None:
