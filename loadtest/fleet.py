@@ -305,6 +305,8 @@ def _child_argv(cfg: FleetConfig, procs: int, i: int, out: Path) -> list[str]:
         argv.append("--place-only")
     if not cfg.combine_messages:
         argv.append("--message-per-kind")
+    if cfg.place_stream:
+        argv.append("--place-stream")
     if cfg.token:
         argv += ["--token", cfg.token]
     return argv
@@ -421,6 +423,11 @@ def _parser() -> argparse.ArgumentParser:
         default=100.0,
         help="after a failed Place the router falls back without calling for this long",
     )
+    p.add_argument(
+        "--place-stream",
+        action="store_true",
+        help="routers place over one PlaceStream each instead of a unary call per step",
+    )
     p.add_argument("--no-pools", action="store_true", help="no reference KV pools")
     p.add_argument(
         "--place-only", action="store_true", help="only Place calls, --rate of them per second"
@@ -507,6 +514,7 @@ def loadtest_main(argv: list[str]) -> int:
             place_only=ns.place_only,
             batch_delay_s=ns.batch_delay_ms / 1000.0,
             combine_messages=not ns.message_per_kind,
+            place_stream=ns.place_stream,
             seed=ns.seed,
             token=ns.token,
         )

@@ -68,6 +68,8 @@ class FleetConfig:
     batch_delay_s: float = 0.002
     # One WorkerBatch for everything pending (False: one message per kind)
     combine_messages: bool = True
+    # Routers place over one PlaceStream each instead of one unary call per step
+    place_stream: bool = False
     drain_s: float = 10.0
     seed: int = 0
     token: str | None = None
@@ -170,6 +172,7 @@ class Fleet:
                     live_workers=live,
                     cooldown_s=cfg.place_cooldown_s,
                     token=cfg.token,
+                    stream=cfg.place_stream,
                 )
             )
 
@@ -453,6 +456,8 @@ class Fleet:
     async def stop(self) -> None:
         """Closes every stream and channel."""
         await asyncio.gather(*(w.stop(flush_timeout_s=0.0) for w in self.workers))
+        for r in self.routers:
+            await r.close()
         for ch in self._channels:
             await ch.close()
         if self._log_handler is not None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.rpc import code_pb2
 
 from kvsched_client._proto.kvsched.v1 import (
     admin_pb2,
@@ -110,6 +111,29 @@ async def code_of(coro: Awaitable[object]) -> str:
         return e.code().name
 
 
+async def stream_place_codes(
+    ch: grpc.aio.Channel, token: str | None, reqs: list[placement_pb2.PlaceRequest]
+) -> list[str]:
+    """Place each request on one PlaceStream: 'OK', a PlaceError's code name, or the
+    status code name of the stream once it has ended (and nothing after it)."""
+    call = placement_pb2_grpc.PlacementServiceStub(ch).PlaceStream(metadata=md(token))
+    out: list[str] = []
+    try:
+        for i, req in enumerate(reqs):
+            await call.write(placement_pb2.PlaceStreamRequest(request_id=i, request=req))
+            answer = await asyncio.wait_for(call.read(), 5.0)
+            assert answer is not grpc.aio.EOF and answer.request_id == i
+            if answer.HasField("error"):
+                out.append(code_pb2.Code.Name(answer.error.code))
+            else:
+                out.append(OK)
+    except grpc.aio.AioRpcError as e:
+        out.append(e.code().name)
+    finally:
+        call.cancel()
+    return out
+
+
 async def test_authorisation_matrix(secured: Service) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{secured.port}") as ch:
         admin = admin_pb2_grpc.AdminServiceStub(ch)
@@ -173,6 +197,12 @@ async def test_authorisation_matrix(secured: Service) -> None:
                     placement_pb2.PlaceRequest(session_id="sb", tenant_id="tb"), metadata=md(t)
                 )
             ),
+            "PlaceStream ta": lambda t: stream_place_codes(
+                ch, t, [placement_pb2.PlaceRequest(session_id="sa", tenant_id="ta")]
+            ),
+            "PlaceStream tb": lambda t: stream_place_codes(
+                ch, t, [placement_pb2.PlaceRequest(session_id="sb", tenant_id="tb")]
+            ),
             "GetSession sa": lambda t: code_of(
                 admin.GetSession(admin_pb2.GetSessionRequest(session_id="sa"), metadata=md(t))
             ),
@@ -230,6 +260,8 @@ async def test_authorisation_matrix(secured: Service) -> None:
             "stream tb events": (U, U, OK, OK, D, D, D, D),
             "Place ta": (U, U, OK, D, D, OK, D, D),
             "Place tb": (U, U, OK, D, D, D, D, D),
+            "PlaceStream ta": ([U], [U], [OK], [D], [D], [OK], [D], [D]),
+            "PlaceStream tb": ([U], [U], [OK], [D], [D], [D], [D], [D]),
             "GetSession sa": (U, U, OK, D, D, D, OK, N),
             "GetSession sb": (U, U, OK, D, D, D, N, OK),
             "GetTenant ta": (U, U, OK, D, D, D, OK, D),
@@ -355,6 +387,42 @@ async def test_tenant_rate_limit_is_resource_exhausted_and_spares_other_tenants(
             for _ in range(40)
         ]
         assert calm == ["UNAVAILABLE"] * 40  # never throttled by the other tenant's flood
+
+
+async def test_place_stream_throttles_per_request_and_ends_when_its_token_is_revoked(
+    secured: Service,
+) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{secured.port}") as ch:
+        await create_tenant(ch, "flood", event_rate_limit_per_s=5)
+        await create_tenant(ch, "calm", event_rate_limit_per_s=1000)
+        flood = placement_pb2.PlaceRequest(session_id="f", tenant_id="flood")
+        calm = placement_pb2.PlaceRequest(session_id="c", tenant_id="calm")
+        # no live worker: an answer past the limiter is UNAVAILABLE
+        codes = await stream_place_codes(ch, ADMIN_TOKEN, [flood] * 40 + [calm] * 5)
+        assert len(codes) == 45  # every refusal came back on the stream; it stayed open
+        assert codes[0] == "UNAVAILABLE" and codes[1:40].count("RESOURCE_EXHAUSTED") >= 30
+        assert codes[40:] == ["UNAVAILABLE"] * 5  # the other tenant is not throttled
+        call = placement_pb2_grpc.PlacementServiceStub(ch).PlaceStream(metadata=md(ADMIN_TOKEN))
+        await call.write(placement_pb2.PlaceStreamRequest(request_id=1, request=flood))
+        answer = await asyncio.wait_for(call.read(), 5.0)
+        assert answer.error.code == code_pb2.RESOURCE_EXHAUSTED
+        assert answer.error.retry_delay_s > 0
+        call.cancel()
+
+        admin = admin_pb2_grpc.AdminServiceStub(ch)
+        router = await admin.CreateToken(
+            admin_pb2.CreateTokenRequest(role=admin_pb2.ROLE_ROUTER), metadata=md(ADMIN_TOKEN)
+        )
+        call = placement_pb2_grpc.PlacementServiceStub(ch).PlaceStream(metadata=md(router.token))
+        await call.write(placement_pb2.PlaceStreamRequest(request_id=1, request=calm))
+        assert (await asyncio.wait_for(call.read(), 5.0)).error.code == code_pb2.UNAVAILABLE
+        await admin.RevokeToken(
+            admin_pb2.RevokeTokenRequest(token_id=router.info.token_id), metadata=md(ADMIN_TOKEN)
+        )
+        await call.write(placement_pb2.PlaceStreamRequest(request_id=2, request=calm))
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await asyncio.wait_for(call.read(), 5.0)
+        assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_a_new_session_over_the_tenant_session_limit_is_resource_exhausted(

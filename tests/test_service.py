@@ -557,6 +557,50 @@ async def test_bad_place_is_invalid_argument(
     assert field_violations(ei.value) == [field]
 
 
+async def test_place_stream_answers_by_request_id_and_keeps_refusals_on_the_stream(
+    channel: grpc.aio.Channel,
+) -> None:
+    a, _ = await connect(channel, worker_id="wa")
+    b, _ = await connect(channel, worker_id="wb")
+    await b.send(batch(2, event("s1", K.STEP_START, ctx=8000), event("s1", K.STEP_END, ctx=8000)))
+    await b.recv_until_ack(2)
+    stub = placement_pb2_grpc.PlacementServiceStub(channel)
+    good = placement_pb2.PlaceRequest(
+        session_id="s1", tenant_id="acme", step_index=1, context_tokens=9000, max_candidates=2
+    )
+    bad = placement_pb2.PlaceRequest(session_id="s1", tenant_id="acme", max_candidates=99)
+    unary = await stub.Place(good, timeout=1.0)
+    call = stub.PlaceStream()
+    for rid, req in ((7, good), (8, bad), (9, good)):
+        await call.write(placement_pb2.PlaceStreamRequest(request_id=rid, request=req))
+    answers = [await asyncio.wait_for(call.read(), 2.0) for _ in range(3)]
+    await call.done_writing()
+    assert [m.request_id for m in answers] == [7, 8, 9]
+    assert answers[0].WhichOneof("result") == answers[2].WhichOneof("result") == "placement"
+    assert [c.worker_id for c in answers[0].placement.candidates] == ["wb", "wa"]
+    assert [c.worker_id for c in answers[0].placement.candidates] == [
+        c.worker_id for c in unary.candidates
+    ]
+    err = answers[1].error
+    assert (err.code, err.field) == (code_pb2.INVALID_ARGUMENT, "request.max_candidates")
+    assert "max_candidates" in err.message
+    assert await call.read() is grpc.aio.EOF  # ended cleanly, by the client
+    await a.close()
+    await b.close()
+
+
+async def test_place_stream_with_no_worker_answers_unavailable_with_a_retry_delay(
+    channel: grpc.aio.Channel,
+) -> None:
+    call = placement_pb2_grpc.PlacementServiceStub(channel).PlaceStream()
+    req = placement_pb2.PlaceRequest(session_id="s", tenant_id="t")
+    await call.write(placement_pb2.PlaceStreamRequest(request_id=1, request=req))
+    answer = await asyncio.wait_for(call.read(), 2.0)
+    assert (answer.request_id, answer.error.code) == (1, code_pb2.UNAVAILABLE)
+    assert answer.error.retry_delay_s > 0
+    call.cancel()
+
+
 async def test_report_session_events_is_idempotent(channel: grpc.aio.Channel) -> None:
     s, _ = await connect(channel)
     stub = placement_pb2_grpc.PlacementServiceStub(channel)

@@ -21,10 +21,11 @@ class FakePlacement(placement_pb2_grpc.PlacementServiceServicer):
         self.delay_s = 0.0
         self.calls = 0
         self.empty = False
+        self.streams = 0
+        self.fail_streams = 0  # the first N PlaceStreams end UNAVAILABLE at their first request
+        self.refuse = 0  # google.rpc.Code to answer every stream request with, 0 = none
 
-    async def Place(self, request, context):
-        self.calls += 1
-        await asyncio.sleep(self.delay_s)
+    def _answer(self, request) -> placement_pb2.PlaceResponse:
         if self.empty:
             return placement_pb2.PlaceResponse()
         return placement_pb2.PlaceResponse(
@@ -34,8 +35,52 @@ class FakePlacement(placement_pb2_grpc.PlacementServiceServicer):
             ],
             step_priority=4,
             affinity_ttl_s=30.0,
-            reason="affinity",
+            reason=f"affinity:{request.session_id}",
         )
+
+    async def Place(self, request, context):
+        self.calls += 1
+        await asyncio.sleep(self.delay_s)
+        return self._answer(request)
+
+    async def PlaceStream(self, request_iterator, context):
+        """Answers each request after `delay_s` (a session named slow-* waits 0.3 s
+        more), concurrently, so answers come back out of order."""
+        self.streams += 1
+        out: asyncio.Queue = asyncio.Queue()
+
+        async def answer(msg) -> None:
+            extra = 0.3 if msg.request.session_id.startswith("slow") else 0.0
+            await asyncio.sleep(self.delay_s + extra)
+            if self.refuse:
+                err = placement_pb2.PlaceError(code=self.refuse, message="no")
+                await out.put(
+                    placement_pb2.PlaceStreamResponse(request_id=msg.request_id, error=err)
+                )
+            else:
+                placed = self._answer(msg.request)
+                await out.put(
+                    placement_pb2.PlaceStreamResponse(request_id=msg.request_id, placement=placed)
+                )
+
+        tasks: set[asyncio.Future] = set()
+
+        async def read() -> None:
+            async for msg in request_iterator:
+                self.calls += 1
+                if self.fail_streams:
+                    self.fail_streams -= 1
+                    await out.put(None)
+                    return
+                task = asyncio.ensure_future(answer(msg))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+        reader = asyncio.ensure_future(read())
+        while (m := await out.get()) is not None:
+            await context.write(m)
+        reader.cancel()
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "stream failed")
 
 
 @pytest.fixture
@@ -58,7 +103,8 @@ async def test_uses_the_service_answer_when_it_is_fast(fake) -> None:
     async with grpc.aio.insecure_channel(target) as ch:
         client = PlacementClient(ch, deadline_s=1.0, live_workers=LIVE)
         res = await client.place(req())
-    assert (res.worker_ids, res.fell_back, res.reason) == (("w9", "w1"), False, "affinity")
+    assert (res.worker_ids, res.fell_back) == (("w9", "w1"), False)
+    assert res.reason == "affinity:sess-1"
     assert (res.primary, res.step_priority, res.affinity_ttl_s) == ("w9", 4, 30.0)
 
 
@@ -122,3 +168,52 @@ def test_rendezvous_moves_only_the_sessions_of_a_removed_worker() -> None:
     moved = [s for s in sessions if before[s] != after[s]]
     assert all(before[s] == "w3" for s in moved)
     assert 300 < len(moved) < 500  # about 1/5 of the sessions
+
+
+async def test_stream_mode_matches_answers_to_concurrent_calls_by_request_id(fake) -> None:
+    servicer, target = fake
+    async with grpc.aio.insecure_channel(target) as ch:
+        client = PlacementClient(ch, deadline_s=2.0, live_workers=LIVE, stream=True)
+        sessions = ["slow-a", "b", "slow-c", "d", "e"]
+        results = await asyncio.gather(*(client.place(req(s)) for s in sessions))
+        await client.close()
+    # the slow ones were answered last, yet each call got its own answer
+    assert [r.reason for r in results] == [f"affinity:{s}" for s in sessions]
+    assert not any(r.fell_back for r in results)
+    assert (servicer.streams, servicer.calls) == (1, 5)
+
+
+async def test_stream_mode_falls_back_at_the_deadline_and_ignores_the_late_answer(fake) -> None:
+    servicer, target = fake
+    async with grpc.aio.insecure_channel(target) as ch:
+        client = PlacementClient(ch, deadline_s=0.1, cooldown_s=0.0, live_workers=LIVE, stream=True)
+        await client.place(req("warm-up"))  # opens the stream
+        t0 = time.perf_counter()
+        res = await client.place(req("slow-x"))
+        assert time.perf_counter() - t0 < 0.25
+        assert res.reason == "fallback:deadline"
+        # w9 joined the fallback's worker set with the warm-up's answer
+        assert list(res.worker_ids) == rendezvous_order("slow-x", [*LIVE, "w9"])[:3]
+        await asyncio.sleep(0.35)  # slow-x's answer arrives now, for nobody
+        again = await client.place(req("y"))
+        await client.close()
+    assert (again.reason, again.fell_back) == ("affinity:y", False)
+    assert servicer.streams == 1
+
+
+async def test_stream_mode_refusals_and_a_failed_stream_fall_back_then_a_new_stream_opens(
+    fake,
+) -> None:
+    servicer, target = fake
+    async with grpc.aio.insecure_channel(target) as ch:
+        client = PlacementClient(ch, deadline_s=2.0, cooldown_s=0.0, live_workers=LIVE, stream=True)
+        servicer.refuse = 8  # RESOURCE_EXHAUSTED
+        refused = await client.place(req("r"))
+        servicer.refuse = 0
+        servicer.fail_streams = 1
+        failed = await client.place(req("f"))
+        recovered = await client.place(req("g"))
+        await client.close()
+    assert refused.reason == "fallback:resource_exhausted"
+    assert failed.reason == "fallback:unavailable"
+    assert (recovered.reason, servicer.streams) == ("affinity:g", 2)

@@ -95,8 +95,9 @@ async def test_two_client_processes_add_up_to_one_fleet(server: tuple[str, int])
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("place_stream", [False, True])
 async def test_place_only_makes_one_call_per_tick_and_sends_no_events(
-    server: tuple[str, int],
+    server: tuple[str, int], place_stream: bool
 ) -> None:
     target, pid = server
     cfg = FleetConfig(
@@ -109,6 +110,7 @@ async def test_place_only_makes_one_call_per_tick_and_sends_no_events(
         place_deadline_s=0.05,
         place_cooldown_s=0.0,
         place_only=True,
+        place_stream=place_stream,
     )
     out: dict[str, Any] = await run_fleet(cfg, ServerProbe(pid))
     assert out["events_due"] == 200
@@ -116,6 +118,7 @@ async def test_place_only_makes_one_call_per_tick_and_sends_no_events(
     assert out["events_sent"] == 0 and out["events_acked"] == 0
     assert 0 < out["place_p50_ms"] <= out["place_p99_ms"]
     assert out["negative_latencies"] == 0
+    assert out["place_fallback_rate"] < 0.5  # the service answered (unary or on the stream)
 
 
 @pytest.mark.timeout(60)

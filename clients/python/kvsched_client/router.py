@@ -10,9 +10,11 @@ worker joins or leaves, so affinity (and the KV it keeps) survives an outage.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -109,6 +111,10 @@ def _auth(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
+#: google.rpc.Code number -> the name a failed unary call reports ("resource_exhausted").
+_CODE_NAMES = {c.value[0]: c.name.lower() for c in grpc.StatusCode}
+
+
 def _why(err: grpc.RpcError) -> str:
     code = err.code() if hasattr(err, "code") else None
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -145,17 +151,154 @@ class _PlacementClientBase:
 
 
 class PlacementClient(_PlacementClientBase):
-    """Async Place with a deadline and a rendezvous-hash fallback."""
+    """Async Place with a deadline and a rendezvous-hash fallback.
+
+    With ``stream=True`` the calls share one ``PlaceStream`` (opened on first
+    use, reopened after it fails): far cheaper for the server than one unary
+    call each when a router places many steps a second. Deadline, fallback and
+    cooldown behave as for unary calls; call ``close()`` when done.
+    """
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        deadline_s: float = DEFAULT_DEADLINE_S,
+        live_workers: Mapping[str, str] | None = None,
+        cooldown_s: float = DEFAULT_COOLDOWN_S,
+        clock: Callable[[], float] = time.monotonic,
+        token: str | None = None,
+        stream: bool = False,
+    ) -> None:
+        super().__init__(
+            channel,
+            deadline_s=deadline_s,
+            live_workers=live_workers,
+            cooldown_s=cooldown_s,
+            clock=clock,
+            token=token,
+        )
+        self._stream = _PlaceStream(self._stub, self._metadata) if stream else None
 
     async def place(self, request: placement_pb2.PlaceRequest) -> PlaceResult:
         """Returns the service's placement, or the fallback's within the deadline."""
         if self._fb.should_skip():
             return self._fb.result(request, "cooldown")
+        if self._stream is not None:
+            return await self._place_on_stream(self._stream, request)
         try:
             resp = await self._stub.Place(request, timeout=self.deadline_s, metadata=self._metadata)
         except grpc.RpcError as err:
             return self._fb.failed(_why(err), request)
         return self._fb.answer(request, resp)
+
+    async def _place_on_stream(
+        self, stream: _PlaceStream, request: placement_pb2.PlaceRequest
+    ) -> PlaceResult:
+        try:
+            async with asyncio.timeout(self.deadline_s):
+                answer = await stream.call(request)
+        except TimeoutError:
+            return self._fb.failed("deadline", request)
+        except grpc.RpcError as err:
+            return self._fb.failed(_why(err), request)
+        if answer.HasField("error"):
+            return self._fb.failed(_CODE_NAMES.get(answer.error.code, "error"), request)
+        return self._fb.answer(request, answer.placement)
+
+    async def close(self) -> None:
+        """Ends the shared stream, if any (the channel stays the caller's)."""
+        if self._stream is not None:
+            await self._stream.close()
+
+
+class _PlaceStream:
+    """One PlaceStream call shared by concurrent ``place`` calls, matched by request id."""
+
+    def __init__(
+        self,
+        stub: placement_pb2_grpc.PlacementServiceStub,
+        metadata: tuple[tuple[str, str], ...],
+    ) -> None:
+        self._stub = stub
+        self._metadata = metadata
+        self._outbox: asyncio.Queue[placement_pb2.PlaceStreamRequest | None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._pending: dict[int, asyncio.Future[placement_pb2.PlaceStreamResponse]] = {}
+        self._next_id = 0
+
+    async def call(self, request: placement_pb2.PlaceRequest) -> placement_pb2.PlaceStreamResponse:
+        """Sends ``request`` and waits for its answer (the caller bounds the wait)."""
+        if self._outbox is None:
+            self._open()
+        assert self._outbox is not None
+        self._next_id += 1
+        rid = self._next_id
+        fut: asyncio.Future[placement_pb2.PlaceStreamResponse] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._pending[rid] = fut
+        try:
+            self._outbox.put_nowait(
+                placement_pb2.PlaceStreamRequest(request_id=rid, request=request)
+            )
+            return await fut
+        finally:
+            self._pending.pop(rid, None)
+
+    def _open(self) -> None:
+        outbox: asyncio.Queue[placement_pb2.PlaceStreamRequest | None] = asyncio.Queue()
+
+        async def requests() -> AsyncIterator[placement_pb2.PlaceStreamRequest]:
+            while (m := await outbox.get()) is not None:
+                yield m
+
+        call = self._stub.PlaceStream(requests(), metadata=self._metadata)
+        self._outbox = outbox
+        self._reader = asyncio.create_task(self._read(call, outbox))
+
+    async def _read(
+        self,
+        call: grpc.aio.StreamStreamCall[
+            placement_pb2.PlaceStreamRequest, placement_pb2.PlaceStreamResponse
+        ],
+        outbox: asyncio.Queue[placement_pb2.PlaceStreamRequest | None],
+    ) -> None:
+        failure: BaseException = grpc.aio.AioRpcError(
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata(),
+            "the PlaceStream ended",
+        )
+        try:
+            async for answer in call:
+                fut = self._pending.get(answer.request_id)
+                if fut is not None and not fut.done():
+                    fut.set_result(answer)
+        except grpc.RpcError as err:
+            failure = err
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        finally:
+            # the next call opens a new stream; whoever waited on this one fails over
+            if self._outbox is outbox:
+                self._outbox = None
+                self._reader = None
+            for fut in list(self._pending.values()):
+                if not fut.done():
+                    fut.set_exception(failure)
+
+    async def close(self) -> None:
+        """Ends the stream and fails whatever still waits on it."""
+        outbox, reader = self._outbox, self._reader
+        self._outbox = self._reader = None
+        if outbox is not None:
+            outbox.put_nowait(None)
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
 
 
 class SyncPlacementClient(_PlacementClientBase):

@@ -157,6 +157,106 @@ class PlaceResponse(_message.Message):
 Global___PlaceResponse: _TypeAlias = PlaceResponse  # noqa: Y015
 
 @_typing.final
+class PlaceStreamRequest(_message.Message):
+    """One Place call on a PlaceStream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.int
+    """Chosen by the router, echoed in the answer; unique among its requests in flight."""
+    @_builtins.property
+    def request(self) -> Global___PlaceRequest:
+        """The call, as for Place."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.int = ...,
+        request: Global___PlaceRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request", b"request", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlaceStreamRequest: _TypeAlias = PlaceStreamRequest  # noqa: Y015
+
+@_typing.final
+class PlaceStreamResponse(_message.Message):
+    """The answer to one PlaceStreamRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PLACEMENT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.int
+    """The request's id."""
+    @_builtins.property
+    def placement(self) -> Global___PlaceResponse:
+        """What Place would have returned."""
+
+    @_builtins.property
+    def error(self) -> Global___PlaceError:
+        """Why the request was refused."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.int = ...,
+        placement: Global___PlaceResponse | None = ...,
+        error: Global___PlaceError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "placement", b"placement", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "placement", b"placement", "request_id", b"request_id", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["placement", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___PlaceStreamResponse: _TypeAlias = PlaceStreamResponse  # noqa: Y015
+
+@_typing.final
+class PlaceError(_message.Message):
+    """A refused PlaceStreamRequest: the status Place would have ended with."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    FIELD_FIELD_NUMBER: _builtins.int
+    RETRY_DELAY_S_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """google.rpc.Code: INVALID_ARGUMENT (3), PERMISSION_DENIED (7),
+    RESOURCE_EXHAUSTED (8) or UNAVAILABLE (14).
+    """
+    message: _builtins.str
+    """What is wrong, for people."""
+    field: _builtins.str
+    """INVALID_ARGUMENT / PERMISSION_DENIED: the offending field ("request.context_tokens")."""
+    retry_delay_s: _builtins.float
+    """RESOURCE_EXHAUSTED / UNAVAILABLE: when to try again, in seconds."""
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        field: _builtins.str = ...,
+        retry_delay_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "field", b"field", "message", b"message", "retry_delay_s", b"retry_delay_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlaceError: _TypeAlias = PlaceError  # noqa: Y015
+
+@_typing.final
 class ReportSessionEventsRequest(_message.Message):
     """Events from an integration that has no stream."""
 

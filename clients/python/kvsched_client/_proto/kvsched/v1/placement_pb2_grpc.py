@@ -41,6 +41,11 @@ class PlacementServiceStub:
                 request_serializer=kvsched_dot_v1_dot_placement__pb2.PlaceRequest.SerializeToString,
                 response_deserializer=kvsched_dot_v1_dot_placement__pb2.PlaceResponse.FromString,
                 _registered_method=True)
+        self.PlaceStream = channel.stream_stream(
+                '/kvsched.v1.PlacementService/PlaceStream',
+                request_serializer=kvsched_dot_v1_dot_placement__pb2.PlaceStreamRequest.SerializeToString,
+                response_deserializer=kvsched_dot_v1_dot_placement__pb2.PlaceStreamResponse.FromString,
+                _registered_method=True)
         self.ReportSessionEvents = channel.unary_unary(
                 '/kvsched.v1.PlacementService/ReportSessionEvents',
                 request_serializer=kvsched_dot_v1_dot_placement__pb2.ReportSessionEventsRequest.SerializeToString,
@@ -54,6 +59,18 @@ class PlacementServiceServicer:
 
     def Place(self, request, context):
         """Where should this session's next step run?
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PlaceStream(self, request_iterator, context):
+        """Many Place calls over one stream, for routers that place many steps a
+        second: a unary call costs the server several times what one message on
+        an open stream does. Each request carries an id that its answer echoes;
+        a refused request is answered with a PlaceError (the status Place would
+        have ended with) and the stream stays open. Authentication failures end
+        the stream. The router keeps its own deadline per request.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -73,6 +90,11 @@ def add_PlacementServiceServicer_to_server(servicer, server):
                     servicer.Place,
                     request_deserializer=kvsched_dot_v1_dot_placement__pb2.PlaceRequest.FromString,
                     response_serializer=kvsched_dot_v1_dot_placement__pb2.PlaceResponse.SerializeToString,
+            ),
+            'PlaceStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.PlaceStream,
+                    request_deserializer=kvsched_dot_v1_dot_placement__pb2.PlaceStreamRequest.FromString,
+                    response_serializer=kvsched_dot_v1_dot_placement__pb2.PlaceStreamResponse.SerializeToString,
             ),
             'ReportSessionEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportSessionEvents,
@@ -108,6 +130,33 @@ class PlacementService:
             '/kvsched.v1.PlacementService/Place',
             kvsched_dot_v1_dot_placement__pb2.PlaceRequest.SerializeToString,
             kvsched_dot_v1_dot_placement__pb2.PlaceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlaceStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/kvsched.v1.PlacementService/PlaceStream',
+            kvsched_dot_v1_dot_placement__pb2.PlaceStreamRequest.SerializeToString,
+            kvsched_dot_v1_dot_placement__pb2.PlaceStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

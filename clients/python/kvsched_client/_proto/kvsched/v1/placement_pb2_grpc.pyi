@@ -36,6 +36,14 @@ class PlacementServiceStub:
     def __new__(cls, channel: _aio.Channel) -> PlacementServiceAsyncStub: ...
     Place: _grpc.UnaryUnaryMultiCallable[_placement_pb2.PlaceRequest, _placement_pb2.PlaceResponse]
     """Where should this session's next step run?"""
+    PlaceStream: _grpc.StreamStreamMultiCallable[_placement_pb2.PlaceStreamRequest, _placement_pb2.PlaceStreamResponse]
+    """Many Place calls over one stream, for routers that place many steps a
+    second: a unary call costs the server several times what one message on
+    an open stream does. Each request carries an id that its answer echoes;
+    a refused request is answered with a PlaceError (the status Place would
+    have ended with) and the stream stays open. Authentication failures end
+    the stream. The router keeps its own deadline per request.
+    """
     ReportSessionEvents: _grpc.UnaryUnaryMultiCallable[_placement_pb2.ReportSessionEventsRequest, _placement_pb2.ReportSessionEventsResponse]
     """Report session events without a stream (idempotent by event_id)."""
 
@@ -46,6 +54,14 @@ class PlacementServiceAsyncStub(PlacementServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Place: _aio.UnaryUnaryMultiCallable[_placement_pb2.PlaceRequest, _placement_pb2.PlaceResponse]  # type: ignore[assignment]
     """Where should this session's next step run?"""
+    PlaceStream: _aio.StreamStreamMultiCallable[_placement_pb2.PlaceStreamRequest, _placement_pb2.PlaceStreamResponse]  # type: ignore[assignment]
+    """Many Place calls over one stream, for routers that place many steps a
+    second: a unary call costs the server several times what one message on
+    an open stream does. Each request carries an id that its answer echoes;
+    a refused request is answered with a PlaceError (the status Place would
+    have ended with) and the stream stays open. Authentication failures end
+    the stream. The router keeps its own deadline per request.
+    """
     ReportSessionEvents: _aio.UnaryUnaryMultiCallable[_placement_pb2.ReportSessionEventsRequest, _placement_pb2.ReportSessionEventsResponse]  # type: ignore[assignment]
     """Report session events without a stream (idempotent by event_id)."""
 
@@ -59,6 +75,20 @@ class PlacementServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_placement_pb2.PlaceResponse, _abc.Awaitable[_placement_pb2.PlaceResponse]]:
         """Where should this session's next step run?"""
+
+    @_abc_1.abstractmethod
+    def PlaceStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_placement_pb2.PlaceStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_placement_pb2.PlaceStreamResponse], _abc.AsyncIterator[_placement_pb2.PlaceStreamResponse]]:
+        """Many Place calls over one stream, for routers that place many steps a
+        second: a unary call costs the server several times what one message on
+        an open stream does. Each request carries an id that its answer echoes;
+        a refused request is answered with a PlaceError (the status Place would
+        have ended with) and the stream stays open. Authentication failures end
+        the stream. The router keeps its own deadline per request.
+        """
 
     @_abc_1.abstractmethod
     def ReportSessionEvents(
