@@ -115,6 +115,7 @@ class CacheSpec:
     host_link_bytes_per_s: float = 25e9
     decode_tokens_per_s: float = 0.0  # one sequence alone; 0 = unknown (learned)
     hbm_bytes_per_s: float = 0.0  # KV read bandwidth of decode; 0 = unknown
+    kv_transfer_domain: str = ""  # workers of one domain can load each other's KV
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +230,8 @@ class Candidate:
     expected_cached_tokens: int
     score: float
     cached_tier: Tier = Tier.NONE
+    # the worker holding the KV this one would load (same kv_transfer_domain)
+    kv_source_worker_id: WorkerId | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,8 @@ same least-loaded worker and sends it all the work (a herd).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import numpy.typing as npt
 
@@ -22,6 +24,7 @@ from scheduler_service.domain import Candidate, Placement, PlaceRequest, Tier, W
 from scheduler_service.engine_config import EngineConfig
 from scheduler_service.fairness import FairShare
 from scheduler_service.kernels import KernelSet
+from scheduler_service.kernels.placement import TIER_PEER_GPU
 from scheduler_service.prefix_index import PrefixIndex
 from scheduler_service.state import NO_SLOT, TIER_NONE, ClusterState
 
@@ -53,6 +56,7 @@ class Placer:
         self._out_cached = np.zeros(k, dtype=np.int64)
         self._out_tier = np.zeros(k, dtype=np.int64)
         self._placed = np.zeros(64, dtype=np.int64)
+        self._no_domain = np.full(64, -1, dtype=np.int64)  # no worker shares KV
         # blocks of the request's prefix each worker holds; zero between calls
         self._prefix = np.zeros(64, dtype=np.int64)
 
@@ -65,6 +69,7 @@ class Placer:
         if len(self._placed) < n:
             self._placed = _grown(self._placed, n)
             self._prefix = _grown(self._prefix, n)
+            self._no_domain = np.full(len(self._placed), -1, dtype=np.int64)
 
     def place(self, req: PlaceRequest, now: float) -> Placement:
         """Candidates for ``req`` best first; empty when no allowed worker is live."""
@@ -125,45 +130,61 @@ class Placer:
         if s is not None:
             started_s, done_s = float(ss.started_s_v[s]), float(ss.ideal_s_v[s])
             known_tokens = int(ss.context_tokens_v[s])
-        count = self.kernels.place_topk(
-            allowed,
-            ws.gpu_cap_blocks,
-            ws.gpu_used_blocks,
-            ws.queued_prefill_tokens,
-            placed,
-            pre,
-            ws.prefill_tokens_per_s,
-            ws.block_size_tokens,
-            ws.bytes_per_token,
-            ws.host_link_bytes_per_s,
-            n,
-            home,
-            tier,
-            cached,
-            step_tokens,
-            float(c.knee_tokens),
-            float(c.evict_cost_factor),
-            float(c.bestfit_weight_s),
-            float(c.affinity_bonus_s),
-            float(c.rebuild_weight),
-            k,
-            self._out_slots,
-            self._out_scores,
-            self._out_cached,
-            self._out_tier,
-        )
+
+        def rank(mask: npt.NDArray[np.bool_], kv_domain: npt.NDArray[np.int64], top: int) -> int:
+            return self.kernels.place_topk(  # type: ignore[no-any-return]
+                mask,
+                ws.gpu_cap_blocks,
+                ws.gpu_used_blocks,
+                ws.queued_prefill_tokens,
+                placed,
+                pre,
+                ws.prefill_tokens_per_s,
+                ws.block_size_tokens,
+                ws.bytes_per_token,
+                ws.host_link_bytes_per_s,
+                kv_domain,
+                n,
+                home,
+                tier,
+                cached,
+                step_tokens,
+                float(c.knee_tokens),
+                float(c.evict_cost_factor),
+                float(c.bestfit_weight_s),
+                float(c.affinity_bonus_s),
+                float(c.rebuild_weight),
+                top,
+                self._out_slots,
+                self._out_scores,
+                self._out_cached,
+                self._out_tier,
+            )
+
+        count = rank(allowed, self._no_domain, k)
         if count == 0:
             return _NO_LIVE
+        if (
+            tier != TIER_NONE
+            and home != NO_SLOT
+            and int(self._out_slots[0]) != home
+            and int(ws.kv_domain_v[home]) >= 0
+        ):
+            self._loads_from_home(rank, count)
         cands = []
+        source = WorkerId(ws.spec(home).worker_id) if home != NO_SLOT else None
         for i in range(count):
             spec = ws.spec(int(self._out_slots[i]))
+            tier_i = int(self._out_tier[i])
+            loads = tier_i >= TIER_PEER_GPU  # from the home, in its KV-transfer domain
             cands.append(
                 Candidate(
                     worker_id=WorkerId(spec.worker_id),
                     endpoint=spec.endpoint,
                     expected_cached_tokens=min(int(self._out_cached[i]), int(req.context_tokens)),
                     score=float(self._out_scores[i]),
-                    cached_tier=Tier(int(self._out_tier[i])),
+                    cached_tier=Tier.NONE if loads else Tier(tier_i),
+                    kv_source_worker_id=source if loads else None,
                 )
             )
         w0 = int(self._out_slots[0])
@@ -171,10 +192,12 @@ class Placer:
             reason = "prefix" if pre[w0] > 0 else "bin_pack"
         elif w0 == home:
             reason = "affinity"
+        elif cands[0].kv_source_worker_id is not None:
+            reason = "move"  # the home is loaded: the step goes elsewhere and its KV with it
         else:
             reason = "steal"  # the home is loaded enough that rebuilding elsewhere wins
         # the first candidate is where the step will most likely queue
-        placed[w0] += max(0, int(req.context_tokens) - int(self._out_cached[0]))
+        placed[w0] += max(0, int(req.context_tokens) - cands[0].expected_cached_tokens)
         # the step's standalone time: the prefill of the tokens it adds, its decode
         step_s = prefill_time_s(
             float(max(0, req.context_tokens - known_tokens)),
@@ -191,6 +214,34 @@ class Placer:
             reason=reason,
         )
 
+
+    def _loads_from_home(
+        self,
+        rank: Callable[[npt.NDArray[np.bool_], npt.NDArray[np.int64], int], int],
+        count: int,
+    ) -> None:
+        """Mark which of the ranked candidates would load the session's KV from its home.
+
+        # NOTE: the ranking stays as scored with a rebuild wherever the step goes:
+        # whether to leave the home, and for where, is decided as before. Scoring
+        # the candidates at the price of loading the KV instead drew moved steps
+        # to busier workers of the home's domain over idle ones elsewhere, and
+        # cost completions in the simulator (docs/simulator.md). The same kernel,
+        # run over just these candidates with the domains, says which can load.
+        """
+        order = self._out_slots[:count].copy()
+        scores = self._out_scores[:count].copy()
+        mask = np.zeros(len(self._placed), dtype=np.bool_)
+        mask[order] = True
+        got = rank(mask, self.state.workers.kv_domain, count)
+        loaded = {
+            int(self._out_slots[i]): (int(self._out_cached[i]), int(self._out_tier[i]))
+            for i in range(got)
+        }
+        for i, slot in enumerate(order.tolist()):
+            self._out_slots[i] = slot
+            self._out_scores[i] = scores[i]
+            self._out_cached[i], self._out_tier[i] = loaded[slot]
 
 def _grown(a: npt.NDArray[np.int64], n: int) -> npt.NDArray[np.int64]:
     grown = np.zeros(max(n, 2 * len(a)), dtype=np.int64)

@@ -55,6 +55,7 @@ _WORKER_FIELDS: tuple[tuple[str, type, float], ...] = (
     ("block_size_tokens", np.int64, 1),
     ("bytes_per_token", np.int64, 0),
     ("block_bytes", np.int64, 0),  # block_size_tokens × bytes_per_token
+    ("kv_domain", np.int64, -1),  # interned kv_transfer_domain; -1: shares KV with none
     ("epoch", np.int64, 0),
     ("live", np.bool_, False),  # connected and not draining: may take new steps
     ("connected", np.bool_, False),
@@ -197,6 +198,7 @@ class WorkerTable(_Table[WorkerId]):
     block_size_tokens: npt.NDArray[np.int64]
     bytes_per_token: npt.NDArray[np.int64]
     block_bytes: npt.NDArray[np.int64]
+    kv_domain: npt.NDArray[np.int64]
     epoch: npt.NDArray[np.int64]
     live: npt.NDArray[np.bool_]
     connected: npt.NDArray[np.bool_]
@@ -219,6 +221,7 @@ class WorkerTable(_Table[WorkerId]):
     block_size_tokens_v: Elements
     bytes_per_token_v: Elements
     block_bytes_v: Elements
+    kv_domain_v: Elements
     epoch_v: Elements
     live_v: Elements
     connected_v: Elements
@@ -233,6 +236,7 @@ class WorkerTable(_Table[WorkerId]):
     def __init__(self, capacity: int = 64) -> None:
         super().__init__(capacity)
         self.specs: list[WorkerSpec | None] = []
+        self.kv_domains: dict[str, int] = {}
 
     def set_spec(self, slot: int, spec: WorkerSpec) -> None:
         """Copy a worker's declared cache into the arrays."""
@@ -252,6 +256,8 @@ class WorkerTable(_Table[WorkerId]):
         hbm = c.hbm_bytes_per_s
         self.decode_s_per_context_token[slot] = c.bytes_per_token / hbm if hbm > 0 else 0.0
         self.epoch[slot] = spec.epoch
+        d = c.kv_transfer_domain
+        self.kv_domain[slot] = self.kv_domains.setdefault(d, len(self.kv_domains)) if d else -1
 
     def spec(self, slot: int) -> WorkerSpec:
         """The declared spec of the worker in ``slot``."""

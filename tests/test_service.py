@@ -28,7 +28,7 @@ K = types_pb2.SessionEventKind
 
 
 def hello(
-    worker_id: str = "w1", epoch: int = 1, resume: int = 0, seq: int = 1
+    worker_id: str = "w1", epoch: int = 1, resume: int = 0, seq: int = 1, kv_domain: str = ""
 ) -> worker_pb2.WorkerMessage:
     return worker_pb2.WorkerMessage(
         seq=seq,
@@ -46,6 +46,7 @@ def hello(
                 hash_algo="sha256",
                 prefill_tokens_per_s=25_000,
                 host_link_bytes_per_s=25e9,
+                kv_transfer_domain=kv_domain,
             ),
             resume_from_seq=resume,
         ),
@@ -427,14 +428,20 @@ async def test_bad_hello_is_invalid_argument(
     assert list(workers.workers) == []
 
 
-async def test_bad_cache_spec_names_the_field(channel: grpc.aio.Channel) -> None:
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("prefill_tokens_per_s", float("nan")), ("kv_transfer_domain", "n" * 300)],
+)
+async def test_bad_cache_spec_names_the_field(
+    channel: grpc.aio.Channel, field: str, value: object
+) -> None:
     msg = hello()
-    msg.hello.cache_spec.prefill_tokens_per_s = float("nan")
+    setattr(msg.hello.cache_spec, field, value)
     s = Stream(channel)
     await s.send(msg)
     with pytest.raises(grpc.aio.AioRpcError) as ei:
         await s.recv()
-    assert field_violations(ei.value) == ["hello.cache_spec.prefill_tokens_per_s"]
+    assert field_violations(ei.value) == [f"hello.cache_spec.{field}"]
 
 
 # -- placement ------------------------------------------------------------------------------
@@ -521,6 +528,34 @@ async def test_place_scores_the_prompt_prefix_a_worker_reported_in_kv_events(
         ("wb", 3200),
         ("wa", 0),
     ]
+    await a.close()
+    await b.close()
+
+
+async def test_place_names_where_a_moved_step_loads_its_kv_from(
+    channel: grpc.aio.Channel,
+) -> None:
+    a, _ = await connect(channel, worker_id="wa", kv_domain="node-0")
+    b, _ = await connect(channel, worker_id="wb", kv_domain="node-0")
+    await a.send(
+        batch(2, event("s1", K.STEP_START, ctx=64_000), event("s1", K.STEP_END, ctx=64_000))
+    )
+    await a.recv_until_ack(2)
+    beat = worker_pb2.Heartbeat(gpu_free_blocks=20_000, queued_prefill_tokens=500_000)
+    await a.send(worker_pb2.WorkerMessage(seq=3, heartbeat=beat))  # a 20 s queue
+    await a.recv_until_ack(3)
+    stub = placement_pb2_grpc.PlacementServiceStub(channel)
+    resp = await stub.Place(
+        placement_pb2.PlaceRequest(
+            session_id="s1", tenant_id="acme", step_index=1, context_tokens=64_000
+        ),
+        timeout=1.0,
+    )
+    assert resp.reason == "move"
+    first = resp.candidates[0]
+    assert (first.worker_id, first.kv_source_worker_id) == ("wb", "wa")
+    assert (first.expected_cached_tokens, first.cached_tier) == (64_000, types_pb2.TIER_UNSPECIFIED)
+    assert [c.kv_source_worker_id for c in resp.candidates[1:]] == [""]
     await a.close()
     await b.close()
 

@@ -8,6 +8,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument(
+        "--kv-transfer-gpus",
+        type=int,
+        default=None,
+        help="GPUs per KV-transfer domain (8: a node's replicas load each other's KV"
+        " through its host memory; 0: none; default: the scenario's)",
+    )
+    p.add_argument(
         "--no-peak", action="store_true", help="skip the single-shot peak-throughput probe"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object, no table")
@@ -89,6 +97,11 @@ def simulate_main(argv: Sequence[str]) -> int:
     except (FileNotFoundError, KeyError, TypeError, ValueError) as exc:
         print(f"kvsched simulate: {exc}", file=sys.stderr)
         return 2
+    if args.kv_transfer_gpus is not None:
+        if args.kv_transfer_gpus < 0:
+            print("kvsched simulate: --kv-transfer-gpus must be >= 0", file=sys.stderr)
+            return 2
+        sc = replace(sc, cluster=replace(sc.cluster, kv_transfer_gpus=args.kv_transfer_gpus))
     started = time.perf_counter()
     sessions = build(sc.mixes(), sc.duration_s, args.seed)
     results: dict[str, dict[str, Any]] = {}

@@ -33,6 +33,10 @@ class ClusterConfig:
     max_running_steps: int = 256  # vLLM max_num_seqs
     # vLLM max_num_batched_tokens: the prefill chunk one iteration carries
     token_budget_tokens: int = 8192
+    # GPUs per KV-transfer domain: replicas within one (e.g. 8, a node sharing its
+    # host memory as an LMCache tier) can load each other's KV over their host
+    # links (GPU -> host -> GPU); 0: none can. Only the kvsched policy uses it.
+    kv_transfer_gpus: int = 0
 
     @property
     def replicas(self) -> int:

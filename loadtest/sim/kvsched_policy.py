@@ -15,6 +15,8 @@ on its own, as a worker whose scheduler is slow would.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from loadtest.sim.cluster import Pool
 from loadtest.sim.policies import VllmApc
 from scheduler_service.domain import (
@@ -54,6 +56,9 @@ class KvschedPolicy(VllmApc):
         self.engine = Engine()
         self.wids = [WorkerId(f"r{i}") for i in range(self.n)]
         self.slot = {w: i for i, w in enumerate(self.wids)}
+        self.pull: dict[int, int] = {}  # session -> replica its placed step loads KV from
+        c = sim.cluster  # type: ignore[attr-defined]
+        per_domain = c.kv_transfer_gpus // c.tensor_parallel if c.kv_transfer_gpus else 0
         spec = CacheSpec(
             block_size_tokens=m.block_size_tokens,
             bytes_per_token=m.bytes_per_token,
@@ -64,8 +69,11 @@ class KvschedPolicy(VllmApc):
             decode_tokens_per_s=1.0 / m.token_time_s(0.0),
             hbm_bytes_per_s=m.hbm_bytes_per_s,
         )
-        for w in self.wids:
-            self.engine.register_worker(WorkerSpec(w, 1, spec), 0.0)
+        for i, w in enumerate(self.wids):
+            domain = f"node{i // per_domain}" if per_domain else ""
+            self.engine.register_worker(
+                WorkerSpec(w, 1, replace(spec, kv_transfer_domain=domain)), 0.0
+            )
         # tenants with their weights, as an operator would create them (fair share)
         for t, weight in sorted(self.tenant_weights.items()):
             self.engine.create_tenant(TenantSpec(TenantId(t), weight=weight))
@@ -161,8 +169,18 @@ class KvschedPolicy(VllmApc):
         )
         self.priority[sid] = p.step_priority
         if not p.candidates:
+            self.pull.pop(sid, None)
             return self.home(sid)
-        return self.slot[p.candidates[0].worker_id]
+        first = p.candidates[0]
+        if first.kv_source_worker_id:
+            self.pull[sid] = self.slot[first.kv_source_worker_id]
+        else:
+            self.pull.pop(sid, None)
+        return self.slot[first.worker_id]
+
+    def kv_source(self, sid: int) -> int:
+        """Where Place said the step's KV is, when it is on another replica of its domain."""
+        return self.pull.get(sid, -1)
 
     def on_admit(self, sid: int, step: int, r: int, now: float) -> None:
         """STEP_START from the replica the step runs on."""

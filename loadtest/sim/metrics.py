@@ -55,6 +55,7 @@ class Recorder:
         self.miss_blocks = 0
         self.prefill_s = 0.0
         self.recompute_s = 0.0
+        self.moved_tokens = 0  # prompt tokens loaded from another replica's KV
         self.decode_gpu_s = 0.0
         self.tokens_done = 0
         self.samples_t: list[float] = []
@@ -182,6 +183,9 @@ class Recorder:
             "kv_util": float(np.mean(self.samples_util)) if self.samples_util else 0.0,
             "kv_occupancy": float(np.mean(self.samples_used)) if self.samples_used else 0.0,
             "token_hit_ratio": self.hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
+            "moved_token_share": (
+                self.moved_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+            ),
             "miss_blocks": self.miss_blocks,
             "oracle_miss_blocks": oracle_miss_blocks,
             "misses_vs_oracle": (

@@ -29,7 +29,7 @@ from loadtest.sim.metrics import Recorder
 from loadtest.sim.policies import Policy
 from loadtest.workloads import CLOSED_LOOP, AgentSession
 
-ARRIVE, READY, PREFILL_DONE, DECODE_DONE, TOOL_END, LEASE_END, TICK, SAMPLE = range(8)
+ARRIVE, READY, PREFILL_DONE, DECODE_DONE, TOOL_END, LEASE_END, TICK, SAMPLE, LANE_WAKE = range(9)
 
 
 @dataclass(slots=True)
@@ -41,6 +41,8 @@ class Replica:
     lane: list[tuple[int, int, int]] = field(default_factory=list)  # heap (-priority, seq, sid)
     lane_free_s: float = 0.0  # when the prefill in progress ends
     lane_pending_s: float = 0.0  # prefill seconds admitted but not started
+    index: int = 0
+    wake_s: float = -1.0  # a LANE_WAKE is due then (a step's KV copy lands)
     running: int = 0
     running_kv_tokens: int = 0
     queued_prefill_tokens: int = 0
@@ -67,8 +69,8 @@ class Simulator:
         self.model = ReplicaModel.of(cluster)
         m = self.model
         self.replicas = [
-            Replica(Pool(m.capacity_blocks, m.host_capacity_blocks))
-            for _ in range(cluster.replicas)
+            Replica(Pool(m.capacity_blocks, m.host_capacity_blocks), index=i)
+            for i in range(cluster.replicas)
         ]
         self.policy = policy
         self.duration_s = duration_s
@@ -83,6 +85,7 @@ class Simulator:
         self.queued_est = [0] * n  # prefill tokens a queued step was counted for
         self.priority = [0] * n  # the current step's priority
         self.lane_ready_s = [0.0] * n  # an admitted step's KV is reloaded by then
+        self.pull_from: dict[int, int] = {}  # a queued step loads its KV from this replica
         self.lane_prefill_s = [0.0] * n  # an admitted step's prefill time
         # closed loop: per tenant, the backlog of tasks not started yet (in draw order)
         # the agent trace (loadtest.sim.replay documents the format), when asked for
@@ -129,6 +132,7 @@ class Simulator:
             self._lease_end,
             self._tick,
             self._sample,
+            self._lane_wake,
         )
         next_report = 0.0
         while heap and heap[0][0] <= end:
@@ -155,9 +159,15 @@ class Simulator:
         self._seq += 1
         self.priority[sid] = self.policy.step_priority(sid)
         heapq.heappush(rep.queue, (-self.priority[sid], self._seq, sid))
-        # what the step will prefill if its cache here survives until it runs
+        # what the step will prefill if its cache here (or the one it loads) survives
         prompt = s.context_before_step(self.step[sid])
         pool = rep.pool
+        src = self.policy.kv_source(sid)
+        if src >= 0 and src != r:
+            self.pull_from[sid] = src
+            pool = self.replicas[src].pool
+        else:
+            self.pull_from.pop(sid, None)
         cached = max(pool.gpu.get(sid, 0), pool.host.get(sid, 0)) * self.model.block_size_tokens
         est = max(0, prompt - cached)
         self.queued_est[sid] = est
@@ -197,9 +207,10 @@ class Simulator:
         if i == 0 and s.parent >= 0 and gpu_hit == 0:
             # a worker starts from its planner's prefix (vLLM prefix sharing)
             shared_hit = min(pool.gpu.get(s.parent, 0) * bs, s.shared_prefix_tokens, prompt)
-        hit = gpu_hit + host_hit + shared_hit
+        moved_hit, moved_s = self._load_from_peer(sid, r, prompt, gpu_hit + host_hit)
+        hit = gpu_hit + host_hit + shared_hit + moved_hit
         start = max(now, pool.ready_at.pop(sid, 0.0))
-        reload_s = m.reload_s(host_hit)
+        reload_s = m.reload_s(host_hit) + moved_s
         if host_hit:
             pool.drop_host(sid)
         pool.hold(sid, need)
@@ -232,16 +243,66 @@ class Simulator:
         self.policy.on_admit(sid, i, r, now)
         self._next_prefill(rep)
 
+    def _load_from_peer(self, sid: int, r: int, prompt: int, local_hit: int) -> tuple[int, float]:
+        """Tokens (and seconds) a step admitted on ``r`` loads from the replica Place named.
+
+        Through the host tier the two share: from the source's GPU, out over its
+        link and in over ``r``'s (two crossings); from its host tier, one. What
+        was loaded counts as a hit (it was not recomputed) but not as an own hit
+        (like a host-tier reload, it is a miss for the oracle comparison). The
+        source's copy stays until the engine releases it (the step's STEP_START).
+        """
+        src = self.pull_from.pop(sid, -1)
+        if src < 0:
+            return 0, 0.0
+        m = self.model
+        peer = self.replicas[src].pool
+        on_gpu = peer.gpu.get(sid, 0) * m.block_size_tokens
+        held = max(on_gpu, peer.host.get(sid, 0) * m.block_size_tokens)
+        tokens = max(0, min(held, prompt) - local_hit)
+        if tokens <= 0:
+            return 0, 0.0
+        crossings = 2 if on_gpu >= held else 1
+        self.rec.moved_tokens += tokens
+        return tokens, crossings * m.reload_s(tokens)
+
     def _next_prefill(self, rep: Replica) -> None:
-        """Start the highest-priority admitted prefill when the lane is free."""
+        """Start the highest-priority admitted prefill whose KV is in place, if the lane is free.
+
+        A step whose KV is still being copied in (a host-tier reload, a load from
+        another replica) waits off the lane, as a step waiting for remote KV does
+        in vLLM: the copy runs on the link while the lane prefills other steps,
+        and the lane wakes when the first copy lands.
+        """
         if not rep.lane or rep.lane_free_s > self.now:
             return
-        sid = heapq.heappop(rep.lane)[2]
+        loading: list[tuple[int, int, int]] = []
+        sid = -1
+        while rep.lane:
+            entry = heapq.heappop(rep.lane)
+            if self.lane_ready_s[entry[2]] <= self.now:
+                sid = entry[2]
+                break
+            loading.append(entry)
+        for entry in loading:
+            heapq.heappush(rep.lane, entry)
+        if sid < 0:
+            wake = min(self.lane_ready_s[e[2]] for e in loading)
+            if rep.wake_s != wake:
+                rep.wake_s = wake
+                self.at(wake, LANE_WAKE, rep.index)
+            return
         prefill_s = self.lane_prefill_s[sid]
         rep.lane_pending_s -= prefill_s
-        done = max(self.now, self.lane_ready_s[sid]) + prefill_s
+        done = self.now + prefill_s
         rep.lane_free_s = done
         self.at(done, PREFILL_DONE, sid)
+
+    def _lane_wake(self, r: int) -> None:
+        rep = self.replicas[r]
+        if rep.wake_s == self.now:
+            rep.wake_s = -1.0
+        self._next_prefill(rep)
 
     def _prefill_done(self, sid: int) -> None:
         rep = self.replicas[self.where[sid]]

@@ -130,6 +130,9 @@ def cache_spec_from_pb(pb: types_pb2.CacheSpec, field: str) -> CacheSpec:
         host_link_bytes_per_s=link,
         decode_tokens_per_s=_real(pb.decode_tokens_per_s, f"{field}.decode_tokens_per_s", MAX_RATE),
         hbm_bytes_per_s=_real(pb.hbm_bytes_per_s, f"{field}.hbm_bytes_per_s", MAX_RATE),
+        kv_transfer_domain=_id(
+            pb.kv_transfer_domain, f"{field}.kv_transfer_domain", required=False
+        ),
     )
 
 
@@ -431,6 +434,7 @@ def placement_to_pb(p: Placement) -> placement_pb2.PlaceResponse:
                 expected_cached_tokens=c.expected_cached_tokens,
                 score=c.score,
                 cached_tier=int(c.cached_tier),
+                kv_source_worker_id=c.kv_source_worker_id or "",
             )
             for c in p.candidates
         ],
@@ -506,6 +510,7 @@ def cache_spec_to_pb(c: CacheSpec) -> types_pb2.CacheSpec:
         host_link_bytes_per_s=c.host_link_bytes_per_s,
         decode_tokens_per_s=c.decode_tokens_per_s,
         hbm_bytes_per_s=c.hbm_bytes_per_s,
+        kv_transfer_domain=c.kv_transfer_domain,
     )
 
 

@@ -38,7 +38,7 @@ from scheduler_service.telemetry import Metrics
 log = structlog.get_logger(__name__)
 
 #: Bumped whenever the pickled state's shape changes incompatibly.
-SNAPSHOT_FORMAT = "kvsched-state-4"
+SNAPSHOT_FORMAT = "kvsched-state-5"
 
 #: ReportSessionEvents remembers this many event ids for idempotency.
 EVENT_ID_MEMORY = 1 << 20

@@ -86,6 +86,7 @@ def _call_all(k: KernelSet) -> None:
         i64,
         i64,
         f64,
+        i64,
         n,
         0,
         1,

@@ -2,7 +2,11 @@
 
 A worker's cached prefix is the session's own KV on its home (GPU or host
 tier), or the run of the prompt's blocks the prefix index found there (GPU),
-whichever is longer.
+whichever is longer. A worker in the home's KV-transfer domain (``kv_domain``
+equal and not -1) can instead load the session's KV from the home, when that
+saves more than its own prefix does: through the host tier, at one link
+crossing from the home's host tier, two from its GPU (its link out, this
+worker's in).
 
 Score (seconds, higher is better) = prefill time the cached prefix saves there,
 weighted by ``1 + rebuild_weight`` (leaving the home also costs the fleet the
@@ -22,6 +26,9 @@ from scheduler_service.kernels.costs import prefill_s
 
 TIER_GPU = 1
 TIER_HOST = 2
+#: ``out_tier`` of a worker that would load the KV from the home's GPU / host tier
+TIER_PEER_GPU = 3
+TIER_PEER_HOST = 4
 
 
 @njit(cache=True)
@@ -36,6 +43,7 @@ def place_topk(
     block_size_tokens: np.ndarray,
     bytes_per_token: np.ndarray,
     host_link_bytes_per_s: np.ndarray,
+    kv_domain: np.ndarray,
     n_workers: int,
     home: int,
     home_tier: int,
@@ -55,9 +63,11 @@ def place_topk(
     """Fill ``out_slots``/``out_scores`` with the best ``k`` workers; returns how many.
 
     ``out_cached``/``out_tier``: the step's tokens cached on each of them and
-    their tier (0 none, 1 GPU, 2 host), as scored.
+    their tier (0 none, 1 GPU, 2 host, 3 / 4 loaded from the home's GPU / host),
+    as scored.
     """
     count = 0
+    domain = kv_domain[home] if home >= 0 else -1
     for w in range(n_workers):
         if not allowed[w]:
             continue
@@ -74,14 +84,28 @@ def place_topk(
         if pre > 0 and (pre > cached or (tier_w == TIER_HOST and pre == cached)):
             cached = pre
             tier_w = TIER_GPU
+        if w != home and domain >= 0 and kv_domain[w] == domain and home_tier != 0:
+            pulled = min(cached_tokens, step_tokens)
+            if pulled > cached:
+                full = prefill_s(float(step_tokens), rate, knee_tokens)
+                copy_s = pulled * bytes_per_token[w] / host_link_bytes_per_s[w]
+                if home_tier == TIER_GPU:
+                    copy_s += pulled * bytes_per_token[home] / host_link_bytes_per_s[home]
+                load_gain = full - prefill_s(float(step_tokens - pulled), rate, knee_tokens) - copy_s
+                local_gain = full - prefill_s(float(step_tokens - cached), rate, knee_tokens)
+                if load_gain > local_gain:
+                    cached = pulled
+                    tier_w = TIER_PEER_GPU if home_tier == TIER_GPU else TIER_PEER_HOST
         saved = 0.0
         if cached > 0:
             saved = (1.0 + rebuild_weight) * (
                 prefill_s(float(step_tokens), rate, knee_tokens)
                 - prefill_s(float(step_tokens - cached), rate, knee_tokens)
             )
-            if tier_w == TIER_HOST:
+            if tier_w >= TIER_HOST:
                 saved -= cached * bytes_per_token[w] / host_link_bytes_per_s[w]
+            if tier_w == TIER_PEER_GPU:
+                saved -= cached * bytes_per_token[home] / host_link_bytes_per_s[home]
             if w == home:
                 saved += affinity_bonus_s
         queue_s = (queued_prefill_tokens[w] + placed_tokens[w]) / rate

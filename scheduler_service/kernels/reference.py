@@ -21,10 +21,12 @@ from scheduler_service.kernels.eviction import (
     STATE_RUNNING,
     TIER_GPU,
 )
+from scheduler_service.kernels.placement import TIER_HOST as _TIER_HOST
+from scheduler_service.kernels.placement import TIER_PEER_GPU as _TIER_PEER_GPU
+from scheduler_service.kernels.placement import TIER_PEER_HOST as _TIER_PEER_HOST
 from scheduler_service.kernels.retention import OFFLOAD_HOST, RELEASE, RETAIN_GPU
 
 _INF = 1e300
-_TIER_HOST = 2
 
 
 def prefill_s(tokens: float, prefill_tokens_per_s: float, knee_tokens: float) -> float:
@@ -80,6 +82,7 @@ def place_topk(
     block_size_tokens: npt.NDArray[np.int64],
     bytes_per_token: npt.NDArray[np.int64],
     host_link_bytes_per_s: npt.NDArray[np.float64],
+    kv_domain: npt.NDArray[np.int64],
     n_workers: int,
     home: int,
     home_tier: int,
@@ -109,14 +112,30 @@ def place_topk(
         pre = min(int(prefix_blocks[w]) * bs, step_tokens)
         if pre > 0 and (pre > cached or (tier_w == _TIER_HOST and pre == cached)):
             cached, tier_w = pre, TIER_GPU
+        shares_kv = home >= 0 and w != home and int(kv_domain[w]) == int(kv_domain[home]) >= 0
+        pulled = min(cached_tokens, step_tokens)
+        if shares_kv and home_tier != 0 and pulled > cached:
+            # loading the home's KV (out of its GPU first if it is there) vs the local prefix
+            copy_s = pulled * int(bytes_per_token[w]) / float(host_link_bytes_per_s[w])
+            if home_tier == TIER_GPU:
+                copy_s += pulled * int(bytes_per_token[home]) / float(host_link_bytes_per_s[home])
+            full = prefill_s(float(step_tokens), rate, knee_tokens)
+            load_gain = full - prefill_s(float(step_tokens - pulled), rate, knee_tokens) - copy_s
+            if load_gain > full - prefill_s(float(step_tokens - cached), rate, knee_tokens):
+                cached = pulled
+                tier_w = _TIER_PEER_GPU if home_tier == TIER_GPU else _TIER_PEER_HOST
         saved = 0.0
         if cached > 0:
             saved = (1.0 + rebuild_weight) * (
                 prefill_s(float(step_tokens), rate, knee_tokens)
                 - prefill_s(float(step_tokens - cached), rate, knee_tokens)
             )
-            if tier_w == _TIER_HOST:
+            if tier_w in (_TIER_HOST, _TIER_PEER_GPU, _TIER_PEER_HOST):
+                # the copy in over this worker's link
                 saved -= cached * int(bytes_per_token[w]) / float(host_link_bytes_per_s[w])
+            if tier_w == _TIER_PEER_GPU:
+                # and first the copy out of the home's GPU over its link
+                saved -= cached * int(bytes_per_token[home]) / float(host_link_bytes_per_s[home])
             if w == home:
                 saved += affinity_bonus_s
         queue_s = (int(queued_prefill_tokens[w]) + int(placed_tokens[w])) / rate

@@ -30,7 +30,9 @@ class FakePlacement(placement_pb2_grpc.PlacementServiceServicer):
             return placement_pb2.PlaceResponse()
         return placement_pb2.PlaceResponse(
             candidates=[
-                placement_pb2.PlacementCandidate(worker_id="w9", endpoint="10.0.0.9:8000"),
+                placement_pb2.PlacementCandidate(
+                    worker_id="w9", endpoint="10.0.0.9:8000", kv_source_worker_id="w4"
+                ),
                 placement_pb2.PlacementCandidate(worker_id="w1", endpoint="10.0.0.1:8000"),
             ],
             step_priority=4,
@@ -106,6 +108,7 @@ async def test_uses_the_service_answer_when_it_is_fast(fake) -> None:
     assert (res.worker_ids, res.fell_back) == (("w9", "w1"), False)
     assert res.reason == "affinity:sess-1"
     assert (res.primary, res.step_priority, res.affinity_ttl_s) == ("w9", 4, 30.0)
+    assert (res.kv_sources, res.primary_kv_source) == (("w4", ""), "w4")
 
 
 async def test_slow_service_falls_back_within_the_deadline_then_cools_down(fake) -> None:

@@ -40,6 +40,7 @@ class Script:
         now: float = 0.0,
         prefill_tokens_per_s: float = 20_000.0,
         link_bytes_per_s: float = 25e9,
+        kv_domain: str = "",
     ) -> None:
         cache = CacheSpec(
             block_size_tokens=16,
@@ -48,6 +49,7 @@ class Script:
             host_capacity_blocks=host_blocks,
             prefill_tokens_per_s=prefill_tokens_per_s,
             host_link_bytes_per_s=link_bytes_per_s,
+            kv_transfer_domain=kv_domain,
         )
         self.engine.register_worker(
             WorkerSpec(WorkerId(wid), epoch, cache, endpoint=f"{wid}:9"), now

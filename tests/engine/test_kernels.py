@@ -40,6 +40,7 @@ def workers(draw: st.DrawFn) -> dict[str, object]:
         "link": np.array(
             draw(st.lists(st.floats(1e9, 1e11), min_size=n, max_size=n)), dtype=np.float64
         ),
+        "domain": ints(-1, 2),
         "n": n,
         "home": draw(st.integers(-1, n - 1)),
         "tier": draw(st.sampled_from([0, 1, 2])),
@@ -69,6 +70,7 @@ def test_place_topk_matches_twin(w: dict[str, object], bestfit: float, rebuild: 
             w["bs"],
             w["bpt"],
             w["link"],
+            w["domain"],
             w["n"],
             w["home"],
             w["tier"],
@@ -100,11 +102,17 @@ def test_place_topk_matches_twin(w: dict[str, object], bestfit: float, rebuild: 
     assert count == min(int(np.sum(allowed)), w["k"])  # type: ignore[call-overload]
     assert all(allowed[s] for s in slots)  # type: ignore[index]
     assert scores == sorted(scores, reverse=True)
-    # what each candidate has cached: the home's own KV or a prefix run, never more
+    # what each candidate has cached: the home's own KV, a prefix run, or the home's
+    # KV loaded from a worker of its KV-transfer domain; never more
+    domain, home = w["domain"], w["home"]
     for slot, c, tier in zip(slots, cached_out, tiers_out, strict=True):
-        assert 0 <= c <= w["step"] and tier in (0, 1, 2)  # type: ignore[operator]
+        assert 0 <= c <= w["step"] and tier in (0, 1, 2, 3, 4)  # type: ignore[operator]
         assert tier != 0 or c == 0
-        assert c == 0 or slot == w["home"] or w["prefix"][slot] > 0  # type: ignore[index]
+        assert c == 0 or slot == home or w["prefix"][slot] > 0 or tier >= 3  # type: ignore[index]
+        if tier >= 3:  # a load from the home: same domain, and the home's tier
+            assert slot != home and home >= 0 and domain[slot] == domain[home] >= 0  # type: ignore[index,operator]
+            assert tier == {1: 3, 2: 4}[w["tier"]]  # type: ignore[index]
+            assert c == min(w["cached"], w["step"])  # type: ignore[type-var]
 
 
 @st.composite

@@ -51,6 +51,64 @@ def test_an_overloaded_home_loses_the_step_when_waiting_costs_more_than_rebuildi
     assert (p.reason, [c.worker_id for c in p.candidates]) == ("steal", ["w2", "w1"])
 
 
+def test_a_step_leaving_its_home_for_a_peer_of_its_transfer_domain_loads_the_kv(
+    script: Any,
+) -> None:
+    sc = script()
+    sc.worker("w1", kv_domain="node-a")
+    sc.worker("w2", kv_domain="node-a")
+    sc.worker("w3", kv_domain="node-b")
+    sc.event(1.0, "s1", K.STEP_START, 64_000, worker="w1")
+    sc.heartbeat(3.0, "w1", free_blocks=5_000, queued=400_000)  # a 20 s queue: leave
+    p = sc.engine.place(_req("s1", 64_000), 3.0)
+    assert p.reason == "move"
+    by_id = {c.worker_id: c for c in p.candidates}
+    assert [c.worker_id for c in p.candidates] == ["w2", "w3", "w1"]
+    # w2 loads the 64k tokens from w1 (8 GiB out of w1's GPU and into w2's over
+    # 25 GB/s links, ~0.7 s) instead of prefilling them (~5 s)
+    assert (by_id["w2"].kv_source_worker_id, by_id["w2"].cached_tier) == ("w1", Tier.NONE)
+    assert by_id["w2"].expected_cached_tokens == 64_000
+    assert by_id["w2"].score == by_id["w3"].score  # ranked as rebuilds: the load is no credit
+    # w3 is in another domain: it would rebuild
+    assert (by_id["w3"].kv_source_worker_id, by_id["w3"].expected_cached_tokens) == (None, 0)
+    assert (by_id["w1"].kv_source_worker_id, by_id["w1"].cached_tier) == (None, Tier.GPU)
+    # the step starts on w2: the engine lets w1's copy go (RELEASE, moved)
+    out = sc.event(4.0, "s1", K.STEP_START, 64_000, worker="w2")
+    assert [(d.action.name, d.worker_id, d.reason) for d in out] == [("RELEASE", "w1", "moved")]
+    assert sc.engine.session_view(SessionId("s1"), 4.0).home_worker_id == "w2"  # type: ignore[union-attr]
+
+
+def test_the_transfer_domain_does_not_change_where_a_step_goes(script: Any) -> None:
+    # the move is decided as if the step rebuilt its KV wherever it went: the
+    # lower slot of two idle workers wins, though only the other could load the KV
+    sc = script()
+    sc.worker("w1", kv_domain="node-a")
+    sc.worker("w2", kv_domain="node-b")
+    sc.worker("w3", kv_domain="node-a")
+    sc.event(1.0, "s1", K.STEP_START, 64_000, worker="w1")
+    sc.heartbeat(3.0, "w1", free_blocks=5_000, queued=400_000)
+    p = sc.engine.place(_req("s1", 64_000), 3.0)
+    assert (p.reason, [c.worker_id for c in p.candidates]) == ("steal", ["w2", "w3", "w1"])
+    assert [c.kv_source_worker_id for c in p.candidates] == [None, "w1", None]
+    # a calmer home keeps the step, domain or not
+    sc.heartbeat(4.0, "w1", free_blocks=5_000, queued=10_000)
+    assert sc.engine.place(_req("s1", 64_000), 4.0).reason == "affinity"
+
+
+def test_without_a_shared_domain_the_overloaded_home_loses_the_step_to_a_rebuild(
+    script: Any,
+) -> None:
+    sc = script()
+    sc.worker("w1")
+    sc.worker("w3")
+    sc.event(1.0, "s1", K.STEP_START, 64_000, worker="w1")
+    sc.heartbeat(3.0, "w1", free_blocks=5_000, queued=400_000)  # a 20 s queue
+    p = sc.engine.place(_req("s1", 64_000), 3.0)
+    assert p.reason == "steal"
+    assert (p.candidates[0].worker_id, p.candidates[0].kv_source_worker_id) == ("w3", None)
+    assert p.candidates[0].expected_cached_tokens == 0
+
+
 def test_new_sessions_bin_pack_into_the_tightest_fit(script: Any) -> None:
     sc = script()
     sc.worker("w1", gpu_blocks=1_000)

@@ -40,11 +40,19 @@ class PlaceResult:
     reason: str
     step_priority: int = 0
     affinity_ttl_s: float = 0.0
+    # per candidate, the worker to load the session's KV from ("" = none): hand it
+    # to the engine with the request (vLLM kv_transfer_params, an LMCache lookup)
+    kv_sources: tuple[str, ...] = ()
 
     @property
     def primary(self) -> str | None:
         """Returns the primary worker id (None when no worker is live)."""
         return self.worker_ids[0] if self.worker_ids else None
+
+    @property
+    def primary_kv_source(self) -> str | None:
+        """Where the primary should load the session's KV from, if anywhere."""
+        return self.kv_sources[0] or None if self.kv_sources else None
 
 
 def rendezvous_order(session_id: str, worker_ids: Iterable[str]) -> list[str]:
@@ -103,6 +111,7 @@ class _Fallback:
             resp.reason,
             resp.step_priority,
             resp.affinity_ttl_s,
+            tuple(c.kv_source_worker_id for c in resp.candidates),
         )
 
 

@@ -185,6 +185,12 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     v.add_argument("--gpu-blocks", type=int, default=1)
     v.add_argument("--bytes-per-token", type=int, default=131_072)
     v.add_argument("--prefill-tokens-per-s", type=float, default=10_000.0)
+    v.add_argument(
+        "--kv-transfer-domain",
+        default="",
+        help="replicas declaring the same domain can load each other's KV"
+        " (a shared LMCache store, NIXL); empty = none",
+    )
     return p.parse_args(argv)
 
 
@@ -200,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         gpu_capacity_blocks=args.gpu_blocks,
         hash_algo="sha256",
         prefill_tokens_per_s=args.prefill_tokens_per_s,
+        kv_transfer_domain=args.kv_transfer_domain,
     )
     hello = worker_pb2.Hello(
         worker_id=args.worker_id,

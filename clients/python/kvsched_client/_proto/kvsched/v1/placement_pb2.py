@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from kvsched_client._proto.kvsched.v1 import types_pb2 as kvsched_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akvsched/v1/placement.proto\x12\nkvsched.v1\x1a\x16kvsched/v1/types.proto\"\xf3\x01\n\x0cPlaceRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x12\n\nagent_type\x18\x03 \x01(\t\x12\x12\n\nstep_index\x18\x04 \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x05 \x01(\x04\x12\x12\n\nnew_tokens\x18\x06 \x01(\x04\x12\x1c\n\x14\x63\x61ndidate_worker_ids\x18\x07 \x03(\t\x12\x16\n\x0emax_candidates\x18\x08 \x01(\r\x12\x32\n\x13prefix_block_hashes\x18\t \x03(\x0b\x32\x15.kvsched.v1.BlockHash\"\x8f\x01\n\x12PlacementCandidate\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x1e\n\x16\x65xpected_cached_tokens\x18\x03 \x01(\x04\x12\r\n\x05score\x18\x04 \x01(\x01\x12%\n\x0b\x63\x61\x63hed_tier\x18\x05 \x01(\x0e\x32\x10.kvsched.v1.Tier\"\x82\x01\n\rPlaceResponse\x12\x32\n\ncandidates\x18\x01 \x03(\x0b\x32\x1e.kvsched.v1.PlacementCandidate\x12\x15\n\rstep_priority\x18\x02 \x01(\x05\x12\x16\n\x0e\x61\x66\x66inity_ttl_s\x18\x03 \x01(\x01\x12\x0e\n\x06reason\x18\x04 \x01(\t\"S\n\x12PlaceStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12)\n\x07request\x18\x02 \x01(\x0b\x32\x18.kvsched.v1.PlaceRequest\"\x8c\x01\n\x13PlaceStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12.\n\tplacement\x18\x02 \x01(\x0b\x32\x19.kvsched.v1.PlaceResponseH\x00\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.kvsched.v1.PlaceErrorH\x00\x42\x08\n\x06result\"Q\n\nPlaceError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x15\n\rretry_delay_s\x18\x04 \x01(\x01\"Y\n\x1aReportSessionEventsRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12(\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x18.kvsched.v1.SessionEvent\"C\n\x1bReportSessionEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r2\x8c\x02\n\x10PlacementService\x12<\n\x05Place\x12\x18.kvsched.v1.PlaceRequest\x1a\x19.kvsched.v1.PlaceResponse\x12R\n\x0bPlaceStream\x12\x1e.kvsched.v1.PlaceStreamRequest\x1a\x1f.kvsched.v1.PlaceStreamResponse(\x01\x30\x01\x12\x66\n\x13ReportSessionEvents\x12&.kvsched.v1.ReportSessionEventsRequest\x1a\'.kvsched.v1.ReportSessionEventsResponseB8Z6github.com/kvsched/kvsched/gen/go/kvsched/v1;kvschedv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akvsched/v1/placement.proto\x12\nkvsched.v1\x1a\x16kvsched/v1/types.proto\"\xf3\x01\n\x0cPlaceRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x12\n\nagent_type\x18\x03 \x01(\t\x12\x12\n\nstep_index\x18\x04 \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x05 \x01(\x04\x12\x12\n\nnew_tokens\x18\x06 \x01(\x04\x12\x1c\n\x14\x63\x61ndidate_worker_ids\x18\x07 \x03(\t\x12\x16\n\x0emax_candidates\x18\x08 \x01(\r\x12\x32\n\x13prefix_block_hashes\x18\t \x03(\x0b\x32\x15.kvsched.v1.BlockHash\"\xac\x01\n\x12PlacementCandidate\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x1e\n\x16\x65xpected_cached_tokens\x18\x03 \x01(\x04\x12\r\n\x05score\x18\x04 \x01(\x01\x12%\n\x0b\x63\x61\x63hed_tier\x18\x05 \x01(\x0e\x32\x10.kvsched.v1.Tier\x12\x1b\n\x13kv_source_worker_id\x18\x06 \x01(\t\"\x82\x01\n\rPlaceResponse\x12\x32\n\ncandidates\x18\x01 \x03(\x0b\x32\x1e.kvsched.v1.PlacementCandidate\x12\x15\n\rstep_priority\x18\x02 \x01(\x05\x12\x16\n\x0e\x61\x66\x66inity_ttl_s\x18\x03 \x01(\x01\x12\x0e\n\x06reason\x18\x04 \x01(\t\"S\n\x12PlaceStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12)\n\x07request\x18\x02 \x01(\x0b\x32\x18.kvsched.v1.PlaceRequest\"\x8c\x01\n\x13PlaceStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12.\n\tplacement\x18\x02 \x01(\x0b\x32\x19.kvsched.v1.PlaceResponseH\x00\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.kvsched.v1.PlaceErrorH\x00\x42\x08\n\x06result\"Q\n\nPlaceError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x15\n\rretry_delay_s\x18\x04 \x01(\x01\"Y\n\x1aReportSessionEventsRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12(\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x18.kvsched.v1.SessionEvent\"C\n\x1bReportSessionEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r2\x8c\x02\n\x10PlacementService\x12<\n\x05Place\x12\x18.kvsched.v1.PlaceRequest\x1a\x19.kvsched.v1.PlaceResponse\x12R\n\x0bPlaceStream\x12\x1e.kvsched.v1.PlaceStreamRequest\x1a\x1f.kvsched.v1.PlaceStreamResponse(\x01\x30\x01\x12\x66\n\x13ReportSessionEvents\x12&.kvsched.v1.ReportSessionEventsRequest\x1a\'.kvsched.v1.ReportSessionEventsResponseB8Z6github.com/kvsched/kvsched/gen/go/kvsched/v1;kvschedv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,19 +37,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PLACEREQUEST']._serialized_start=67
   _globals['_PLACEREQUEST']._serialized_end=310
   _globals['_PLACEMENTCANDIDATE']._serialized_start=313
-  _globals['_PLACEMENTCANDIDATE']._serialized_end=456
-  _globals['_PLACERESPONSE']._serialized_start=459
-  _globals['_PLACERESPONSE']._serialized_end=589
-  _globals['_PLACESTREAMREQUEST']._serialized_start=591
-  _globals['_PLACESTREAMREQUEST']._serialized_end=674
-  _globals['_PLACESTREAMRESPONSE']._serialized_start=677
-  _globals['_PLACESTREAMRESPONSE']._serialized_end=817
-  _globals['_PLACEERROR']._serialized_start=819
-  _globals['_PLACEERROR']._serialized_end=900
-  _globals['_REPORTSESSIONEVENTSREQUEST']._serialized_start=902
-  _globals['_REPORTSESSIONEVENTSREQUEST']._serialized_end=991
-  _globals['_REPORTSESSIONEVENTSRESPONSE']._serialized_start=993
-  _globals['_REPORTSESSIONEVENTSRESPONSE']._serialized_end=1060
-  _globals['_PLACEMENTSERVICE']._serialized_start=1063
-  _globals['_PLACEMENTSERVICE']._serialized_end=1331
+  _globals['_PLACEMENTCANDIDATE']._serialized_end=485
+  _globals['_PLACERESPONSE']._serialized_start=488
+  _globals['_PLACERESPONSE']._serialized_end=618
+  _globals['_PLACESTREAMREQUEST']._serialized_start=620
+  _globals['_PLACESTREAMREQUEST']._serialized_end=703
+  _globals['_PLACESTREAMRESPONSE']._serialized_start=706
+  _globals['_PLACESTREAMRESPONSE']._serialized_end=846
+  _globals['_PLACEERROR']._serialized_start=848
+  _globals['_PLACEERROR']._serialized_end=929
+  _globals['_REPORTSESSIONEVENTSREQUEST']._serialized_start=931
+  _globals['_REPORTSESSIONEVENTSREQUEST']._serialized_end=1020
+  _globals['_REPORTSESSIONEVENTSRESPONSE']._serialized_start=1022
+  _globals['_REPORTSESSIONEVENTSRESPONSE']._serialized_end=1089
+  _globals['_PLACEMENTSERVICE']._serialized_start=1092
+  _globals['_PLACEMENTSERVICE']._serialized_end=1360
 # @@protoc_insertion_point(module_scope)

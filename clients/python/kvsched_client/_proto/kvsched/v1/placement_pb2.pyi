@@ -89,6 +89,7 @@ class PlacementCandidate(_message.Message):
     EXPECTED_CACHED_TOKENS_FIELD_NUMBER: _builtins.int
     SCORE_FIELD_NUMBER: _builtins.int
     CACHED_TIER_FIELD_NUMBER: _builtins.int
+    KV_SOURCE_WORKER_ID_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """Worker id."""
     endpoint: _builtins.str
@@ -99,6 +100,13 @@ class PlacementCandidate(_message.Message):
     """Score (seconds of GPU time saved; higher is better)."""
     cached_tier: _types_pb2.Tier.ValueType
     """Tier the session's KV is on at this worker (TIER_UNSPECIFIED = none)."""
+    kv_source_worker_id: _builtins.str
+    """Set when the session's KV is on another worker of this one's
+    kv_transfer_domain and loading it from there was scored cheaper than
+    rebuilding it: the worker that holds it. The router hands it to the engine
+    with the request (as vLLM's kv_transfer_params), which loads
+    expected_cached_tokens from there. Empty otherwise.
+    """
     def __init__(
         self,
         *,
@@ -107,10 +115,11 @@ class PlacementCandidate(_message.Message):
         expected_cached_tokens: _builtins.int = ...,
         score: _builtins.float = ...,
         cached_tier: _types_pb2.Tier.ValueType = ...,
+        kv_source_worker_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tier", b"cached_tier", "endpoint", b"endpoint", "expected_cached_tokens", b"expected_cached_tokens", "score", b"score", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tier", b"cached_tier", "endpoint", b"endpoint", "expected_cached_tokens", b"expected_cached_tokens", "kv_source_worker_id", b"kv_source_worker_id", "score", b"score", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -414,6 +414,7 @@ class CacheSpec(_message.Message):
     HOST_LINK_BYTES_PER_S_FIELD_NUMBER: _builtins.int
     DECODE_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
     HBM_BYTES_PER_S_FIELD_NUMBER: _builtins.int
+    KV_TRANSFER_DOMAIN_FIELD_NUMBER: _builtins.int
     block_size_tokens: _builtins.int
     """Tokens per KV block (vLLM default 16), 1..4096."""
     bytes_per_token: _builtins.int
@@ -438,6 +439,13 @@ class CacheSpec(_message.Message):
     (>= 0; 0 = unknown): a token of a long context takes longer by
     context_tokens * bytes_per_token / hbm_bytes_per_s.
     """
+    kv_transfer_domain: _builtins.str
+    """Workers that declare the same non-empty domain can load each other's KV
+    (a host tier they share, such as an LMCache or Mooncake store, or a
+    NIXL / RDMA path between them). Place may then move a session to such a
+    worker and name where its KV is (PlacementCandidate.kv_source_worker_id)
+    instead of rebuilding it there. Empty: this worker shares KV with none.
+    """
     def __init__(
         self,
         *,
@@ -450,10 +458,11 @@ class CacheSpec(_message.Message):
         host_link_bytes_per_s: _builtins.float = ...,
         decode_tokens_per_s: _builtins.float = ...,
         hbm_bytes_per_s: _builtins.float = ...,
+        kv_transfer_domain: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size_tokens", b"block_size_tokens", "bytes_per_token", b"bytes_per_token", "decode_tokens_per_s", b"decode_tokens_per_s", "gpu_capacity_blocks", b"gpu_capacity_blocks", "hash_algo", b"hash_algo", "hbm_bytes_per_s", b"hbm_bytes_per_s", "host_capacity_blocks", b"host_capacity_blocks", "host_link_bytes_per_s", b"host_link_bytes_per_s", "prefill_tokens_per_s", b"prefill_tokens_per_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size_tokens", b"block_size_tokens", "bytes_per_token", b"bytes_per_token", "decode_tokens_per_s", b"decode_tokens_per_s", "gpu_capacity_blocks", b"gpu_capacity_blocks", "hash_algo", b"hash_algo", "hbm_bytes_per_s", b"hbm_bytes_per_s", "host_capacity_blocks", b"host_capacity_blocks", "host_link_bytes_per_s", b"host_link_bytes_per_s", "kv_transfer_domain", b"kv_transfer_domain", "prefill_tokens_per_s", b"prefill_tokens_per_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
