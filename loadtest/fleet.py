@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -234,19 +235,26 @@ async def run_procs(cfg: FleetConfig, probe: ServerProbe, procs: int) -> dict[st
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kvsched-loadtest-procs-") as tmp:
         outs = [Path(tmp) / f"child{i}.json" for i in range(procs)]
-        children = [
-            await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "kvsched",
-                "loadtest",
-                *_child_argv(cfg, procs, i, out),
-                cwd=ROOT,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
+        children = []
+        for i, out in enumerate(outs):
+            # NOTE: the child's whole FleetConfig travels as JSON, so no flag is
+            # restated here; the child takes it instead of building one from flags.
+            spec = Path(tmp) / f"child{i}.config.json"
+            spec.write_text(json.dumps(asdict(_child_config(cfg, procs, i))))
+            argv = ["--target", cfg.target, "--child-config", str(spec), "--child-out", str(out)]
+            children.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "kvsched",
+                    "loadtest",
+                    *argv,
+                    "--json",
+                    cwd=ROOT,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                )
             )
-            for i, out in enumerate(outs)
-        ]
         waits = [asyncio.create_task(c.communicate()) for c in children]
         while not all(w.done() for w in waits):
             await asyncio.wait(waits, timeout=1.0)
@@ -277,39 +285,21 @@ def _event_loop() -> tuple[str, Any]:
     return "uvloop", uvloop.run
 
 
-def _child_argv(cfg: FleetConfig, procs: int, i: int, out: Path) -> list[str]:
-    """`kvsched loadtest` flags for child `i` of `procs`: its share of the fleet."""
+def _child_config(cfg: FleetConfig, procs: int, i: int) -> FleetConfig:
+    """Child ``i`` of ``procs``: its share of the workers, sessions and rates, its own seed."""
 
     def share(total: int) -> int:
         return total // procs + (1 if i < total % procs else 0)
 
-    argv = [
-        "--target", cfg.target,
-        "--workers", str(share(cfg.workers)),
-        "--sessions", str(share(cfg.sessions)),
-        "--rate", repr(cfg.rate_per_s / procs),
-        "--duration", f"{cfg.duration_s!r}s",
-        "--scenario", cfg.scenario,
-        "--routers", str(max(1, share(cfg.routers))),
-        "--place-rps", repr(cfg.place_rps / procs),
-        "--place-deadline-ms", repr(cfg.place_deadline_s * 1000.0),
-        "--place-cooldown-ms", repr(cfg.place_cooldown_s * 1000.0),
-        "--batch-delay-ms", repr(cfg.batch_delay_s * 1000.0),
-        "--seed", str(cfg.seed * 1_000 + i),
-        "--child-out", str(out),
-        "--json",
-    ]  # fmt: skip
-    if not cfg.pools:
-        argv.append("--no-pools")
-    if cfg.place_only:
-        argv.append("--place-only")
-    if not cfg.combine_messages:
-        argv.append("--message-per-kind")
-    if cfg.place_stream:
-        argv.append("--place-stream")
-    if cfg.token:
-        argv += ["--token", cfg.token]
-    return argv
+    return replace(
+        cfg,
+        workers=share(cfg.workers),
+        sessions=share(cfg.sessions),
+        rate_per_s=cfg.rate_per_s / procs,
+        routers=max(1, share(cfg.routers)),
+        place_rps=cfg.place_rps / procs,
+        seed=cfg.seed * 1_000 + i,
+    )
 
 
 async def _sample(
@@ -455,6 +445,7 @@ def _parser() -> argparse.ArgumentParser:
         help="client processes (each drives a share of the fleet) when one core is not enough",
     )
     p.add_argument("--child-out", help=argparse.SUPPRESS)  # a --procs child's raw results
+    p.add_argument("--child-config", help=argparse.SUPPRESS)  # a --procs child's FleetConfig
     p.add_argument("--report", help="write index.html and PNG plots into this folder")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
@@ -465,6 +456,13 @@ _MAX_SESSIONS = 1_000_000
 _MAX_DURATION_S = 3_600.0
 _MAX_RATE = 1_000_000.0
 _MAX_PROCS = 16
+
+
+def _child_fleet(path: str) -> FleetConfig:
+    """The FleetConfig a --procs parent wrote for this child."""
+    cfg = FleetConfig(**json.loads(Path(path).read_text()))
+    check_loopback(cfg.target)
+    return cfg
 
 
 def loadtest_main(argv: list[str]) -> int:
@@ -499,24 +497,28 @@ def loadtest_main(argv: list[str]) -> int:
             target, pid = stack.enter_context(spawned_server(ns.server_arg, ns.server_log))
         else:
             target, pid = ns.target, ns.server_pid
-        cfg = FleetConfig(
-            target=target,
-            workers=ns.workers,
-            sessions=ns.sessions,
-            rate_per_s=ns.rate,
-            duration_s=duration_s,
-            scenario=ns.scenario,
-            routers=ns.routers,
-            place_rps=ns.place_rps,
-            place_deadline_s=ns.place_deadline_ms / 1000.0,
-            place_cooldown_s=ns.place_cooldown_ms / 1000.0,
-            pools=not ns.no_pools,
-            place_only=ns.place_only,
-            batch_delay_s=ns.batch_delay_ms / 1000.0,
-            combine_messages=not ns.message_per_kind,
-            place_stream=ns.place_stream,
-            seed=ns.seed,
-            token=ns.token,
+        cfg = (
+            _child_fleet(ns.child_config)
+            if ns.child_config
+            else FleetConfig(
+                target=target,
+                workers=ns.workers,
+                sessions=ns.sessions,
+                rate_per_s=ns.rate,
+                duration_s=duration_s,
+                scenario=ns.scenario,
+                routers=ns.routers,
+                place_rps=ns.place_rps,
+                place_deadline_s=ns.place_deadline_ms / 1000.0,
+                place_cooldown_s=ns.place_cooldown_ms / 1000.0,
+                pools=not ns.no_pools,
+                place_only=ns.place_only,
+                batch_delay_s=ns.batch_delay_ms / 1000.0,
+                combine_messages=not ns.message_per_kind,
+                place_stream=ns.place_stream,
+                seed=ns.seed,
+                token=ns.token,
+            )
         )
         probe = ServerProbe(pid)
         live = not ns.json and sys.stderr.isatty()
