@@ -45,6 +45,16 @@ def spawn(tmp_path: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
     )
 
 
+def stop(proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout_s``."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def wait_serving(port: int, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:

@@ -13,7 +13,6 @@ seconds, loopback only.
 from __future__ import annotations
 
 import json
-import signal
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from kvsched_client._proto.kvsched.v1 import (
 )
 from kvsched_client.connection import connect
 from tests.test_process import ROOT, spawn, wait_serving
+from tests.test_process import stop as stop_server
 
 FLOOD = r"""
 import asyncio, collections, json, sys, time
@@ -183,9 +183,4 @@ def test_one_tenants_flood_does_not_raise_anothers_place_latency(
         worker.join(timeout=10)
     finally:
         stop.set()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
