@@ -121,8 +121,11 @@ async def _run(port: int, n: int, batch: int) -> dict[str, object]:
         base_hist = HdrHistogram(1, 60_000_000, 3)
         for i in range(n + 50):
             req = placement_pb2.PlaceRequest(
-                session_id=f"s{i % batch}", tenant_id="bench", agent_type="swe-agent",
-                step_index=1, context_tokens=2000,
+                session_id=f"s{i % batch}",
+                tenant_id="bench",
+                agent_type="swe-agent",
+                step_index=1,
+                context_tokens=2000,
             )
             t0 = time.perf_counter()
             await place.Place(req, timeout=0.05)
@@ -155,9 +158,24 @@ def main() -> int:
     port = _free_port()
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kvsched", "serve", "--listen", f"127.0.0.1:{port}",
-             "--data-dir", tmp, "--metrics-port", "0", "--log-level", "warning", "--auth", "none"],
-            cwd=ROOT, env={**os.environ, "KVSCHED_LOG_JSON": "true"},
+            [
+                sys.executable,
+                "-m",
+                "kvsched",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--data-dir",
+                tmp,
+                "--metrics-port",
+                "0",
+                "--log-level",
+                "warning",
+                "--auth",
+                "none",
+            ],
+            cwd=ROOT,
+            env={**os.environ, "KVSCHED_LOG_JSON": "true"},
         )
         try:
             result = asyncio.run(_run(port, ns.n, ns.batch))
@@ -168,13 +186,20 @@ def main() -> int:
         print(json.dumps(result))
         return 0
     print(f"loopback round trips, n={ns.n} (server: real process, SQLite journal, FULL sync)")
-    for key, label in (("event_batch_rtt", f"event batch ({ns.batch} events) -> Ack"),
-                       ("place_rtt", "Place"), ("grpc_health_check_rtt", "health Check (baseline)")):
+    for key, label in (
+        ("event_batch_rtt", f"event batch ({ns.batch} events) -> Ack"),
+        ("place_rtt", "Place"),
+        ("grpc_health_check_rtt", "health Check (baseline)"),
+    ):
         s = result[key]
         assert isinstance(s, dict)
-        print(f"  {label:<36} p50 {s['p50_us']:>7} us   p99 {s['p99_us']:>7} us   p99.9 {s['p999_us']:>7} us")
-    print(f"  event batch p50 / baseline p50 = {result['event_batch_p50_vs_baseline']}x;"
-          f" Place p50 / baseline p50 = {result['place_p50_vs_baseline']}x")
+        print(
+            f"  {label:<36} p50 {s['p50_us']:>7} us   p99 {s['p99_us']:>7} us   p99.9 {s['p999_us']:>7} us"
+        )
+    print(
+        f"  event batch p50 / baseline p50 = {result['event_batch_p50_vs_baseline']}x;"
+        f" Place p50 / baseline p50 = {result['place_p50_vs_baseline']}x"
+    )
     return 0
 
 

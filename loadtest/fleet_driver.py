@@ -431,6 +431,7 @@ class Fleet:
         rec.directives_received = self._directives_seen()
         rec.directives_applied = sum(w.stats.directives_applied for w in self.workers)
         rec.messages_framed = sum(w.outbox.stats.framed_messages for w in self.workers)
+        rec.place_streams = sum(r.streams_opened for r in self.routers)
         dropped = sum(w.outbox.stats.dropped_session_events for w in self.workers)
         if dropped:
             rec.errors["dropped_by_outbox"] = dropped

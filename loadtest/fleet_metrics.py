@@ -112,6 +112,7 @@ class Recorder:
     place_calls: int = 0
     place_fallbacks: int = 0
     place_skipped: int = 0  # over --place-rps: the step kept its worker
+    place_streams: int = 0  # PlaceStreams the routers opened (--place-stream)
     directives_received: int = 0
     directives_applied: int = 0
     directive_acks_acked: int = 0
@@ -205,6 +206,7 @@ def summary(rec: Recorder, elapsed_s: float, extra: dict[str, Any]) -> dict[str,
         "place_calls": calls,
         "place_rps": round(calls / elapsed_s, 1) if elapsed_s > 0 else 0.0,
         "place_skipped": rec.place_skipped,
+        "place_streams": rec.place_streams,
         "directives_received": rec.directives_received,
         "directive_acks_acked": rec.directive_acks_acked,
         "kv_batches_acked": rec.kv_batches_acked,

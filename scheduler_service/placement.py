@@ -169,6 +169,7 @@ class Placer:
             and home != NO_SLOT
             and int(self._out_slots[0]) != home
             and int(ws.kv_domain_v[home]) >= 0
+            and ws.connected_v[home]  # a gone worker's KV is nowhere to load from
         ):
             self._loads_from_home(rank, count)
         cands = []
@@ -188,12 +189,12 @@ class Placer:
                 )
             )
         w0 = int(self._out_slots[0])
-        if home == NO_SLOT or not allowed[home]:
+        if cands[0].kv_source_worker_id is not None:
+            reason = "move"  # the home is loaded or draining: the step leaves with its KV
+        elif home == NO_SLOT or not allowed[home]:
             reason = "prefix" if pre[w0] > 0 else "bin_pack"
         elif w0 == home:
             reason = "affinity"
-        elif cands[0].kv_source_worker_id is not None:
-            reason = "move"  # the home is loaded: the step goes elsewhere and its KV with it
         else:
             reason = "steal"  # the home is loaded enough that rebuilding elsewhere wins
         # the first candidate is where the step will most likely queue
@@ -213,7 +214,6 @@ class Placer:
             affinity_ttl_s=c.affinity_ttl_s,
             reason=reason,
         )
-
 
     def _loads_from_home(
         self,
@@ -242,6 +242,7 @@ class Placer:
             self._out_slots[i] = slot
             self._out_scores[i] = scores[i]
             self._out_cached[i], self._out_tier[i] = loaded[slot]
+
 
 def _grown(a: npt.NDArray[np.int64], n: int) -> npt.NDArray[np.int64]:
     grown = np.zeros(max(n, 2 * len(a)), dtype=np.int64)

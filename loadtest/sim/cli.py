@@ -98,10 +98,12 @@ def simulate_main(argv: Sequence[str]) -> int:
         print(f"kvsched simulate: {exc}", file=sys.stderr)
         return 2
     if args.kv_transfer_gpus is not None:
-        if args.kv_transfer_gpus < 0:
-            print("kvsched simulate: --kv-transfer-gpus must be >= 0", file=sys.stderr)
+        try:
+            cluster = replace(sc.cluster, kv_transfer_gpus=args.kv_transfer_gpus)
+        except ValueError as exc:
+            print(f"kvsched simulate: --kv-transfer-gpus: {exc}", file=sys.stderr)
             return 2
-        sc = replace(sc, cluster=replace(sc.cluster, kv_transfer_gpus=args.kv_transfer_gpus))
+        sc = replace(sc, cluster=cluster)
     started = time.perf_counter()
     sessions = build(sc.mixes(), sc.duration_s, args.seed)
     results: dict[str, dict[str, Any]] = {}

@@ -38,6 +38,14 @@ class ClusterConfig:
     # links (GPU -> host -> GPU); 0: none can. Only the kvsched policy uses it.
     kv_transfer_gpus: int = 0
 
+    def __post_init__(self) -> None:
+        tp = self.tensor_parallel
+        if self.kv_transfer_gpus < 0 or self.kv_transfer_gpus % max(1, tp):
+            raise ValueError(
+                f"kv_transfer_gpus must be 0 or a multiple of tensor_parallel ({tp}),"
+                f" got {self.kv_transfer_gpus}"
+            )
+
     @property
     def replicas(self) -> int:
         """Model replicas (GPUs / tensor parallel)."""

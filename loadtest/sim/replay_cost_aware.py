@@ -78,12 +78,15 @@ def replay_cost_aware(
             s.tokens_at_wait = s.tokens = ctx
         elif kind == "tool_call_end":
             if s.state == _WAITING:
+                # the wait in its node ends here, as the engine learns it at TOOL_CALL_END
+                s.graph.observe_duration(s.node, now - s.wait_started, now)
                 s.state = _READY
         elif kind == "session_finish":
             s.state = _GONE
         elif kind == "step_start":
             if s.node >= 0:
-                s.graph.observe_duration(s.node, now - s.wait_started, now)
+                if s.state == _WAITING:  # no tool_call_end: the wait ends at the step
+                    s.graph.observe_duration(s.node, now - s.wait_started, now)
                 s.graph.observe_outcome(s.node, True, now)
                 s.graph.observe_tokens(s.node, max(0, ctx - s.tokens_at_wait), now)
                 s.node = -1

@@ -73,7 +73,9 @@ class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
             retry_s=wait_s,
         )
 
-    def _place(self, p: Principal, request: placement_pb2.PlaceRequest) -> placement_pb2.PlaceResponse | _Refusal:
+    def _place(
+        self, p: Principal, request: placement_pb2.PlaceRequest
+    ) -> placement_pb2.PlaceResponse | _Refusal:
         """What Place answers for ``request`` from ``p``, or why it is refused."""
         t0 = time.perf_counter()
         try:

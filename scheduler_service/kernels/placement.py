@@ -91,7 +91,9 @@ def place_topk(
                 copy_s = pulled * bytes_per_token[w] / host_link_bytes_per_s[w]
                 if home_tier == TIER_GPU:
                     copy_s += pulled * bytes_per_token[home] / host_link_bytes_per_s[home]
-                load_gain = full - prefill_s(float(step_tokens - pulled), rate, knee_tokens) - copy_s
+                load_gain = (
+                    full - prefill_s(float(step_tokens - pulled), rate, knee_tokens) - copy_s
+                )
                 local_gain = full - prefill_s(float(step_tokens - cached), rate, knee_tokens)
                 if load_gain > local_gain:
                     cached = pulled

@@ -219,4 +219,20 @@ async def test_stream_mode_refusals_and_a_failed_stream_fall_back_then_a_new_str
         await client.close()
     assert refused.reason == "fallback:resource_exhausted"
     assert failed.reason == "fallback:unavailable"
-    assert (recovered.reason, servicer.streams) == ("affinity:g", 2)
+    assert (recovered.reason, servicer.streams, client.streams_opened) == ("affinity:g", 2, 2)
+    # nothing of either stream is left feeding requests (grpc.aio leaves the feed of a
+    # call that ended by itself waiting unless the client ends it)
+    await asyncio.sleep(0.05)
+    feeds = [t for t in asyncio.all_tasks() if "request_iterator" in repr(t.get_coro())]
+    assert feeds == []
+
+
+async def test_a_closed_stream_client_falls_back_and_opens_nothing(fake) -> None:
+    servicer, target = fake
+    async with grpc.aio.insecure_channel(target) as ch:
+        client = PlacementClient(ch, deadline_s=2.0, live_workers=LIVE, stream=True)
+        assert (await client.place(req("a"))).reason == "affinity:a"
+        await client.close()
+        after = await client.place(req("b"))
+    assert after.reason == "fallback:closed"
+    assert (servicer.streams, servicer.calls) == (1, 1)

@@ -78,6 +78,28 @@ def test_a_step_leaving_its_home_for_a_peer_of_its_transfer_domain_loads_the_kv(
     assert sc.engine.session_view(SessionId("s1"), 4.0).home_worker_id == "w2"  # type: ignore[union-attr]
 
 
+def test_a_draining_home_hands_its_kv_over_and_a_gone_one_cannot(script: Any) -> None:
+    sc = script()
+    sc.worker("w1", kv_domain="node-a")
+    sc.worker("w2", kv_domain="node-a")
+    sc.event(1.0, "s1", K.STEP_START, 64_000, worker="w1")
+    sc.engine.drain_worker(WorkerId("w1"), 2.0)
+    p = sc.engine.place(_req("s1", 64_000), 2.0)
+    assert (p.reason, p.candidates[0].worker_id, p.candidates[0].kv_source_worker_id) == (
+        "move",
+        "w2",
+        "w1",
+    )
+    sc.engine.worker_disconnected(WorkerId("w1"), 3.0)
+    p = sc.engine.place(_req("s1", 64_000), 3.0)
+    first = p.candidates[0]
+    assert (first.worker_id, first.kv_source_worker_id, first.expected_cached_tokens) == (
+        "w2",
+        None,
+        0,
+    )
+
+
 def test_the_transfer_domain_does_not_change_where_a_step_goes(script: Any) -> None:
     # the move is decided as if the step rebuilt its KV wherever it went: the
     # lower slot of two idle workers wins, though only the other could load the KV

@@ -119,6 +119,7 @@ async def test_place_only_makes_one_call_per_tick_and_sends_no_events(
     assert 0 < out["place_p50_ms"] <= out["place_p99_ms"]
     assert out["negative_latencies"] == 0
     assert out["place_fallback_rate"] < 0.5  # the service answered (unary or on the stream)
+    assert out["place_streams"] == (1 if place_stream else 0)  # one router, one stream
 
 
 @pytest.mark.timeout(60)

@@ -208,3 +208,48 @@ def test_the_prefill_lane_runs_higher_priority_steps_first() -> None:
 
     assert prefill_order(VllmApc()) == [0, 1, 2]
     assert prefill_order(Ranked()) == [0, 2, 1]
+
+
+def test_a_step_loading_its_kv_from_a_peer_waits_off_the_prefill_lane() -> None:
+    from loadtest.sim.policies import VllmApc
+
+    class FromPeer(VllmApc):
+        """Everything runs on replica 0; a's KV is on replica 1, which Place names."""
+
+        def place(self, sid: int, step: int, now: float) -> int:
+            return 0
+
+        def kv_source(self, sid: int) -> int:
+            return 1 if self.sessions[sid].session_id == "a" else -1
+
+    # a (48k tokens, all held by replica 1) arrives first and loads them over two
+    # host-link crossings; b (6k tokens, nothing cached) arrives while a's copy runs
+    a = session("a", 0.0, [48_000], [50], [])
+    b = session("b", 0.01, [6_000], [50], [])
+    sim = tiny_sim([a, b], FromPeer(), gpus=2, capacity_blocks=10_000)
+    sim.replicas[1].pool.hold(0, 3_000)
+    sim.replicas[1].pool.idle(0)
+    order: list[int] = []
+    first_token = sim.rec.first_token
+
+    def seen(sid: int, ttft_s: float, decode_gpu_s: float) -> None:
+        order.append(sid)
+        first_token(sid, ttft_s, decode_gpu_s)
+
+    sim.rec.first_token = seen  # type: ignore[method-assign]
+    sim.run()
+    copy_s = 2 * sim.model.reload_s(48_000)
+    assert copy_s > 0.01  # the copy outlasts b's arrival
+    assert order == [1, 0]  # b was prefilled while a's KV was still coming
+    assert sim.rec.moved_tokens == 48_000  # a prefilled nothing it could load
+    assert sim.rec.recompute_s == 0.0
+
+
+def test_kv_transfer_domains_must_hold_whole_replicas(capsys: pytest.CaptureFixture[str]) -> None:
+    from loadtest.sim.cluster import ClusterConfig
+
+    with pytest.raises(ValueError, match="multiple of tensor_parallel"):
+        ClusterConfig(gpus=16, tensor_parallel=4, kv_transfer_gpus=6)
+    argv = ["--gpus", "2", "--duration", "10", "--no-peak", "--kv-transfer-gpus", "-8"]
+    assert simulate_main(argv) == 2
+    assert "--kv-transfer-gpus" in capsys.readouterr().err

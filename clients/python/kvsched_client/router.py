@@ -188,12 +188,15 @@ class PlacementClient(_PlacementClientBase):
             token=token,
         )
         self._stream = _PlaceStream(self._stub, self._metadata) if stream else None
+        self._closed = False
 
     async def place(self, request: placement_pb2.PlaceRequest) -> PlaceResult:
         """Returns the service's placement, or the fallback's within the deadline."""
         if self._fb.should_skip():
             return self._fb.result(request, "cooldown")
         if self._stream is not None:
+            if self._closed:
+                return self._fb.result(request, "closed")
             return await self._place_on_stream(self._stream, request)
         try:
             resp = await self._stub.Place(request, timeout=self.deadline_s, metadata=self._metadata)
@@ -215,10 +218,31 @@ class PlacementClient(_PlacementClientBase):
             return self._fb.failed(_CODE_NAMES.get(answer.error.code, "error"), request)
         return self._fb.answer(request, answer.placement)
 
+    @property
+    def streams_opened(self) -> int:
+        """PlaceStreams opened so far (0 for unary calls)."""
+        return self._stream.opened if self._stream is not None else 0
+
     async def close(self) -> None:
-        """Ends the shared stream, if any (the channel stays the caller's)."""
+        """Ends the shared stream, if any, for good: later calls fall back ("closed").
+
+        The channel stays the caller's.
+        """
+        self._closed = True
         if self._stream is not None:
             await self._stream.close()
+
+
+_Item = tuple[placement_pb2.PlaceStreamRequest, "asyncio.Future[placement_pb2.PlaceStreamResponse]"]
+
+
+@dataclass(slots=True)
+class _OpenStream:
+    """One PlaceStream call: what it still has to send, who waits on it, its reader."""
+
+    outbox: asyncio.Queue[_Item | None]
+    pending: dict[int, asyncio.Future[placement_pb2.PlaceStreamResponse]]
+    reader: asyncio.Task[None] | None = None
 
 
 class _PlaceStream:
@@ -231,47 +255,49 @@ class _PlaceStream:
     ) -> None:
         self._stub = stub
         self._metadata = metadata
-        self._outbox: asyncio.Queue[placement_pb2.PlaceStreamRequest | None] | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._pending: dict[int, asyncio.Future[placement_pb2.PlaceStreamResponse]] = {}
+        self._open: _OpenStream | None = None
         self._next_id = 0
+        self.opened = 0  # streams opened so far
 
     async def call(self, request: placement_pb2.PlaceRequest) -> placement_pb2.PlaceStreamResponse:
         """Sends ``request`` and waits for its answer (the caller bounds the wait)."""
-        if self._outbox is None:
-            self._open()
-        assert self._outbox is not None
+        st = self._open or self._start()
         self._next_id += 1
         rid = self._next_id
         fut: asyncio.Future[placement_pb2.PlaceStreamResponse] = (
             asyncio.get_running_loop().create_future()
         )
-        self._pending[rid] = fut
+        st.pending[rid] = fut
         try:
-            self._outbox.put_nowait(
-                placement_pb2.PlaceStreamRequest(request_id=rid, request=request)
+            st.outbox.put_nowait(
+                (placement_pb2.PlaceStreamRequest(request_id=rid, request=request), fut)
             )
             return await fut
         finally:
-            self._pending.pop(rid, None)
+            st.pending.pop(rid, None)
 
-    def _open(self) -> None:
-        outbox: asyncio.Queue[placement_pb2.PlaceStreamRequest | None] = asyncio.Queue()
+    def _start(self) -> _OpenStream:
+        outbox: asyncio.Queue[_Item | None] = asyncio.Queue()
 
         async def requests() -> AsyncIterator[placement_pb2.PlaceStreamRequest]:
-            while (m := await outbox.get()) is not None:
-                yield m
+            while (item := await outbox.get()) is not None:
+                msg, fut = item
+                if not fut.done():  # its caller gave up (deadline): nobody wants the answer
+                    yield msg
 
         call = self._stub.PlaceStream(requests(), metadata=self._metadata)
-        self._outbox = outbox
-        self._reader = asyncio.create_task(self._read(call, outbox))
+        st = _OpenStream(outbox, {})
+        st.reader = asyncio.create_task(self._read(call, st))
+        self._open = st
+        self.opened += 1
+        return st
 
     async def _read(
         self,
         call: grpc.aio.StreamStreamCall[
             placement_pb2.PlaceStreamRequest, placement_pb2.PlaceStreamResponse
         ],
-        outbox: asyncio.Queue[placement_pb2.PlaceStreamRequest | None],
+        st: _OpenStream,
     ) -> None:
         failure: BaseException = grpc.aio.AioRpcError(
             grpc.StatusCode.UNAVAILABLE,
@@ -281,7 +307,7 @@ class _PlaceStream:
         )
         try:
             async for answer in call:
-                fut = self._pending.get(answer.request_id)
+                fut = st.pending.get(answer.request_id)
                 if fut is not None and not fut.done():
                     fut.set_result(answer)
         except grpc.RpcError as err:
@@ -291,23 +317,25 @@ class _PlaceStream:
             raise
         finally:
             # the next call opens a new stream; whoever waited on this one fails over
-            if self._outbox is outbox:
-                self._outbox = None
-                self._reader = None
-            for fut in list(self._pending.values()):
+            if self._open is st:
+                self._open = None
+            # NOTE: grpc.aio does not stop a request iterator when the call ends by
+            # itself: without this it would wait on the queue forever.
+            st.outbox.put_nowait(None)
+            for fut in st.pending.values():
                 if not fut.done():
                     fut.set_exception(failure)
 
     async def close(self) -> None:
         """Ends the stream and fails whatever still waits on it."""
-        outbox, reader = self._outbox, self._reader
-        self._outbox = self._reader = None
-        if outbox is not None:
-            outbox.put_nowait(None)
-        if reader is not None:
-            reader.cancel()
+        st, self._open = self._open, None
+        if st is None:
+            return
+        st.outbox.put_nowait(None)
+        if st.reader is not None:
+            st.reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await reader
+                await st.reader
 
 
 class SyncPlacementClient(_PlacementClientBase):
