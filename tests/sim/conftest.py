@@ -33,3 +33,16 @@ def tiny_sim(
         r.pool.cap = capacity_blocks
         r.pool.host_cap = capacity_blocks
     return sim
+
+
+def first_tokens(sim: Simulator) -> list[int]:
+    """The sessions in the order their steps' prefills finish, filled in as ``sim`` runs."""
+    order: list[int] = []
+    first_token = sim.rec.first_token
+
+    def seen(sid: int, ttft_s: float, decode_gpu_s: float) -> None:
+        order.append(sid)
+        first_token(sid, ttft_s, decode_gpu_s)
+
+    sim.rec.first_token = seen  # type: ignore[method-assign]
+    return order

@@ -11,7 +11,7 @@ from loadtest.sim.cli import JSON_KEYS, simulate_main
 from loadtest.sim.run import load_scenario, run_policy, scenario_names
 from loadtest.workloads import Arrivals, TenantMix, build
 
-from .conftest import session, tiny_sim
+from .conftest import first_tokens, session, tiny_sim
 
 
 def test_a_seed_fixes_the_workload_and_tenants_are_independent() -> None:
@@ -195,14 +195,7 @@ def test_the_prefill_lane_runs_higher_priority_steps_first() -> None:
         # arrive while a's prefill runs
         ss = [session(n, t, [6000], [50], []) for n, t in (("a", 0.0), ("b", 0.01), ("c", 0.02))]
         sim = tiny_sim(ss, policy, capacity_blocks=2000)
-        order: list[int] = []
-        first_token = sim.rec.first_token
-
-        def seen(sid: int, ttft_s: float, decode_gpu_s: float) -> None:
-            order.append(sid)
-            first_token(sid, ttft_s, decode_gpu_s)
-
-        sim.rec.first_token = seen  # type: ignore[method-assign]
+        order = first_tokens(sim)
         sim.run()
         return order
 
@@ -229,14 +222,7 @@ def test_a_step_loading_its_kv_from_a_peer_waits_off_the_prefill_lane() -> None:
     sim = tiny_sim([a, b], FromPeer(), gpus=2, capacity_blocks=10_000)
     sim.replicas[1].pool.hold(0, 3_000)
     sim.replicas[1].pool.idle(0)
-    order: list[int] = []
-    first_token = sim.rec.first_token
-
-    def seen(sid: int, ttft_s: float, decode_gpu_s: float) -> None:
-        order.append(sid)
-        first_token(sid, ttft_s, decode_gpu_s)
-
-    sim.rec.first_token = seen  # type: ignore[method-assign]
+    order = first_tokens(sim)
     sim.run()
     copy_s = 2 * sim.model.reload_s(48_000)
     assert copy_s > 0.01  # the copy outlasts b's arrival
