@@ -380,6 +380,8 @@ async def baselines(
         raw_place = await place_client(
             kvsched_target, rate_per_s=place_rate_per_s, seconds=seconds, with_worker=True
         )
+        # one client process at the whole run's rate, whatever --procs the fleet used
+        out["place_baseline_rate_per_s"] = place_rate_per_s
         for name, r in (("echo_place", echo_place), ("kvsched_raw_place", raw_place)):
             for k in ("p50_ms", "p99_ms", "p999_ms", "errors"):
                 out[f"{name}_{k}"] = round(r[k], 3)

@@ -129,6 +129,7 @@ async def test_place_baseline_times_echo_and_kvsched_place_at_the_same_rate(
     target, _ = server
     out = await baselines(target, 0.5, streams=1, place_rate_per_s=100.0)
     assert out["echo_events_per_s"] > 0 and out["kvsched_raw_events_per_s"] > 0
+    assert out["place_baseline_rate_per_s"] == 100.0
     for name in ("echo_place", "kvsched_raw_place"):
         # every call answered (kvsched has the raw client's worker to place on)
         assert out[f"{name}_errors"] == 0
