@@ -541,8 +541,8 @@ async def test_place_names_where_a_moved_step_loads_its_kv_from(
         batch(2, event("s1", K.STEP_START, ctx=64_000), event("s1", K.STEP_END, ctx=64_000))
     )
     await a.recv_until_ack(2)
-    beat = worker_pb2.Heartbeat(gpu_free_blocks=20_000, queued_prefill_tokens=500_000)
-    await a.send(worker_pb2.WorkerMessage(seq=3, heartbeat=beat))  # a 20 s queue
+    beat = worker_pb2.Heartbeat(gpu_free_blocks=20_000, queued_prefill_tokens=300_000)
+    await a.send(worker_pb2.WorkerMessage(seq=3, heartbeat=beat))  # a 12 s queue
     await a.recv_until_ack(3)
     stub = placement_pb2_grpc.PlacementServiceStub(channel)
     resp = await stub.Place(

@@ -195,6 +195,32 @@ def test_eviction_order_under_pressure_is_cost_aware_farthest_next_use(script: A
     assert w.gpu_used_blocks == 1_000
 
 
+def test_pressure_relief_makes_room_for_the_steps_queued_on_a_worker(script: Any) -> None:
+    sc = script()
+    sc.worker("w1", gpu_blocks=2_000)
+    hints = {"a": 2.0, "b": 30.0, "c": 10.0}
+    for sid in hints:
+        sc.event(1.0, sid, K.STEP_START, 3_200)  # 200 blocks each
+    for sid, hint in hints.items():
+        [d] = sc.event(
+            2.0, sid, K.TOOL_CALL_WAIT, 3_200, tool_name=f"t_{sid}", expected_tool_latency_s=hint
+        )
+        assert d.action is Action.RETAIN_GPU  # 600 of 2,000 blocks: holding is free
+    # the worker reports 1,000 of 2,000 blocks free, far above the 5% watermark: nothing to do ...
+    assert sc.heartbeat(3.0, "w1", free_blocks=1_000) == []
+    # ... until 19,200 prefill tokens (1,200 blocks) wait in its queue: room is made
+    # for them, farthest predicted use first
+    ds = sc.heartbeat(4.0, "w1", free_blocks=1_000, queued=19_200)
+    # (the queued demand also raised the memory's price: the other leases shrink)
+    assert brief(ds) == [
+        ("EVICT_NOW", "b", "pressure"),
+        ("RETAIN_GPU", "c", "pressure_redecide"),
+        ("RETAIN_GPU", "a", "pressure_redecide"),
+    ]
+    # with room for the queue, nothing more is evicted
+    assert sc.heartbeat(5.0, "w1", free_blocks=1_200, queued=19_200) == []
+
+
 def test_eviction_offloads_when_the_host_tier_has_room(script: Any) -> None:
     sc = script(high_watermark=0.1)
     sc.worker("w1", gpu_blocks=2_100, host_blocks=10_000)
@@ -354,14 +380,15 @@ def test_a_returned_tool_leases_the_kv_until_the_queued_step_is_likely_admitted(
     script: Any,
 ) -> None:
     sc = script()
-    sc.worker("w1")
+    sc.worker("w1", gpu_blocks=20_000)
     sc.event(1.0, "s1", K.STEP_START, 16_000)
-    sc.heartbeat(2.0, "w1", free_blocks=2_500)
+    sc.heartbeat(2.0, "w1", free_blocks=15_000)
     sc.event(3.0, "s1", K.STEP_END, 16_000)
     [lease] = sc.event(3.0, "s1", K.TOOL_CALL_WAIT, 16_000, tool_name="bash")
     assert lease.action is Action.RETAIN_GPU
-    # the home now has 10 s of prefill queued (200k tokens at 20k tokens/s)
-    sc.heartbeat(4.0, "w1", free_blocks=2_500, queued=200_000)
+    # the home now has 10 s of prefill queued (200k tokens at 20k tokens/s), for
+    # which its free memory has room
+    sc.heartbeat(4.0, "w1", free_blocks=15_000, queued=200_000)
     # the tool returns with 1 s of lease left: the step will wait ~10 s in the
     # queue, so the KV it is about to reuse is leased for 1 + 2 × 10 s
     returned_at = 3.0 + lease.lease_ttl_s - 1.0
@@ -372,7 +399,7 @@ def test_a_returned_tool_leases_the_kv_until_the_queued_step_is_likely_admitted(
     assert sc.tick(returned_at + 30.0) == []
     assert sc.event(returned_at + 8.0, "s1", K.STEP_START, 16_100) == []
     # a lease that already covers the queue (1 s now: 3 s needed) is left as it is
-    sc.heartbeat(returned_at + 8.5, "w1", free_blocks=2_500, queued=20_000)
+    sc.heartbeat(returned_at + 8.5, "w1", free_blocks=15_000, queued=20_000)
     sc.event(returned_at + 9.0, "s1", K.STEP_END, 16_200)
     [again] = sc.event(returned_at + 9.0, "s1", K.TOOL_CALL_WAIT, 16_200, tool_name="bash")
     assert again.action is Action.RETAIN_GPU and again.lease_ttl_s > 4.0
