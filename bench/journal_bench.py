@@ -15,31 +15,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hdrh.histogram import HdrHistogram
 
 from kvsched_client._proto.kvsched.v1 import types_pb2, worker_pb2
 from loadtest.echo import varint as _varint
+from loadtest.fleet import spawned_server
 
-ROOT = Path(__file__).resolve().parent.parent
 CONNECT = "/kvsched.v1.WorkerService/Connect"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _bodies(worker: int, batch: int) -> tuple[bytes, bytes]:
@@ -68,7 +54,7 @@ def _bodies(worker: int, batch: int) -> tuple[bytes, bytes]:
 
 
 async def _stream(
-    port: int,
+    target: str,
     worker: int,
     batch: int,
     window: int,
@@ -98,7 +84,7 @@ async def _stream(
         while (m := await q.get()) is not None:
             yield m
 
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+    async with grpc.aio.insecure_channel(target) as ch:
         call = ch.stream_stream(
             CONNECT,
             request_serializer=None,
@@ -160,63 +146,31 @@ async def _stream(
 
 
 def _run_server(journal: str, args: argparse.Namespace) -> dict[str, float]:
-    port = _free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kvsched",
-                "serve",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--data-dir",
-                tmp,
-                "--journal",
-                journal,
-                "--metrics-port",
-                "0",
-                "--log-level",
-                "warning",
-                "--auth",
-                "none",
-                "--snapshot-interval-s",
-                "3600",
-            ],
-            cwd=ROOT,
-            env={**os.environ, "KVSCHED_LOG_JSON": "true"},
-            stdout=subprocess.DEVNULL,
-        )
-        try:
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-                grpc.channel_ready_future(ch).result(timeout=30)
-                health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
-            hist = HdrHistogram(1, 60_000_000, 3)
-            counts = [0]
+    server_args = ["--journal", journal, "--snapshot-interval-s", "3600"]
+    with spawned_server(server_args) as (target, _pid):
+        hist = HdrHistogram(1, 60_000_000, 3)
+        counts = [0]
 
-            async def main() -> float:
-                t0 = time.perf_counter()
-                await asyncio.gather(
-                    *(
-                        _stream(
-                            port,
-                            w,
-                            args.batch,
-                            args.window,
-                            args.seconds,
-                            hist,
-                            counts,
-                            args.rate / args.batch / args.streams,
-                        )
-                        for w in range(args.streams)
+        async def main() -> float:
+            t0 = time.perf_counter()
+            await asyncio.gather(
+                *(
+                    _stream(
+                        target,
+                        w,
+                        args.batch,
+                        args.window,
+                        args.seconds,
+                        hist,
+                        counts,
+                        args.rate / args.batch / args.streams,
                     )
+                    for w in range(args.streams)
                 )
-                return time.perf_counter() - t0
+            )
+            return time.perf_counter() - t0
 
-            elapsed = asyncio.run(main())
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=30)
+        elapsed = asyncio.run(main())
     return {
         # Events acked that were sent after the warm-up, over the measured window.
         "events_per_s": round(counts[0] / max(1e-6, elapsed - min(1.0, args.seconds / 4))),

@@ -15,15 +15,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -36,14 +29,7 @@ from kvsched_client._proto.kvsched.v1 import (
     worker_pb2,
     worker_pb2_grpc,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from loadtest.fleet import spawned_server
 
 
 def _summary(h: HdrHistogram) -> dict[str, float]:
@@ -55,8 +41,8 @@ def _summary(h: HdrHistogram) -> dict[str, float]:
     }
 
 
-async def _run(port: int, n: int, batch: int) -> dict[str, object]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+async def _run(target: str, n: int, batch: int) -> dict[str, object]:
+    async with grpc.aio.insecure_channel(target) as ch:
         health = health_pb2_grpc.HealthStub(ch)
         for _ in range(50):
             try:
@@ -155,33 +141,8 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--json", action="store_true")
     ns = p.parse_args()
-    port = _free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kvsched",
-                "serve",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--data-dir",
-                tmp,
-                "--metrics-port",
-                "0",
-                "--log-level",
-                "warning",
-                "--auth",
-                "none",
-            ],
-            cwd=ROOT,
-            env={**os.environ, "KVSCHED_LOG_JSON": "true"},
-        )
-        try:
-            result = asyncio.run(_run(port, ns.n, ns.batch))
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=30)
+    with spawned_server([]) as (target, _pid):
+        result = asyncio.run(_run(target, ns.n, ns.batch))
     if ns.json:
         print(json.dumps(result))
         return 0
