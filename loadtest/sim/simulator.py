@@ -85,7 +85,6 @@ class Simulator:
         self.queued_est = [0] * n  # prefill tokens a queued step was counted for
         self.priority = [0] * n  # the current step's priority
         self.lane_ready_s = [0.0] * n  # an admitted step's KV is reloaded by then
-        self.pull_from: dict[int, int] = {}  # a queued step loads its KV from this replica
         self.lane_prefill_s = [0.0] * n  # an admitted step's prefill time
         # closed loop: per tenant, the backlog of tasks not started yet (in draw order)
         # the agent trace (loadtest.sim.replay documents the format), when asked for
@@ -164,10 +163,7 @@ class Simulator:
         pool = rep.pool
         src = self.policy.kv_source(sid)
         if src >= 0 and src != r:
-            self.pull_from[sid] = src
             pool = self.replicas[src].pool
-        else:
-            self.pull_from.pop(sid, None)
         cached = max(pool.gpu.get(sid, 0), pool.host.get(sid, 0)) * self.model.block_size_tokens
         est = max(0, prompt - cached)
         self.queued_est[sid] = est
@@ -252,8 +248,8 @@ class Simulator:
         (like a host-tier reload, it is a miss for the oracle comparison). The
         source's copy stays until the engine releases it (the step's STEP_START).
         """
-        src = self.pull_from.pop(sid, -1)
-        if src < 0:
+        src = self.policy.kv_source(sid)  # as Place said when the step was queued
+        if src < 0 or src == r:
             return 0, 0.0
         m = self.model
         peer = self.replicas[src].pool
