@@ -39,14 +39,10 @@ class _Refusal:
         return errors.unavailable(self.message, self.retry_s)
 
     def pb(self) -> placement_pb2.PlaceError:
-        message = self.message
-        if self.code == code_pb2.INVALID_ARGUMENT:
-            message = f"invalid {self.field}: {self.message}"
-        elif self.code == code_pb2.PERMISSION_DENIED:
-            message = f"{self.field}: {self.message}"
+        # the same words as the status Place ends with (errors.py writes them)
         return placement_pb2.PlaceError(
             code=self.code,
-            message=message,
+            message=self.status().details,
             field=f"request.{self.field}" if self.field else "",
             retry_delay_s=self.retry_s,
         )
