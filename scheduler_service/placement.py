@@ -173,7 +173,6 @@ class Placer:
         ):
             self._loads_from_home(rank, count)
         cands = []
-        source = WorkerId(ws.spec(home).worker_id) if home != NO_SLOT else None
         for i in range(count):
             spec = ws.spec(int(self._out_slots[i]))
             tier_i = int(self._out_tier[i])
@@ -185,7 +184,7 @@ class Placer:
                     expected_cached_tokens=min(int(self._out_cached[i]), int(req.context_tokens)),
                     score=float(self._out_scores[i]),
                     cached_tier=Tier.NONE if loads else Tier(tier_i),
-                    kv_source_worker_id=source if loads else None,
+                    kv_source_worker_id=WorkerId(ws.spec(home).worker_id) if loads else None,
                 )
             )
         w0 = int(self._out_slots[0])
