@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import NewType
+from typing import NamedTuple, NewType
 
 WorkerId = NewType("WorkerId", str)
 SessionId = NewType("SessionId", str)
@@ -244,9 +244,12 @@ class Placement:
     reason: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class RetentionDirective:
-    """A retention decision for one session, addressed to ``worker_id``."""
+class RetentionDirective(NamedTuple):
+    """A retention decision for one session, addressed to ``worker_id``.
+
+    # NOTE: a NamedTuple, not a frozen dataclass: the engine builds ~0.7 of
+    # these per event, and a tuple builds in a third of the time.
+    """
 
     directive_id: DirectiveId
     worker_id: WorkerId

@@ -21,6 +21,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from scheduler_service import engine_batch
 from scheduler_service import kernels as kernel_sets
 from scheduler_service.costs import blocks_for, prefill_time_s
 from scheduler_service.domain import (
@@ -47,8 +48,9 @@ from scheduler_service.domain import (
     WorkerSpec,
     WorkerView,
 )
+from scheduler_service.engine_batch import BatchPath
 from scheduler_service.engine_checks import check_events
-from scheduler_service.engine_config import EngineConfig
+from scheduler_service.engine_config import DECODE_FLOOR_DRIFT, EngineConfig
 from scheduler_service.engine_read import cluster_stats, session_view, worker_view
 from scheduler_service.engine_workers import WorkerEvents
 from scheduler_service.fairness import FairShare
@@ -79,9 +81,6 @@ _K_ABORT = EventKind.SESSION_ABORT
 
 #: Directives remembered until acked (older ones are forgotten first).
 UNACKED_MEMORY = 1 << 18
-#: How fast a worker's decode-time floor forgets (per observed step): a floor
-#: set by one lucky step rises back ~0.2% a step until steps confirm it.
-DECODE_FLOOR_DRIFT = 0.002
 #: Agent types with a graph of their own; later ones share one graph.
 MAX_AGENT_TYPES = 512
 # seconds of event time between two passes over the sessions for fair share
@@ -128,6 +127,7 @@ class Engine:
         self.prefix = PrefixIndex(self.config.prefix_index_blocks)
         self.placer = Placer(self.config, self.state, self.kernels, self.fair, self.prefix)
         self._workers = WorkerEvents(self.state, self.retention)
+        self._batch = BatchPath(self)
         self._handlers = {
             _K_START: self._step_start,
             _K_WAIT: self._tool_wait,
@@ -138,6 +138,14 @@ class Engine:
         }
         self.warm()
 
+    def __getstate__(self) -> dict[str, object]:
+        # the batch path holds typed lists of the graphs' arrays: rebuilt on load
+        return {k: v for k, v in self.__dict__.items() if k != "_batch"}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._batch = BatchPath(self)
+
     def use_kernels(self, kernels: kernel_sets.KernelSet) -> None:
         """Run on another kernel set from now on (the benchmark compares the twins)."""
         self.kernels = self.retention.kernels = self.placer.kernels = kernels
@@ -147,12 +155,14 @@ class Engine:
         """Compile or load the kernels now, so no request pays for it (cheap when cached)."""
         if self.kernels is kernel_sets.NUMBA:
             kernel_sets.warm()
+            engine_batch.warm()
 
     # -- workers -------------------------------------------------------------
 
     def register_worker(self, spec: WorkerSpec, now: float) -> Decisions:
         """Record a worker's Hello; a new epoch means it holds nothing any more."""
         w, restarted = self._workers.register(spec)
+        self._batch.workers_changed()
         if restarted:
             self.prefix.forget_worker(w)
         return NO_DECISIONS
@@ -223,9 +233,17 @@ class Engine:
         """
         if not checked:
             check_events(self.state, self.fair.tenants.names, events)
-        # NOTE: the per-event bookkeeping is inlined here with everything it
-        # touches bound to locals: this loop is the engine's hot path.
         self.events_total += len(events)
+        if self._batch.usable():
+            self._batch.run(events, now)
+        else:
+            self._apply_events(events, now)
+        return self._flush()
+
+    def _apply_events(self, events: Sequence[SessionEvent], now: float) -> None:
+        """Apply checked events one by one (the batch path's reference twin)."""
+        # NOTE: the per-event bookkeeping is inlined here with everything it
+        # touches bound to locals: without the batch path, this is the hot path.
         ss = self.state.sessions
         slot_of = ss.slot_of
         worker_slot = self.state.workers.slot_of
@@ -250,7 +268,6 @@ class Engine:
                 if w != ss.home_v[s]:
                     self._move_home(s, w)
             handlers[kind](s, ev, now)
-        return self._flush()
 
     def handle(self, event: SessionEvent, now: float) -> Decisions:
         """Validate and apply one session event."""
@@ -477,10 +494,12 @@ class Engine:
         fire = np.flatnonzero(due <= now)
         if fire.size:
             # earliest first, slot breaking ties: the same order on every replay
-            for s in fire[np.lexsort((fire, due[fire]))].tolist():
-                kind = int(ss.timer_kind_v[s])
-                ss.timer_due_s_v[s] = NO_TIMER
-                self.retention.on_timer(s, kind, now)
+            order = fire[np.lexsort((fire, due[fire]))]
+            if not (self._batch.usable() and self._batch.fire_timers(order, now)):
+                for s in order.tolist():
+                    kind = int(ss.timer_kind_v[s])
+                    ss.timer_due_s_v[s] = NO_TIMER
+                    self.retention.on_timer(s, kind, now)
         self.retention.redecide_pricier_workers(now)
         self.retention.enforce_quotas(now)
         self._expire_silent_sessions(now)
@@ -509,9 +528,10 @@ class Engine:
 
     def _emit(self, s: int, action: Action, ttl_s: float, within_s: float, reason: str) -> None:
         ss = self.state.sessions
-        self._directive_seq += 1
+        seq = self._directive_seq = self._directive_seq + 1
         self.directives_total += 1
-        did = DirectiveId(f"d{self.leader_epoch}-{self._directive_seq}")
+        epoch = self.leader_epoch
+        did = DirectiveId(f"d{epoch}-{seq}")
         sid: SessionId = ss.ids[s]  # type: ignore[assignment]
         self._out.append(
             RetentionDirective(
@@ -521,7 +541,7 @@ class Engine:
                 action,
                 ttl_s,
                 self.fair.directive_priority(ss.tenant_v[s]),
-                self.leader_epoch,
+                epoch,
                 within_s,
                 reason,
             )

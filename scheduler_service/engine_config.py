@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 from scheduler_service.costs import DEFAULT_ATTENTION_KNEE_TOKENS
 from scheduler_service.graph import GraphPrior
 
+#: How fast a worker's decode-time floor forgets (per observed step): a floor
+#: set by one lucky step rises back ~0.2% a step until steps confirm it.
+DECODE_FLOOR_DRIFT = 0.002
+
 
 @dataclass(slots=True)
 class EngineConfig:

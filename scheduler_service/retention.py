@@ -101,7 +101,10 @@ class Retention:
         util = int(ws.gpu_used_blocks_v[w]) / cap
         over = max(0.0, (util - c.idle_utilization) / (1.0 - c.idle_utilization))
         demand_s = int(ws.queued_prefill_tokens_v[w]) / float(ws.prefill_tokens_per_s_v[w])
-        return c.max_shadow_price * min(over, 1.0) ** 2 + c.demand_weight * demand_s / (
+        # NOTE: m * m, not m ** 2: libm's pow(m, 2) is off by an ulp now and
+        # then, and ``prices`` (numpy) and the event kernel both square exactly
+        m = min(over, 1.0)
+        return c.max_shadow_price * (m * m) + c.demand_weight * demand_s / (
             demand_s + c.demand_horizon_s
         )
 
@@ -457,7 +460,7 @@ class Retention:
         util = ws.gpu_used_blocks[:n] / np.maximum(cap, 1)
         over = np.clip((util - c.idle_utilization) / (1.0 - c.idle_utilization), 0.0, 1.0)
         demand_s = ws.queued_prefill_tokens[:n] / ws.prefill_tokens_per_s[:n]
-        price = c.max_shadow_price * over**2 + c.demand_weight * demand_s / (
+        price = c.max_shadow_price * (over * over) + c.demand_weight * demand_s / (
             demand_s + c.demand_horizon_s
         )
         return np.where(cap > 0, price, c.max_shadow_price)

@@ -64,6 +64,10 @@ class WaitPrediction(NamedTuple):
 class AgentGraph:
     """Markov graph with per-node sketches for one agent type."""
 
+    #: Bumped whenever the arrays are replaced (growth) or rescaled, so a
+    #: holder of references to them (the engine's batch path) knows to refresh.
+    version = 0
+
     def __init__(self, agent_type: str, prior: GraphPrior | None = None) -> None:
         self.agent_type = agent_type
         self.prior = prior or GraphPrior()
@@ -200,12 +204,14 @@ class AgentGraph:
             ):
                 arr *= scale
             self._t_ref = now
+            self.version += 1
             x = 0.0
         w = math.exp(x)
         self._w_at = (now, w)
         return w
 
     def _grow(self) -> None:
+        self.version += 1
         cap = self.trans.shape[0] * 2
         trans = np.zeros((cap, cap), dtype=np.float64)
         n = self.trans.shape[0]

@@ -33,6 +33,16 @@ class KernelSet:
     victim_key: Any
     victim_keys: Any
 
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        # NOTE: by name: an engine restored from a snapshot must run on this
+        # process's kernel set itself (the engine checks ``is NUMBA``), not on a copy
+        return (by_name, (self.name,))
+
+
+def by_name(name: str) -> KernelSet:
+    """The kernel set called ``name`` ("numba" or "reference")."""
+    return {"numba": NUMBA, "reference": REFERENCE}[name]
+
 
 NUMBA = KernelSet(
     "numba", place_topk, rank_victims, retention_choice, remaining_time, victim_key, victim_keys

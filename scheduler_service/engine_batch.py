@@ -1,0 +1,339 @@
+"""The engine's compiled path: batches and timers applied by ``kernels.events``.
+
+``Engine.handle_batch`` hands a validated batch here, and ``Engine.tick`` its
+due timers, when the engine runs on the numba kernels, no tenant has a KV
+quota and no agent graph is due to rescale its weights. A batch becomes
+columns (session slot, kind, tokens, worker slot, graph node, hint) in one
+pass; ``apply_events`` applies events in order until one needs the Python path
+(see the kernel module), the engine applies that one event, and the kernel
+goes on from the next. The directives a kernel records are emitted through
+``Engine._emit`` before the Python path runs, so directive ids and order are
+exactly those of the per-event path, which is this path's reference twin
+(tests/engine/test_batch_path.py runs both on the same traffic).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+from numba import typed
+
+from scheduler_service import kernels as kernel_sets
+from scheduler_service.domain import Action, EventKind, SessionEvent
+from scheduler_service.engine_config import DECODE_FLOOR_DRIFT, EngineConfig
+from scheduler_service.graph.agent_graph import (
+    _RESCALE_AT_EXPONENT,
+    MAX_NODES,
+    OTHER_TOOL,
+    AgentGraph,
+)
+from scheduler_service.graph.sketch import DURATION_BUCKETS, TOKEN_BUCKETS
+from scheduler_service.kernels import events as kev
+from scheduler_service.state import ClusterState, SessionTable, WorkerTable
+
+if TYPE_CHECKING:
+    from scheduler_service.engine import Engine
+
+_WAIT = EventKind.TOOL_CALL_WAIT
+_WAIT_KIND = int(_WAIT)
+_ACTIONS = {int(a): a for a in Action}
+#: the kernels, typed loosely (numba's Dispatcher stubs take no argument list)
+apply_events: Any = kev.apply_events
+fire_timers: Any = kev.fire_timers
+#: Batches shorter than this take the per-event path: the kernel's fixed cost
+#: per call (columns, arguments, dispatch: ~30 µs) outweighs what it saves.
+MIN_KERNEL_BATCH = 4
+_BUCKETS = (DURATION_BUCKETS.upper_edges, DURATION_BUCKETS.mids, DURATION_BUCKETS._unit_spreads)
+_warmed = False
+
+
+class BatchPath:
+    """Columns, kernel calls and the hand-over to the Python path for one engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._graph_sig: tuple[tuple[int, int], ...] = ()
+        self._graph_args: tuple[Any, ...] = ()
+        self._graphs_safe_until = -math.inf
+        self._declared: npt.NDArray[np.bool_] | None = None
+        # directive buffers, kept between calls and grown when a kernel says so
+        self._out = _outputs(256)
+        #: shorter batches take the per-event path (tests lower it to 1)
+        self.min_batch = MIN_KERNEL_BATCH
+
+    def workers_changed(self) -> None:
+        """A worker registered: its declared decode rate may be new."""
+        self._declared = None
+
+    def usable(self) -> bool:
+        """True when the kernels may apply this engine's events (numba, no quotas)."""
+        e = self.engine
+        q = e.quotas
+        return e.kernels is kernel_sets.NUMBA and not any(q.gpu_bytes) and not any(q.host_bytes)
+
+    def run(self, events: Sequence[SessionEvent], now: float) -> None:
+        """Apply a validated batch: kernel runs, Python for the events it hands back."""
+        e = self.engine
+        n = len(events)
+        if n < self.min_batch:
+            e._apply_events(events, now)
+            return
+        slot_of = e.state.sessions.slot_of
+        wslot = e.state.workers.slot_of
+        slots = [slot_of.get(ev.session_id, -1) for ev in events]
+        cols = (
+            np.array(slots, dtype=np.int64),
+            np.array([ev.kind for ev in events], dtype=np.int64),
+            np.array([ev.context_tokens for ev in events], dtype=np.int64),
+            np.array([ev.new_tokens for ev in events], dtype=np.int64),
+            np.array([ev.step_index for ev in events], dtype=np.int64),
+            np.array(
+                [wslot[ev.worker_id] if ev.worker_id else kev.NO_WORKER for ev in events],
+                dtype=np.int64,
+            ),
+            np.array(
+                [
+                    self._node(ev, s) if ev.kind is _WAIT else -1
+                    for ev, s in zip(events, slots, strict=True)
+                ],
+                dtype=np.int64,
+            ),
+            np.array([ev.expected_tool_latency_s for ev in events], dtype=np.float64),
+            np.array([ev.last_step for ev in events], dtype=np.bool_),
+        )
+        e_slot, e_node = cols[0], cols[6]
+        params = batch_params(e.config)
+        i = 0
+        while i < n:
+            graphs = self._graphs(now)
+            if graphs is None:
+                j = i  # no graph yet, or one rescales first: this event goes to Python
+            else:
+                counters = self._counters()
+                j, k, full = apply_events(
+                    i, float(now), params, e.fair.protection, *cols,
+                    *session_arrays(e.state.sessions), *self._worker_arrays(), *graphs,
+                    *_BUCKETS, *counters, *self._out,
+                )  # fmt: skip
+                self._settle(counters, k)
+                if full:
+                    # NOTE: an event emits one directive plus one per eviction its
+                    # relief orders (at most its worker's residents); the kernel
+                    # stopped before event j rather than overflow the buffers
+                    ws = e.state.workers
+                    most = int(ws.residents[: ws.high_water].max())
+                    self._out = _outputs(2 * (len(self._out[0]) + most))
+                    i = j
+                    continue
+            if j >= n:
+                break
+            # the kernel handed back event j: the Python path applies it
+            ev = events[j]
+            e._apply_events((ev,), now)
+            # it may have created or ended its session, or a node of its graph
+            sid = ev.session_id
+            for x in range(j + 1, n):
+                later = events[x]
+                if later.session_id == sid or (e_node[x] < 0 and later.kind is _WAIT):
+                    s = slot_of.get(later.session_id, -1)
+                    e_slot[x] = s
+                    if later.kind is _WAIT:
+                        e_node[x] = self._node(later, s)
+            i = j + 1
+
+    def fire_timers(self, order: npt.NDArray[np.intp], now: float) -> bool:
+        """Fire the timers of sessions ``order`` as ``Engine.tick`` would; False when
+        the kernel may not (a graph rescales first), and nothing was done."""
+        graphs = self._graphs(now)
+        if graphs is None:
+            return False
+        e = self.engine
+        if len(self._out[0]) < len(order):  # a timer emits one directive at most
+            self._out = _outputs(2 * len(order))
+        counters = self._counters()
+        k = fire_timers(
+            order, float(now), batch_params(e.config), e.fair.protection,
+            *session_arrays(e.state.sessions), *self._worker_arrays(), *graphs, *_BUCKETS,
+            *counters, *self._out,
+        )  # fmt: skip
+        self._settle(counters, k)
+        return True
+
+    # -- columns and arguments ---------------------------------------------------
+
+    def _node(self, ev: SessionEvent, s: int) -> int:
+        """The graph node of a tool wait, or -1 when the graph has yet to create it."""
+        if s < 0:
+            return -1
+        e = self.engine
+        graph = e.graphs.graphs[int(e.state.sessions.agent_v[s])]
+        i = graph.index.get((_WAIT_KIND, ev.tool_name))
+        if i is None and len(graph.keys) >= MAX_NODES - 1:
+            i = graph.index.get((_WAIT_KIND, OTHER_TOOL))  # what AgentGraph.node maps it to
+        return -1 if i is None else i
+
+    def _worker_arrays(self) -> tuple[npt.NDArray[Any], ...]:
+        ws = self.engine.state.workers
+        if self._declared is None or self._declared.shape[0] != ws.capacity:
+            declared = np.zeros(ws.capacity, dtype=np.bool_)
+            for w, spec in enumerate(ws.specs):
+                declared[w] = bool(spec is not None and spec.cache.decode_tokens_per_s)
+            self._declared = declared
+        return worker_arrays(ws, self._declared)
+
+    def _graphs(self, now: float) -> tuple[Any, ...] | None:
+        """The graphs' arrays by agent slot, or None when there are none or one of
+        them rescales its weights at ``now`` (the Python path does that)."""
+        graphs = self.engine.graphs.graphs
+        sig = tuple((id(g), g.version) for g in graphs.values())
+        if sig != self._graph_sig:
+            self._graph_sig = sig
+            dense = bool(graphs) and sorted(graphs) == list(range(len(graphs)))
+            self._graph_args = (
+                graph_arrays([graphs[a] for a in range(len(graphs))]) if dense else ()
+            )
+            if self._graph_args:
+                t_ref, tau = self._graph_args[0], self._graph_args[1]
+                # one exponent short of the rescale: a cheap test that is never wrong
+                self._graphs_safe_until = float(np.min(t_ref + (_RESCALE_AT_EXPONENT - 1) * tau))
+        if not self._graph_args:
+            return None
+        if now <= self._graphs_safe_until:
+            return self._graph_args
+        t_ref, tau = self._graph_args[0], self._graph_args[1]
+        # NOTE: AgentGraph._weight rescales past this exponent; NaN (no reference
+        # time yet) fails the test too
+        if not np.all((now - t_ref) / tau <= _RESCALE_AT_EXPONENT):
+            return None
+        return self._graph_args
+
+    def _counters(self) -> tuple[npt.NDArray[np.int64], ...]:
+        e = self.engine
+        return (
+            np.zeros(len(e.fair.events), dtype=np.int64),
+            np.zeros(len(e.state.tenant_gpu_bytes), dtype=np.int64),
+            np.zeros(len(e.state.tenant_host_bytes), dtype=np.int64),
+        )
+
+    def _settle(self, counters: tuple[npt.NDArray[np.int64], ...], k: int) -> None:
+        """Fold the kernel's per-tenant deltas into the lists and emit its directives."""
+        e = self.engine
+        for target, delta in zip(
+            (e.fair.events, e.state.tenant_gpu_bytes, e.state.tenant_host_bytes),
+            counters,
+            strict=True,
+        ):
+            for t, d in enumerate(delta.tolist()):
+                if d:
+                    target[t] += d
+        if not k:
+            return
+        slots, actions, ttls, withins, reasons = (a[:k].tolist() for a in self._out)
+        emit = e._emit
+        for s, a, ttl, within, r in zip(slots, actions, ttls, withins, reasons, strict=True):
+            emit(s, _ACTIONS[a], ttl, within, kev.REASONS[r])
+
+
+def batch_params(c: EngineConfig) -> npt.NDArray[np.float64]:
+    """The engine's knobs in the order the kernels read them (``kev.P_*``)."""
+    p = c.graph_prior
+    out = np.empty(kev.N_PARAMS, dtype=np.float64)
+    out[kev.P_KNEE] = c.knee_tokens
+    out[kev.P_MIN_TTL] = c.min_lease_ttl_s
+    out[kev.P_MAX_TTL] = c.max_lease_ttl_s
+    out[kev.P_IDLE_UTIL] = c.idle_utilization
+    out[kev.P_MAX_PRICE] = c.max_shadow_price
+    out[kev.P_DEMAND_W] = c.demand_weight
+    out[kev.P_DEMAND_H] = c.demand_horizon_s
+    out[kev.P_TRANSFER_W] = c.transfer_weight
+    out[kev.P_PREFETCH_MARGIN] = c.prefetch_margin
+    out[kev.P_LOW_WM] = c.low_watermark
+    out[kev.P_HIGH_WM] = c.high_watermark
+    out[kev.P_HINT_W] = p.hint_weight
+    out[kev.P_EARLY_Q] = p.early_quantile
+    out[kev.P_P_FINISH] = p.p_finish
+    out[kev.P_DUR_LO] = DURATION_BUCKETS.lo
+    out[kev.P_DUR_LOG_RATIO] = DURATION_BUCKETS._log_ratio
+    out[kev.P_TOK_LO] = TOKEN_BUCKETS.lo
+    out[kev.P_TOK_LOG_RATIO] = TOKEN_BUCKETS._log_ratio
+    out[kev.P_RESCALE_AT] = _RESCALE_AT_EXPONENT
+    out[kev.P_DECODE_DRIFT] = DECODE_FLOOR_DRIFT
+    out[kev.P_TOK_N] = TOKEN_BUCKETS.n
+    return out
+
+
+def session_arrays(ss: SessionTable) -> tuple[npt.NDArray[Any], ...]:
+    """The session arrays in the kernels' order (``S``)."""
+    return (
+        ss.tenant, ss.agent, ss.home, ss.tier, ss.state, ss.gpu_blocks, ss.host_blocks,
+        ss.context_tokens, ss.wait_context_tokens, ss.step_index, ss.events, ss.node,
+        ss.timer_due_s, ss.timer_kind, ss.last_event_s, ss.wait_started_s, ss.next_use_s,
+        ss.lease_expires_s, ss.prefetch_at_s, ss.p_continue, ss.hint_s, ss.price_at_grant,
+        ss.ideal_s, ss.step_started_s, ss.next,
+    )  # fmt: skip
+
+
+def worker_arrays(
+    ws: WorkerTable, decode_declared: npt.NDArray[np.bool_]
+) -> tuple[npt.NDArray[Any], ...]:
+    """The worker arrays in the kernels' order (``W``)."""
+    return (
+        ws.gpu_cap_blocks, ws.host_cap_blocks, ws.gpu_used_blocks, ws.host_used_blocks,
+        ws.pending_free_blocks, ws.queued_prefill_tokens, ws.prefill_tokens_per_s,
+        ws.host_link_bytes_per_s, ws.block_size_tokens, ws.bytes_per_token, ws.block_bytes,
+        ws.kv_feed, ws.head, ws.price_at_decision, ws.decode_s_per_token,
+        ws.decode_s_per_context_token, decode_declared, ws.residents,
+    )  # fmt: skip
+
+
+def graph_arrays(graphs: list[AgentGraph]) -> tuple[Any, ...]:
+    """Reference times, time constants and two typed lists of the graphs' arrays (``G``):
+    agent ``a``'s duration, tokens and transitions at 3a..3a+2 of the first, its
+    tokens sum and weight, continued and finished at 4a..4a+3 of the second."""
+    return (
+        np.array([math.nan if g._t_ref is None else g._t_ref for g in graphs], dtype=np.float64),
+        np.array([g._tau_s for g in graphs], dtype=np.float64),
+        typed.List([x for g in graphs for x in (g.duration, g.tokens, g.trans)]),
+        typed.List(
+            [x for g in graphs for x in (g.tokens_sum, g.tokens_weight, g.continued, g.finished)]
+        ),
+    )
+
+
+def _outputs(n: int) -> tuple[npt.NDArray[Any], ...]:
+    # directive slot, action, TTL, complete-within, reason code (``D``)
+    return (
+        np.empty(n, dtype=np.int64),
+        np.empty(n, dtype=np.int64),
+        np.empty(n, dtype=np.float64),
+        np.empty(n, dtype=np.float64),
+        np.empty(n, dtype=np.int64),
+    )
+
+
+def warm() -> None:
+    """Compile (or load from the cache) the kernels for the types the engine passes."""
+    global _warmed
+    if _warmed:
+        return
+    state = ClusterState()
+    i64 = np.zeros(0, dtype=np.int64)
+    cols = (i64, i64, i64, i64, i64, i64, i64, np.zeros(0), np.zeros(0, dtype=np.bool_))
+    params = batch_params(EngineConfig())
+    args = (
+        *session_arrays(state.sessions),
+        *worker_arrays(state.workers, np.zeros(state.workers.capacity, dtype=np.bool_)),
+        *graph_arrays([AgentGraph("warm")]),
+        *_BUCKETS,
+        i64,
+        i64,
+        i64,
+        *_outputs(0),
+    )
+    apply_events(0, 0.0, params, np.ones(1), *cols, *args)
+    fire_timers(np.zeros(0, dtype=np.intp), 0.0, params, np.ones(1), *args)
+    _warmed = True

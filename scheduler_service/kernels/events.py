@@ -1,0 +1,564 @@
+"""Kernels: apply a run of session events, or the timers due, in one compiled pass.
+
+The engine's per-event Python (``Engine.handle_batch`` and the handlers it
+calls, ``Engine.tick``'s timer loop and ``Retention.on_timer``) is these
+kernels' reference twin: for everything they apply, they make exactly the
+changes the Python path makes, float for float, in the same order, and record
+the directives the Python path would emit (its eviction under pressure, its
+prefetches and its lease expiries included). They run only while no tenant
+has a KV quota and no graph is due to rescale its weights; the engine checks
+both before calling.
+
+``apply_events`` covers STEP_START, TOOL_CALL_WAIT and TOOL_CALL_END of a
+known session on its home worker. Anything else stops the run *before* that
+event changes anything and the kernel returns its index: a new session, a
+session that moved, STEP_END, SESSION_FINISH / SESSION_ABORT, a tool node the
+graph has not seen, a wait whose size is unknown. The engine applies that
+event in Python and calls the kernel again for the rest of the batch.
+
+Inside, state travels in tuples of arrays, in the orders ``engine_batch``
+builds: ``S`` sessions, ``W`` workers, ``G`` graphs (reference times, time
+constants, a typed list of each agent's 2-D arrays and one of its 1-D arrays),
+``B`` duration buckets, ``T`` per-tenant deltas (events, GPU bytes, host
+bytes), ``D`` the directives recorded (slot, action, TTL, complete-within,
+reason code). The entry points take them flat: numba types a tuple argument
+in Python at every call (~90 µs for these), an array in C.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from scheduler_service.kernels.costs import prefill_s
+from scheduler_service.kernels.eviction import rank_victims
+from scheduler_service.kernels.retention import OFFLOAD_HOST, RETAIN_GPU, retention_choice
+from scheduler_service.kernels.sketch import remaining_time
+
+# event kinds (EventKind), tiers (Tier), states (SessionState), timers, actions
+K_STEP_START = 1
+K_TOOL_CALL_WAIT = 2
+K_TOOL_CALL_END = 3
+TIER_NONE = 0
+TIER_GPU = 1
+TIER_HOST = 2
+STATE_RUNNING = 1
+STATE_TOOL_WAIT = 2
+NO_SLOT = -1
+NO_TIMER = math.inf
+TIMER_LEASE = 1
+TIMER_PREFETCH = 2
+PREFETCHED = -1.0
+A_RETAIN_GPU = 1
+A_OFFLOAD_HOST = 2
+A_PREFETCH_GPU = 3
+A_RELEASE = 4
+A_EVICT_NOW = 5
+#: event_worker value for an event that names no worker
+NO_WORKER = -2
+#: reason codes of the directives the kernels emit (``REASONS`` names them)
+R_TOOL_WAIT = 0
+R_TOOL_RETURNED = 1
+R_PRESSURE = 2
+R_LEASE_EXPIRED = 3
+R_PREFETCH = 4
+REASONS = ("tool_wait", "tool_returned", "pressure", "lease_expired", "prefetch_before_return")
+
+# positions in ``params`` (``engine_batch`` builds it)
+P_KNEE = 0
+P_MIN_TTL = 1
+P_MAX_TTL = 2
+P_IDLE_UTIL = 3
+P_MAX_PRICE = 4
+P_DEMAND_W = 5
+P_DEMAND_H = 6
+P_TRANSFER_W = 7
+P_PREFETCH_MARGIN = 8
+P_LOW_WM = 9
+P_HINT_W = 10
+P_EARLY_Q = 11
+P_P_FINISH = 12
+P_DUR_LO = 13
+P_DUR_LOG_RATIO = 14
+P_TOK_LO = 15
+P_TOK_LOG_RATIO = 16
+P_RESCALE_AT = 17
+P_DECODE_DRIFT = 18
+P_TOK_N = 19
+P_HIGH_WM = 20
+N_PARAMS = 21
+
+
+@njit(cache=True)
+def _bucket(value: float, lo: float, log_ratio: float, n: int) -> int:
+    # LogBuckets.index
+    if value < lo:
+        return 0
+    i = int(math.log(value / lo) / log_ratio) + 1
+    return i if i < n else n - 1
+
+
+@njit(cache=True)
+def _weight(G, a, now):  # type: ignore[no-untyped-def]
+    # AgentGraph._weight (the caller made sure no rescale is due)
+    return math.exp((now - G[0][a]) / G[1][a])
+
+
+@njit(cache=True)
+def _predict(G, B, params, scratch, a, node, waited, hint, last, now):  # type: ignore[no-untyped-def]
+    """Retention.predict: (mean remaining s, early remaining s, P(continue))."""
+    upper, mids, units = B
+    hist = G[2][3 * a][node]
+    if hint > 0.0:
+        n = upper.shape[0]
+        hb = _bucket(hint, params[P_DUR_LO], params[P_DUR_LOG_RATIO], n)
+        hw = params[P_HINT_W] * _weight(G, a, now)
+        for b in range(n):
+            scratch[b] = hist[b] + units[hb, b] * hw
+        hist = scratch
+    exp_rem, early_rem, _mass = remaining_time(hist, upper, mids, waited, params[P_EARLY_Q])
+    c = G[3][4 * a + 2][node]
+    f = G[3][4 * a + 3][node]
+    p_cont = c / (c + f) if c + f > 0 else 1.0 - params[P_P_FINISH]
+    if last:
+        p_cont = 0.0
+    return exp_rem, early_rem, p_cont
+
+
+@njit(cache=True)
+def _charge(t_bytes: np.ndarray, t: int, w: int, delta_blocks: int, w_bb: np.ndarray) -> None:
+    # ClusterState._charge_gpu / _charge_host
+    if t >= 0 and w != NO_SLOT:
+        t_bytes[t] += delta_blocks * w_bb[w]
+
+
+@njit(cache=True)
+def _drop_host(s, S, W, T):  # type: ignore[no-untyped-def]
+    # ClusterState._drop_host
+    n = S[6][s]
+    w = S[2][s]
+    S[6][s] = 0
+    if w != NO_SLOT and n:
+        _charge(T[2], S[0][s], w, -n, W[10])
+        left = W[3][w] - n
+        W[3][w] = left if left > 0 else 0
+
+
+@njit(cache=True)
+def _set_gpu_blocks(s, blocks, S, W, T):  # type: ignore[no-untyped-def]
+    # ClusterState.set_gpu_blocks
+    w = S[2][s]
+    if S[3][s] == TIER_HOST:
+        _drop_host(s, S, W, T)
+    delta = blocks - S[5][s]
+    S[5][s] = blocks
+    S[3][s] = TIER_GPU
+    if w != NO_SLOT and delta:
+        _charge(T[1], S[0][s], w, delta, W[10])
+        if not W[11][w]:
+            W[2][w] += delta
+
+
+@njit(cache=True)
+def _free_gpu(s, S, W, T):  # type: ignore[no-untyped-def]
+    # ClusterState.free_gpu
+    n = S[5][s]
+    w = S[2][s]
+    S[5][s] = 0
+    if S[3][s] == TIER_GPU:
+        S[3][s] = TIER_NONE
+    if w != NO_SLOT and n:
+        _charge(T[1], S[0][s], w, -n, W[10])
+        left = W[2][w] - n
+        W[2][w] = left if left > 0 else 0
+        if W[11][w]:
+            W[4][w] += n
+    return n
+
+
+@njit(cache=True)
+def _to_host(s, S, W, T):  # type: ignore[no-untyped-def]
+    # ClusterState.to_host
+    n = _free_gpu(s, S, W, T)
+    w = S[2][s]
+    _charge(T[2], S[0][s], w, n - S[6][s], W[10])
+    S[6][s] = n
+    S[3][s] = TIER_HOST
+    if w != NO_SLOT:
+        W[3][w] += n
+
+
+@njit(cache=True)
+def _release(s, S, W, T):  # type: ignore[no-untyped-def]
+    # ClusterState.release
+    _free_gpu(s, S, W, T)
+    _drop_host(s, S, W, T)
+    S[3][s] = TIER_NONE
+
+
+@njit(cache=True)
+def _transfer_s(blocks, w, W):  # type: ignore[no-untyped-def]
+    # Retention.transfer_s
+    nbytes = blocks * W[8][w] * W[9][w]
+    return nbytes / W[7][w]
+
+
+@njit(cache=True)
+def _emit(D, k, s, action, ttl_s, within_s, reason):  # type: ignore[no-untyped-def]
+    D[0][k] = s
+    D[1][k] = action
+    D[2][k] = ttl_s
+    D[3][k] = within_s
+    D[4][k] = reason
+    return k + 1
+
+
+@njit(cache=True)
+def _plan_prefetch(s, w, p_cont, early_rem, now, offload_s, params, S, W):  # type: ignore[no-untyped-def]
+    # Retention.plan_prefetch
+    if p_cont <= 0.0:
+        S[12][s] = NO_TIMER
+        return
+    reload_s = _transfer_s(S[6][s], w, W)
+    lead_s = reload_s * (1.0 + params[P_PREFETCH_MARGIN])
+    at = now + max(offload_s, early_rem - lead_s)
+    S[18][s] = at
+    S[12][s] = at
+    S[13][s] = TIMER_PREFETCH
+
+
+@njit(cache=True)
+def _evict(s, w, now, reason, otherwise, params, scratch, S, W, G, B, T, D, k):  # type: ignore[no-untyped-def]
+    """Retention.evict (no quotas): to the host when that beats a rebuild, else drop."""
+    blocks = S[5][s]
+    node = S[11][s]
+    waiting = S[4][s] == STATE_TOOL_WAIT and node != NO_SLOT
+    pc = S[19][s]
+    early_rem = 0.0
+    if waiting:
+        waited = now - S[15][s]
+        if waited < 0.0:
+            waited = 0.0
+        _exp, early_rem, pc = _predict(
+            G, B, params, scratch, S[1][s], node, waited, S[20][s], S[19][s] == 0.0, now
+        )
+    move_s = _transfer_s(blocks, w, W)
+    S[17][s] = 0.0
+    S[12][s] = NO_TIMER
+    rebuild_s = prefill_s(float(S[7][s]), W[6][w], params[P_KNEE])
+    pays = params[P_TRANSFER_W] * 2.0 * move_s < pc * rebuild_s
+    if W[1][w] - W[3][w] >= blocks > 0 and pays:
+        _to_host(s, S, W, T)
+        k = _emit(D, k, s, A_OFFLOAD_HOST, 0.0, move_s, reason)
+        if waiting:
+            _plan_prefetch(s, w, pc, early_rem, now, move_s, params, S, W)
+    else:
+        _release(s, S, W, T)
+        k = _emit(D, k, s, otherwise, 0.0, 0.0, reason)
+    return k
+
+
+@njit(cache=True)
+def _relieve(w, now, exclude, protection, params, scratch, S, W, G, B, T, D, k):  # type: ignore[no-untyped-def]
+    """Retention.relieve: evict idle sessions of ``w`` while its free memory is short."""
+    cap = W[0][w]
+    free = cap - W[2][w]
+    queued = -(-W[5][w] // W[8][w])
+    low = params[P_LOW_WM] * cap
+    if cap <= 0 or free >= (low if low >= queued else queued):
+        return k
+    high = math.ceil(params[P_HIGH_WM] * cap)
+    need = (high if high >= queued else queued) - free
+    victims = rank_victims(
+        W[12][w], S[24], S[3], S[4], S[5], S[7], S[16], S[19], S[0], protection,
+        now, W[6][w], params[P_KNEE], need, exclude,
+    )  # fmt: skip
+    for v in victims:
+        k = _evict(v, w, now, R_PRESSURE, A_EVICT_NOW, params, scratch, S, W, G, B, T, D, k)
+    return k
+
+
+@njit(cache=True)
+def _prefetch(s, now, reason, params, scratch, S, W, G, B, T, D, k):  # type: ignore[no-untyped-def]
+    """Retention.prefetch (no quotas): reload a host-tier session, leased until its use."""
+    w = S[2][s]
+    blocks = S[6][s]
+    reload_s = _transfer_s(blocks, w, W)
+    node = S[11][s]
+    waiting = S[4][s] == STATE_TOOL_WAIT
+    if waiting and node != NO_SLOT:
+        waited = now - S[15][s]
+        if waited < 0.0:
+            waited = 0.0
+        exp_rem, _early, _pc = _predict(
+            G, B, params, scratch, S[1][s], node, waited, S[20][s], S[19][s] == 0.0, now
+        )
+        S[16][s] = now + exp_rem
+    until_use_s = S[16][s] - now
+    if until_use_s < 0.0:
+        until_use_s = 0.0
+    _set_gpu_blocks(s, blocks, S, W, T)
+    S[18][s] = PREFETCHED
+    ttl = max(params[P_MIN_TTL], 2.0 * until_use_s + reload_s)
+    if waiting:
+        S[17][s] = now + ttl
+        S[12][s] = now + ttl
+        S[13][s] = TIMER_LEASE
+        within_s = reload_s * (1.0 + params[P_PREFETCH_MARGIN])
+    else:
+        S[17][s] = 0.0
+        S[12][s] = NO_TIMER
+        within_s = reload_s
+    return _emit(D, k, s, A_PREFETCH_GPU, ttl, within_s, reason)
+
+
+@njit(cache=True)
+def _fire_timers(order, now, params, protection, S, W, G, B, T, D):  # type: ignore[no-untyped-def]
+    """Engine.tick's timer loop: fire the timers of sessions ``order`` (in that order).
+
+    Returns the number of directives written to ``D``.
+    """
+    scratch = np.empty(B[0].shape[0], dtype=np.float64)
+    k = 0
+    for s in order:
+        kind = S[13][s]
+        S[12][s] = NO_TIMER
+        # Retention.on_timer
+        if kind == TIMER_LEASE and S[3][s] == TIER_GPU and S[17][s]:
+            k = _evict(
+                s, S[2][s], now, R_LEASE_EXPIRED, A_RELEASE, params, scratch, S, W, G, B, T, D, k
+            )
+        elif kind == TIMER_PREFETCH and S[3][s] == TIER_HOST:
+            w = S[2][s]
+            free_after = W[0][w] - W[2][w] - S[6][s]
+            if free_after < params[P_HIGH_WM] * W[0][w]:
+                continue  # reloading into a pool under pressure would only evict someone
+            k = _prefetch(s, now, R_PREFETCH, params, scratch, S, W, G, B, T, D, k)
+    return k
+
+
+@njit(cache=True)
+def _apply_events(start, now, params, E, protection, S, W, G, B, T, D):  # type: ignore[no-untyped-def]
+    """Apply events ``E[..][start:]`` until one needs the Python path.
+
+    ``E`` holds the batch's columns: session slot (-1 unknown), kind, context
+    tokens, new tokens, step index, worker slot (``NO_WORKER`` when none is
+    named), graph node of a tool wait (-1 unknown), latency hint, last step.
+    Returns (index of the first event not applied, directives written to ``D``,
+    whether it stopped because ``D`` might not hold the next event's directives:
+    one for the event and one per resident of its worker that relief may evict).
+    """
+    e_slot, e_kind, e_ctx, e_new, e_step, e_worker, e_node, e_hint, e_last = E
+    knee = params[P_KNEE]
+    min_ttl = params[P_MIN_TTL]
+    max_ttl = params[P_MAX_TTL]
+    n_dur = B[0].shape[0]
+    n_tok = int(params[P_TOK_N])
+    scratch = np.empty(n_dur, dtype=np.float64)
+    k = 0
+    n = e_slot.shape[0]
+    i = start
+    while i < n:
+        s = e_slot[i]
+        kind = e_kind[i]
+        if s < 0 or kind < K_STEP_START or kind > K_TOOL_CALL_END:
+            return i, k, False
+        w = S[2][s]
+        if e_worker[i] != NO_WORKER and e_worker[i] != w:
+            return i, k, False  # a move: the old copy is released in Python
+        if kind == K_TOOL_CALL_WAIT:
+            if e_node[i] < 0:
+                return i, k, False  # a node the graph creates first
+            if w != NO_SLOT and S[3][s] == TIER_GPU and e_ctx[i] <= 0:
+                return i, k, False  # size unknown: the plain-lease path
+        if k + 1 + (W[17][w] if w != NO_SLOT else 0) > D[0].shape[0]:
+            return i, k, True
+        a = S[1][s]
+        gw = _weight(G, a, now)
+        ctx_ev = e_ctx[i]
+        # -- Engine.handle_batch's bookkeeping --
+        t = S[0][s]
+        T[0][t] += 1
+        S[10][s] += 1
+        if e_step[i] > S[9][s]:
+            S[9][s] = e_step[i]
+        S[14][s] = now
+        duration = G[2][3 * a]
+        node = S[11][s]
+        if kind == K_STEP_START:
+            prev_ctx = S[7][s]
+            if node != NO_SLOT and S[4][s] != STATE_RUNNING:
+                waited = now - S[15][s]
+                b = _bucket(waited, params[P_DUR_LO], params[P_DUR_LOG_RATIO], n_dur)
+                duration[node, b] += gw
+            if node != NO_SLOT and S[15][s] >= 0.0:
+                grown = ctx_ev - S[8][s]
+                if grown < 0:
+                    grown = 0
+                b = _bucket(float(grown), params[P_TOK_LO], params[P_TOK_LOG_RATIO], n_tok)
+                G[2][3 * a + 1][node, b] += gw
+                G[3][4 * a][node] += grown * gw
+                G[3][4 * a + 1][node] += gw
+                G[3][4 * a + 2][node] += gw
+                S[15][s] = -1.0
+            S[4][s] = STATE_RUNNING
+            S[23][s] = now
+            S[17][s] = 0.0
+            S[18][s] = 0.0
+            S[12][s] = NO_TIMER
+            S[7][s] = ctx_ev
+            if w != NO_SLOT:
+                added = ctx_ev - prev_ctx
+                if added < 0:
+                    added = 0
+                S[22][s] += prefill_s(float(added), W[6][w], knee)
+                blocks = ctx_ev + e_new[i]
+                blocks = -(-blocks // W[8][w]) if blocks > 0 else 0
+                _set_gpu_blocks(s, blocks, S, W, T)
+                k = _relieve(w, now, s, protection, params, scratch, S, W, G, B, T, D, k)
+        elif kind == K_TOOL_CALL_WAIT:
+            # Engine._step_done: the decode's standalone time
+            started = S[23][s]
+            S[23][s] = -1.0
+            out = ctx_ev - S[7][s]
+            if started >= 0.0 and w != NO_SLOT and out > 0:
+                floor = W[14][w]
+                if not W[16][w]:
+                    seen = (now - started) / out
+                    if floor <= 0.0:
+                        floor = seen
+                    else:
+                        floor = floor * (1.0 + params[P_DECODE_DRIFT])
+                        if seen < floor:
+                            floor = seen
+                    W[14][w] = floor
+                mean_ctx = S[7][s] + out / 2
+                S[22][s] += out * (floor + mean_ctx * W[15][w])
+            # Engine._enter_node
+            dst = e_node[i]
+            if node != NO_SLOT:
+                G[2][3 * a + 2][node, dst] += gw
+            S[11][s] = dst
+            S[15][s] = now
+            S[7][s] = ctx_ev
+            S[8][s] = ctx_ev
+            S[4][s] = STATE_TOOL_WAIT
+            S[17][s] = 0.0
+            S[20][s] = e_hint[i]
+            exp_rem, early_rem, p_cont = _predict(
+                G, B, params, scratch, a, dst, 0.0, e_hint[i], e_last[i], now
+            )
+            S[16][s] = now + exp_rem
+            S[19][s] = p_cont
+            if w != NO_SLOT and S[3][s] == TIER_GPU:
+                blocks = -(-ctx_ev // W[8][w]) if ctx_ev > 0 else 0
+                _set_gpu_blocks(s, blocks, S, W, T)
+                # Retention.decide_wait (no quotas)
+                blocks = S[5][s]
+                cap = W[0][w]
+                if cap <= 0:
+                    price = params[P_MAX_PRICE]
+                else:
+                    util = W[2][w] / cap
+                    over = (util - params[P_IDLE_UTIL]) / (1.0 - params[P_IDLE_UTIL])
+                    if over < 0.0:
+                        over = 0.0
+                    demand_s = W[5][w] / W[6][w]
+                    m = min(over, 1.0)
+                    price = params[P_MAX_PRICE] * (m * m) + params[P_DEMAND_W] * demand_s / (
+                        demand_s + params[P_DEMAND_H]
+                    )
+                if price > W[13][w]:
+                    W[13][w] = price
+                move_s = _transfer_s(blocks, w, W)
+                rebuild_s = prefill_s(float(S[7][s]), W[6][w], knee)
+                room = W[1][w] - W[3][w] >= blocks > 0
+                action, ttl, _cr, _co, _cl = retention_choice(
+                    blocks, cap, price, exp_rem, p_cont, rebuild_s, move_s, move_s, room,
+                    params[P_TRANSFER_W], min_ttl, max_ttl,
+                )  # fmt: skip
+                if action == RETAIN_GPU:
+                    S[21][s] = price
+                    S[17][s] = now + ttl
+                    S[12][s] = now + ttl
+                    S[13][s] = TIMER_LEASE
+                    k = _emit(D, k, s, A_RETAIN_GPU, ttl, 0.0, R_TOOL_WAIT)
+                elif action == OFFLOAD_HOST:
+                    _to_host(s, S, W, T)
+                    S[17][s] = 0.0
+                    k = _emit(D, k, s, A_OFFLOAD_HOST, 0.0, move_s, R_TOOL_WAIT)
+                    _plan_prefetch(s, w, p_cont, early_rem, now, move_s, params, S, W)
+                else:
+                    _release(s, S, W, T)
+                    S[17][s] = 0.0
+                    S[12][s] = NO_TIMER
+                    k = _emit(D, k, s, A_RELEASE, 0.0, 0.0, R_TOOL_WAIT)
+            elif w != NO_SLOT and S[3][s] == TIER_HOST:
+                _plan_prefetch(s, w, p_cont, early_rem, now, 0.0, params, S, W)
+        else:  # K_TOOL_CALL_END
+            if S[4][s] == STATE_TOOL_WAIT and node != NO_SLOT:
+                waited = now - S[15][s]
+                b = _bucket(waited, params[P_DUR_LO], params[P_DUR_LOG_RATIO], n_dur)
+                duration[node, b] += gw
+                S[22][s] += waited
+            S[4][s] = STATE_RUNNING
+            if ctx_ev > S[7][s]:
+                S[7][s] = ctx_ev
+            leased_until = S[17][s]
+            S[17][s] = 0.0
+            S[12][s] = NO_TIMER
+            if S[3][s] == TIER_GPU and w != NO_SLOT:
+                # Retention.hold_until_step (no quotas)
+                if S[5][s] > 0:
+                    queue_s = W[5][w] / W[6][w]
+                    ttl = min(max_ttl, min_ttl + 2.0 * queue_s)
+                    if leased_until - now < ttl:
+                        k = _emit(D, k, s, A_RETAIN_GPU, ttl, 0.0, R_TOOL_RETURNED)
+            elif S[3][s] == TIER_HOST and w != NO_SLOT:
+                # the tool returned before the planned prefetch: reload now
+                S[16][s] = now
+                k = _prefetch(s, now, R_TOOL_RETURNED, params, scratch, S, W, G, B, T, D, k)
+            S[18][s] = 0.0
+        i += 1
+    return i, k, False
+
+
+@njit(cache=True)
+def apply_events(  # type: ignore[no-untyped-def]
+    start, now, params, protection,
+    e0, e1, e2, e3, e4, e5, e6, e7, e8,
+    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15, s16, s17, s18,
+    s19, s20, s21, s22, s23, s24,
+    w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15, w16, w17,
+    g0, g1, g2, g3, b0, b1, b2, t0, t1, t2, d0, d1, d2, d3, d4,
+):  # fmt: skip
+    """Apply a batch's events from ``start`` (see ``_apply_events``); flat arguments:
+    the 9 event columns, then ``S``, ``W``, ``G``, ``B``, ``T``, ``D`` unpacked."""
+    return _apply_events(
+        start, now, params, (e0, e1, e2, e3, e4, e5, e6, e7, e8), protection,
+        (s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15, s16, s17, s18,
+         s19, s20, s21, s22, s23, s24),
+        (w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15, w16, w17),
+        (g0, g1, g2, g3), (b0, b1, b2), (t0, t1, t2), (d0, d1, d2, d3, d4),
+    )  # fmt: skip
+
+
+@njit(cache=True)
+def fire_timers(  # type: ignore[no-untyped-def]
+    order, now, params, protection,
+    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15, s16, s17, s18,
+    s19, s20, s21, s22, s23, s24,
+    w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15, w16, w17,
+    g0, g1, g2, g3, b0, b1, b2, t0, t1, t2, d0, d1, d2, d3, d4,
+):  # fmt: skip
+    """Fire the timers of sessions ``order`` (see ``_fire_timers``); flat arguments:
+    ``S``, ``W``, ``G``, ``B``, ``T``, ``D`` unpacked."""
+    return _fire_timers(
+        order, now, params, protection,
+        (s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15, s16, s17, s18,
+         s19, s20, s21, s22, s23, s24),
+        (w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15, w16, w17),
+        (g0, g1, g2, g3), (b0, b1, b2), (t0, t1, t2), (d0, d1, d2, d3, d4),
+    )  # fmt: skip
