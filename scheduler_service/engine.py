@@ -527,28 +527,48 @@ class Engine:
     # -- directives ----------------------------------------------------------------
 
     def _emit(self, s: int, action: Action, ttl_s: float, within_s: float, reason: str) -> None:
+        self._emit_rows((s,), (action,), (ttl_s,), (within_s,), (reason,))
+
+    def _emit_rows(
+        self,
+        slots: Sequence[int],
+        actions: Sequence[Action],
+        ttls: Sequence[float],
+        withins: Sequence[float],
+        reasons: Sequence[str],
+    ) -> None:
+        """Record one directive per row, in order, each to its session's home."""
         ss = self.state.sessions
-        seq = self._directive_seq = self._directive_seq + 1
-        self.directives_total += 1
+        ids, homes, tenants = ss.ids, ss.home_v, ss.tenant_v
+        worker_ids = self.state.workers.ids
+        priority = self.fair.directive_priority
         epoch = self.leader_epoch
-        did = DirectiveId(f"d{epoch}-{seq}")
-        sid: SessionId = ss.ids[s]  # type: ignore[assignment]
-        self._out.append(
-            RetentionDirective(
-                did,
-                self.state.workers.ids[ss.home_v[s]],
-                sid,
-                action,
-                ttl_s,
-                self.fair.directive_priority(ss.tenant_v[s]),
-                epoch,
-                within_s,
-                reason,
-            )
-        )
+        out = self._out
         unacked = self._unacked
-        unacked[did] = (sid, action)
-        if len(unacked) > UNACKED_MEMORY:
+        seq = self._directive_seq
+        for s, action, ttl_s, within_s, reason in zip(
+            slots, actions, ttls, withins, reasons, strict=True
+        ):
+            seq += 1
+            did: DirectiveId = f"d{epoch}-{seq}"  # type: ignore[assignment]
+            sid: SessionId = ids[s]  # type: ignore[assignment]
+            out.append(
+                RetentionDirective(
+                    did,
+                    worker_ids[homes[s]],
+                    sid,
+                    action,
+                    ttl_s,
+                    priority(tenants[s]),
+                    epoch,
+                    within_s,
+                    reason,
+                )
+            )
+            unacked[did] = (sid, action)
+        self._directive_seq = seq
+        self.directives_total += len(slots)
+        while len(unacked) > UNACKED_MEMORY:
             unacked.popitem(last=False)  # a worker that never acks costs bounded memory
 
     def _flush(self) -> Decisions:

@@ -233,9 +233,13 @@ class BatchPath:
         if not k:
             return
         slots, actions, ttls, withins, reasons = (a[:k].tolist() for a in self._out)
-        emit = e._emit
-        for s, a, ttl, within, r in zip(slots, actions, ttls, withins, reasons, strict=True):
-            emit(s, _ACTIONS[a], ttl, within, kev.REASONS[r])
+        e._emit_rows(
+            slots,
+            [_ACTIONS[a] for a in actions],
+            ttls,
+            withins,
+            [kev.REASONS[r] for r in reasons],
+        )
 
 
 def batch_params(c: EngineConfig) -> npt.NDArray[np.float64]:

@@ -21,7 +21,8 @@ def check_events(
     state: ClusterState, tenant_names: Sequence[TenantId], events: Sequence[SessionEvent]
 ) -> None:
     """Raise Rejected for the first invalid event of ``events``; changes nothing."""
-    sessions = state.sessions
+    slot_of = state.sessions.slot_of
+    tenant_v = state.sessions.tenant_v
     workers = state.workers.slot_of
     # what the batch itself does to session existence, in order
     born: dict[SessionId, TenantId] = {}
@@ -42,8 +43,8 @@ def check_events(
         elif sid in ended:
             owner = None
         else:
-            slot = sessions.slot_of.get(sid)
-            owner = None if slot is None else tenant_names[int(sessions.tenant[slot])]
+            slot = slot_of.get(sid)
+            owner = None if slot is None else tenant_names[tenant_v[slot]]
         if owner is None:
             if ev.kind not in _OPENERS:
                 raise Rejected(
