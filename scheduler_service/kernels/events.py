@@ -107,24 +107,34 @@ def _weight(G, a, now):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
-def _predict(G, B, params, scratch, a, node, waited, hint, last, now):  # type: ignore[no-untyped-def]
-    """Retention.predict: (mean remaining s, early remaining s, P(continue))."""
-    upper, mids, units = B
-    hist = G[2][3 * a][node]
+def _predict(hist, c, f, upper, mids, units, params, scratch, waited, hint, last, gw):  # type: ignore[no-untyped-def]
+    """Retention.predict over a node's duration sketch ``hist`` and its outcome
+    weights ``c`` (continued) and ``f`` (finished); ``gw`` is the graph's weight
+    now. Returns (mean remaining s, early remaining s, P(continue))."""
     if hint > 0.0:
         n = upper.shape[0]
         hb = _bucket(hint, params[P_DUR_LO], params[P_DUR_LOG_RATIO], n)
-        hw = params[P_HINT_W] * _weight(G, a, now)
+        hw = params[P_HINT_W] * gw
         for b in range(n):
             scratch[b] = hist[b] + units[hb, b] * hw
         hist = scratch
     exp_rem, early_rem, _mass = remaining_time(hist, upper, mids, waited, params[P_EARLY_Q])
-    c = G[3][4 * a + 2][node]
-    f = G[3][4 * a + 3][node]
     p_cont = c / (c + f) if c + f > 0 else 1.0 - params[P_P_FINISH]
     if last:
         p_cont = 0.0
     return exp_rem, early_rem, p_cont
+
+
+@njit(cache=True)
+def _predict_session(s, now, waited, params, scratch, S, G, B):  # type: ignore[no-untyped-def]
+    # Retention.predict for a waiting session (its node, hint and last-step mark)
+    a = S[1][s]
+    node = S[11][s]
+    g_1d = G[3]
+    return _predict(
+        G[2][3 * a][node], g_1d[4 * a + 2][node], g_1d[4 * a + 3][node], B[0], B[1], B[2],
+        params, scratch, waited, S[20][s], S[19][s] == 0.0, _weight(G, a, now),
+    )  # fmt: skip
 
 
 @njit(cache=True)
@@ -241,9 +251,7 @@ def _evict(s, w, now, reason, otherwise, params, scratch, S, W, G, B, T, D, k): 
         waited = now - S[15][s]
         if waited < 0.0:
             waited = 0.0
-        _exp, early_rem, pc = _predict(
-            G, B, params, scratch, S[1][s], node, waited, S[20][s], S[19][s] == 0.0, now
-        )
+        _exp, early_rem, pc = _predict_session(s, now, waited, params, scratch, S, G, B)
     move_s = _transfer_s(blocks, w, W)
     S[17][s] = 0.0
     S[12][s] = NO_TIMER
@@ -292,9 +300,7 @@ def _prefetch(s, now, reason, params, scratch, S, W, G, B, T, D, k):  # type: ig
         waited = now - S[15][s]
         if waited < 0.0:
             waited = 0.0
-        exp_rem, _early, _pc = _predict(
-            G, B, params, scratch, S[1][s], node, waited, S[20][s], S[19][s] == 0.0, now
-        )
+        exp_rem, _early, _pc = _predict_session(s, now, waited, params, scratch, S, G, B)
         S[16][s] = now + exp_rem
     until_use_s = S[16][s] - now
     if until_use_s < 0.0:
@@ -351,6 +357,8 @@ def _apply_events(start, now, params, E, protection, S, W, G, B, T, D):  # type:
     one for the event and one per resident of its worker that relief may evict).
     """
     e_slot, e_kind, e_ctx, e_new, e_step, e_worker, e_node, e_hint, e_last = E
+    b_upper, b_mids, b_units = B
+    g_1d = G[3]
     knee = params[P_KNEE]
     min_ttl = params[P_MIN_TTL]
     max_ttl = params[P_MAX_TTL]
@@ -417,7 +425,13 @@ def _apply_events(start, now, params, E, protection, S, W, G, B, T, D):  # type:
                 blocks = ctx_ev + e_new[i]
                 blocks = -(-blocks // W[8][w]) if blocks > 0 else 0
                 _set_gpu_blocks(s, blocks, S, W, T)
-                k = _relieve(w, now, s, protection, params, scratch, S, W, G, B, T, D, k)
+                # the test at the top of _relieve, here: a call with these
+                # tuples costs more than the test (their arrays are refcounted)
+                cap = W[0][w]
+                queued = -(-W[5][w] // W[8][w])
+                low = params[P_LOW_WM] * cap
+                if cap > 0 and cap - W[2][w] < (low if low >= queued else queued):
+                    k = _relieve(w, now, s, protection, params, scratch, S, W, G, B, T, D, k)
         elif kind == K_TOOL_CALL_WAIT:
             # Engine._step_done: the decode's standalone time
             started = S[23][s]
@@ -448,8 +462,9 @@ def _apply_events(start, now, params, E, protection, S, W, G, B, T, D):  # type:
             S[17][s] = 0.0
             S[20][s] = e_hint[i]
             exp_rem, early_rem, p_cont = _predict(
-                G, B, params, scratch, a, dst, 0.0, e_hint[i], e_last[i], now
-            )
+                duration[dst], g_1d[4 * a + 2][dst], g_1d[4 * a + 3][dst], b_upper, b_mids,
+                b_units, params, scratch, 0.0, e_hint[i], e_last[i], gw,
+            )  # fmt: skip
             S[16][s] = now + exp_rem
             S[19][s] = p_cont
             if w != NO_SLOT and S[3][s] == TIER_GPU:
