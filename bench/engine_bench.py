@@ -3,11 +3,12 @@
 Builds a cluster of ``--workers`` workers and ``--sessions`` live agent
 sessions, replays a synthetic agent event mix in-process through
 ``Engine.handle_batch`` (ticks included), then times ``Engine.place`` one call
-at a time into an HDR histogram. The same run repeats on the plain-Python
-reference kernels (fewer events) so the ratio is measured on one machine in
-one process (the reference continues on the same engine and state), and at
-``--small-sessions`` sessions to show how cost per event changes as sessions
-grow.
+at a time into an HDR histogram. The same run continues, on the same engine
+and state, with the compiled batch path switched off (every event through the
+per-event Python path, on the numba kernels) and then on the plain-Python
+reference kernels (fewer events), so the ratios are measured on one machine in
+one process; and it runs at ``--small-sessions`` sessions to show how cost per
+event changes as sessions grow.
 
     python bench/engine_bench.py            # table
     python bench/engine_bench.py --json     # one JSON object
@@ -246,16 +247,26 @@ def measure(
     seed: int,
     ref_events: int = 0,
     ref_places: int = 0,
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Build, replay, place on numba; then the same engine on the reference twins."""
+    per_event_events: int = 0,
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Build, replay, place on numba with the batch path; then the same engine on
+    numba with every event through the per-event Python path; then on the
+    reference twins (an empty dict for a run given no events)."""
     t_build = time.perf_counter()
     engine, fleet, now, per_session = build(n_workers, n_sessions, fill, seed)
     build_s = time.perf_counter() - t_build
-    figures = []
-    for kernels, n_ev, n_pl in ((NUMBA, n_events, n_places), (REFERENCE, ref_events, ref_places)):
+    figures: list[dict[str, float]] = []
+    runs = (
+        (NUMBA, True, n_events, n_places),
+        (NUMBA, False, per_event_events, n_places),
+        (REFERENCE, False, ref_events, ref_places),
+    )
+    for kernels, batch_path, n_ev, n_pl in runs:
         if not n_ev:
-            break
+            figures.append({})
+            continue
         engine.use_kernels(kernels)
+        engine.config.batch_path = batch_path
         events = fleet.mix(n_ev)
         d0 = engine.directives_total
         eps, now = run_events(engine, events, now)
@@ -274,7 +285,7 @@ def measure(
                 "build_s": build_s,
             }
         )
-    return figures[0], (figures[1] if len(figures) > 1 else {})
+    return figures[0], figures[1], figures[2]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small-sessions", type=int, default=10_000)
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--places", type=int, default=20_000)
+    ap.add_argument(
+        "--per-event-events",
+        type=int,
+        default=100_000,
+        help="events replayed through the per-event Python path (batch path off)",
+    )
     ap.add_argument("--ref-events", type=int, default=20_000)
     ap.add_argument("--ref-places", type=int, default=1_000)
     ap.add_argument("--seed", type=int, default=1)
@@ -293,15 +310,25 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     # the small run goes first: its memory figure would otherwise land in
     # arenas the big run already grew
-    small, _ = measure(a.workers, a.small_sessions, a.events, a.places // 4, a.fill, a.seed)
+    small, _, _ = measure(a.workers, a.small_sessions, a.events, a.places // 4, a.fill, a.seed)
     gc.collect()
-    main_run, ref = measure(
-        a.workers, a.sessions, a.events, a.places, a.fill, a.seed, a.ref_events, a.ref_places
+    main_run, per_event, ref = measure(
+        a.workers,
+        a.sessions,
+        a.events,
+        a.places,
+        a.fill,
+        a.seed,
+        a.ref_events,
+        a.ref_places,
+        a.per_event_events,
     )
     out: dict[str, object] = {
         **main_run,
         "small": small,
+        "per_event_path": per_event,
         "reference": ref,
+        "speedup_batch_path": main_run["events_per_s"] / per_event["events_per_s"],
         "speedup_events": main_run["events_per_s"] / ref["events_per_s"],
         "speedup_place_p50": ref["place_p50_us"] / main_run["place_p50_us"],
         "python": platform.python_version(),
@@ -311,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         print(json.dumps(out, sort_keys=True))
         return 0
-    print(f"{'':24}{'numba':>14}{'numba small':>14}{'reference':>14}")
+    print(f"{'':24}{'numba':>14}{'numba small':>14}{'per-event':>14}{'reference':>14}")
     rows = (
         "sessions",
         "events_per_s",
@@ -323,9 +350,11 @@ def main(argv: list[str] | None = None) -> int:
         "build_s",
     )
     for key in rows:
-        print(f"{key:24}{main_run[key]:>14,.2f}{small[key]:>14,.2f}{ref[key]:>14,.2f}")
+        cells = (main_run[key], small[key], per_event[key], ref[key])
+        print(f"{key:24}" + "".join(f"{c:>14,.2f}" for c in cells))
     print(
-        f"speed-up (events/s): {out['speedup_events']:.1f}x; "
+        f"batch path vs per-event path (events/s): {out['speedup_batch_path']:.1f}x; "
+        f"vs reference twins: {out['speedup_events']:.1f}x; "
         f"Place p50: {out['speedup_place_p50']:.1f}x; wall {out['wall_s']:.0f} s"
     )
     return 0

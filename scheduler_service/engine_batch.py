@@ -73,7 +73,12 @@ class BatchPath:
         """True when the kernels may apply this engine's events (numba, no quotas)."""
         e = self.engine
         q = e.quotas
-        return e.kernels is kernel_sets.NUMBA and not any(q.gpu_bytes) and not any(q.host_bytes)
+        return (
+            e.config.batch_path
+            and e.kernels is kernel_sets.NUMBA
+            and not any(q.gpu_bytes)
+            and not any(q.host_bytes)
+        )
 
     def run(self, events: Sequence[SessionEvent], now: float) -> None:
         """Apply a validated batch: kernel runs, Python for the events it hands back."""

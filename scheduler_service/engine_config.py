@@ -50,3 +50,6 @@ class EngineConfig:
     prefix_index_blocks: int = 1 << 20
     graph_prior: GraphPrior = field(default_factory=GraphPrior)
     use_reference_kernels: bool = False  # plain-Python twins (tests, benchmark)
+    # apply batches and timers with the compiled event kernels (engine_batch);
+    # off, every event takes the per-event Python path (their reference twin)
+    batch_path: bool = True

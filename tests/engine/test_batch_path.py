@@ -58,10 +58,14 @@ GRAPH_FIELDS = (
 
 
 def _engine(half_life_s: float, batch_path: bool) -> Engine:
-    e = Engine(EngineConfig(high_watermark=0.3, graph_prior=GraphPrior(half_life_s=half_life_s)))
+    e = Engine(
+        EngineConfig(
+            high_watermark=0.3,
+            graph_prior=GraphPrior(half_life_s=half_life_s),
+            batch_path=batch_path,
+        )
+    )
     e._batch.min_batch = 1  # the kernel takes even one-event batches here
-    if not batch_path:
-        e._batch.usable = lambda: False  # type: ignore[method-assign]
     for i, wid in enumerate(WORKERS):
         cache = CacheSpec(
             16,
