@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from scheduler_service.costs import prefill_time_s
-from scheduler_service.domain import Candidate, Placement, PlaceRequest, Tier, WorkerId
+from scheduler_service.domain import Candidate, Placement, PlaceRequest, Tier
 from scheduler_service.engine_config import EngineConfig
 from scheduler_service.fairness import FairShare
 from scheduler_service.kernels import KernelSet
@@ -29,6 +29,8 @@ from scheduler_service.prefix_index import PrefixIndex
 from scheduler_service.state import NO_SLOT, TIER_NONE, ClusterState
 
 _NO_LIVE = Placement(candidates=(), reason="no_live_worker")
+#: Tier by its integer value (the kernel's cached tier of a candidate)
+_TIERS = {int(t): t for t in Tier}
 
 
 class Placer:
@@ -173,18 +175,28 @@ class Placer:
         ):
             self._loads_from_home(rank, count)
         cands = []
-        for i in range(count):
-            spec = ws.spec(int(self._out_slots[i]))
-            tier_i = int(self._out_tier[i])
+        specs = ws.specs
+        ctx = int(req.context_tokens)
+        # NOTE: plain lists and a tier table: numpy scalars and Enum() calls cost
+        # more than the rest of this loop (Place is timed call by call)
+        for slot, tier_i, got, score in zip(
+            self._out_slots[:count].tolist(),
+            self._out_tier[:count].tolist(),
+            self._out_cached[:count].tolist(),
+            self._out_scores[:count].tolist(),
+            strict=True,
+        ):
+            spec = specs[slot]
+            assert spec is not None
             loads = tier_i >= TIER_PEER_GPU  # from the home, in its KV-transfer domain
             cands.append(
                 Candidate(
-                    worker_id=WorkerId(spec.worker_id),
-                    endpoint=spec.endpoint,
-                    expected_cached_tokens=min(int(self._out_cached[i]), int(req.context_tokens)),
-                    score=float(self._out_scores[i]),
-                    cached_tier=Tier.NONE if loads else Tier(tier_i),
-                    kv_source_worker_id=WorkerId(ws.spec(home).worker_id) if loads else None,
+                    spec.worker_id,
+                    spec.endpoint,
+                    got if got < ctx else ctx,
+                    score,
+                    Tier.NONE if loads else _TIERS[tier_i],
+                    ws.spec(home).worker_id if loads else None,
                 )
             )
         w0 = int(self._out_slots[0])
