@@ -234,6 +234,7 @@ class Engine:
         if not checked:
             check_events(self.state, self.fair.tenants.names, events)
         self.events_total += len(events)
+        self.graphs.rescale_due(now)
         if self._batch.usable():
             self._batch.run(events, now)
         else:
@@ -466,7 +467,7 @@ class Engine:
         if agent_type not in self.agents.index and len(self.agents.names) >= MAX_AGENT_TYPES:
             agent_type = OTHER_AGENT_TYPE  # bounded graphs whatever clients send
         a = self.agents.get(agent_type)
-        self.graphs.for_agent(a, agent_type)
+        self.graphs.for_agent(a, agent_type, now)
         ss.agent_v[s] = a
         ss.started_s_v[s] = now
         self.fair.session_started(now)
@@ -490,6 +491,7 @@ class Engine:
         """Expire leases, start due prefetches, re-price leases where pressure rose,
         bring tenants over their GPU quota back under it."""
         ss = self.state.sessions
+        self.graphs.rescale_due(now)
         due = ss.timer_due_s[: ss.high_water]
         fire = np.flatnonzero(due <= now)
         if fire.size:

@@ -14,6 +14,7 @@ exactly those of the per-event path, which is this path's reference twin
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -112,6 +113,7 @@ class BatchPath:
         )
         e_slot, e_node = cols[0], cols[6]
         params = batch_params(e.config)
+        index: _BatchIndex | None = None  # built at the first hand-over
         i = 0
         while i < n:
             graphs = self._graphs(now)
@@ -139,15 +141,19 @@ class BatchPath:
             # the kernel handed back event j: the Python path applies it
             ev = events[j]
             e._apply_events((ev,), now)
-            # it may have created or ended its session, or a node of its graph
-            sid = ev.session_id
-            for x in range(j + 1, n):
-                later = events[x]
-                if later.session_id == sid or (e_node[x] < 0 and later.kind is _WAIT):
-                    s = slot_of.get(later.session_id, -1)
-                    e_slot[x] = s
-                    if later.kind is _WAIT:
-                        e_node[x] = self._node(later, s)
+            # it may have created or ended its session, or (a tool wait) made a
+            # graph node: re-resolve the later events that depend on either
+            if index is None:
+                index = _BatchIndex(events)
+            s = slot_of.get(ev.session_id, -1)
+            for x in index.later(index.by_session, ev.session_id, j):
+                e_slot[x] = s
+                if events[x].kind is _WAIT:
+                    e_node[x] = self._node(events[x], s)
+            if ev.kind is _WAIT:
+                for x in index.later(index.waits_by_tool, ev.tool_name, j):
+                    if e_node[x] < 0:
+                        e_node[x] = self._node(events[x], int(e_slot[x]))
             i = j + 1
 
     def fire_timers(self, order: npt.NDArray[np.intp], now: float) -> bool:
@@ -245,6 +251,24 @@ class BatchPath:
             withins,
             [kev.REASONS[r] for r in reasons],
         )
+
+
+class _BatchIndex:
+    """Positions in a batch by session and, for tool waits, by tool name."""
+
+    def __init__(self, events: Sequence[SessionEvent]) -> None:
+        self.by_session: dict[str, list[int]] = {}
+        self.waits_by_tool: dict[str, list[int]] = {}
+        for x, ev in enumerate(events):
+            self.by_session.setdefault(ev.session_id, []).append(x)
+            if ev.kind is _WAIT:
+                self.waits_by_tool.setdefault(ev.tool_name, []).append(x)
+
+    @staticmethod
+    def later(positions: dict[str, list[int]], key: str, j: int) -> list[int]:
+        """The positions under ``key`` after ``j``."""
+        xs = positions.get(key, [])
+        return xs[bisect.bisect_right(xs, j) :]
 
 
 def batch_params(c: EngineConfig) -> npt.NDArray[np.float64]:

@@ -20,12 +20,22 @@ class GraphStore:
         self.prior = prior or GraphPrior()
         self.graphs: dict[int, AgentGraph] = {}
 
-    def for_agent(self, agent_slot: int, agent_type: str) -> AgentGraph:
-        """The graph of an interned agent type (created on first use)."""
+    def for_agent(self, agent_slot: int, agent_type: str, now: float = 0.0) -> AgentGraph:
+        """The graph of an interned agent type (created on first use, at ``now``)."""
         g = self.graphs.get(agent_slot)
         if g is None:
-            g = self.graphs[agent_slot] = AgentGraph(agent_type, self.prior)
+            g = self.graphs[agent_slot] = AgentGraph(agent_type, self.prior, now)
         return g
+
+    def rescale_due(self, now: float) -> None:
+        """Rescale every graph whose weights would rescale at ``now``.
+
+        # NOTE: the engine calls this at the start of each batch and tick, on
+        # either path, so within one call no graph rescales: the compiled
+        # batch path relies on it. A rescale changes no ratio, only the scale.
+        """
+        for g in self.graphs.values():
+            g.rescale_if_due(now)
 
 
 __all__ = [

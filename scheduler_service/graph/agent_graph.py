@@ -68,7 +68,7 @@ class AgentGraph:
     #: holder of references to them (the engine's batch path) knows to refresh.
     version = 0
 
-    def __init__(self, agent_type: str, prior: GraphPrior | None = None) -> None:
+    def __init__(self, agent_type: str, prior: GraphPrior | None = None, now: float = 0.0) -> None:
         self.agent_type = agent_type
         self.prior = prior or GraphPrior()
         self._tau_s = self.prior.half_life_s / math.log(2.0)
@@ -87,7 +87,9 @@ class AgentGraph:
         # for on every wait is then O(1), and free of bucket rounding.
         self.tokens_sum = np.zeros(cap, dtype=np.float64)
         self.tokens_weight = np.zeros(cap, dtype=np.float64)
-        self.node(FINISH_KEY, 0.0)
+        # NOTE: created at ``now``, so its weights start there (a graph made at
+        # time 0 in a server whose clock reads 1.7e9 would rescale on first use)
+        self.node(FINISH_KEY, now)
 
     # -- learning ----------------------------------------------------------------
 
@@ -182,6 +184,11 @@ class AgentGraph:
         if total <= 0:
             return {}
         return {self.keys[j]: float(row[j]) / total for j in np.flatnonzero(row)}
+
+    def rescale_if_due(self, now: float) -> None:
+        """Rescale the weights now if the next observation would (see ``_weight``)."""
+        if self._t_ref is not None and (now - self._t_ref) / self._tau_s > _RESCALE_AT_EXPONENT:
+            self._weight(now)
 
     # -- internals -----------------------------------------------------------------
 

@@ -327,6 +327,17 @@ def test_a_tool_returning_as_its_lease_ends_is_held_until_its_step(
     assert python_path == []
 
 
+def test_graphs_made_on_a_wall_clock_let_the_kernel_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server's clock reads ~1.7e9 s: a graph must not start out due to rescale."""
+    a, b, python_path = _twins(monkeypatch)
+    t = 1.76e9
+    _both(a, b, t, *(_ev(i, K.STEP_START, 1_000) for i in range(8)))
+    assert python_path == [1] * 8  # new sessions are made in Python
+    python_path.clear()
+    _both(a, b, t + 1.0, *(_ev(i, K.STEP_START, 1_200) for i in range(8)))
+    assert python_path == []
+
+
 def test_tenant_quotas_keep_the_python_path() -> None:
     e = _engine(3600.0, True)
     assert e._batch.usable()
