@@ -145,74 +145,91 @@ def _charge(t_bytes: np.ndarray, t: int, w: int, delta_blocks: int, w_bb: np.nda
 
 
 @njit(cache=True)
-def _drop_host(s, S, W, T):  # type: ignore[no-untyped-def]
+def _drop_host(s, R):  # type: ignore[no-untyped-def]
     # ClusterState._drop_host
-    n = S[6][s]
-    w = S[2][s]
-    S[6][s] = 0
+    n = R[4][s]
+    w = R[1][s]
+    R[4][s] = 0
     if w != NO_SLOT and n:
-        _charge(T[2], S[0][s], w, -n, W[10])
-        left = W[3][w] - n
-        W[3][w] = left if left > 0 else 0
+        _charge(R[11], R[0][s], w, -n, R[9])
+        left = R[6][w] - n
+        R[6][w] = left if left > 0 else 0
 
 
 @njit(cache=True)
-def _set_gpu_blocks(s, blocks, S, W, T):  # type: ignore[no-untyped-def]
+def _set_gpu_blocks(s, blocks, R):  # type: ignore[no-untyped-def]
     # ClusterState.set_gpu_blocks
-    w = S[2][s]
-    if S[3][s] == TIER_HOST:
-        _drop_host(s, S, W, T)
-    delta = blocks - S[5][s]
-    S[5][s] = blocks
-    S[3][s] = TIER_GPU
+    w = R[1][s]
+    if R[2][s] == TIER_HOST:
+        _drop_host(s, R)
+    delta = blocks - R[3][s]
+    R[3][s] = blocks
+    R[2][s] = TIER_GPU
     if w != NO_SLOT and delta:
-        _charge(T[1], S[0][s], w, delta, W[10])
-        if not W[11][w]:
-            W[2][w] += delta
+        _charge(R[10], R[0][s], w, delta, R[9])
+        if not R[8][w]:
+            R[5][w] += delta
 
 
 @njit(cache=True)
-def _free_gpu(s, S, W, T):  # type: ignore[no-untyped-def]
+def _free_gpu(s, R):  # type: ignore[no-untyped-def]
     # ClusterState.free_gpu
-    n = S[5][s]
-    w = S[2][s]
-    S[5][s] = 0
-    if S[3][s] == TIER_GPU:
-        S[3][s] = TIER_NONE
+    n = R[3][s]
+    w = R[1][s]
+    R[3][s] = 0
+    if R[2][s] == TIER_GPU:
+        R[2][s] = TIER_NONE
     if w != NO_SLOT and n:
-        _charge(T[1], S[0][s], w, -n, W[10])
-        left = W[2][w] - n
-        W[2][w] = left if left > 0 else 0
-        if W[11][w]:
-            W[4][w] += n
+        _charge(R[10], R[0][s], w, -n, R[9])
+        left = R[5][w] - n
+        R[5][w] = left if left > 0 else 0
+        if R[8][w]:
+            R[7][w] += n
     return n
 
 
 @njit(cache=True)
-def _to_host(s, S, W, T):  # type: ignore[no-untyped-def]
+def _to_host(s, R):  # type: ignore[no-untyped-def]
     # ClusterState.to_host
-    n = _free_gpu(s, S, W, T)
-    w = S[2][s]
-    _charge(T[2], S[0][s], w, n - S[6][s], W[10])
-    S[6][s] = n
-    S[3][s] = TIER_HOST
+    n = _free_gpu(s, R)
+    w = R[1][s]
+    _charge(R[11], R[0][s], w, n - R[4][s], R[9])
+    R[4][s] = n
+    R[2][s] = TIER_HOST
     if w != NO_SLOT:
-        W[3][w] += n
+        R[6][w] += n
 
 
 @njit(cache=True)
-def _release(s, S, W, T):  # type: ignore[no-untyped-def]
+def _release(s, R):  # type: ignore[no-untyped-def]
     # ClusterState.release
-    _free_gpu(s, S, W, T)
-    _drop_host(s, S, W, T)
-    S[3][s] = TIER_NONE
+    _free_gpu(s, R)
+    _drop_host(s, R)
+    R[2][s] = TIER_NONE
 
 
 @njit(cache=True)
-def _transfer_s(blocks, w, W):  # type: ignore[no-untyped-def]
-    # Retention.transfer_s
-    nbytes = blocks * W[8][w] * W[9][w]
-    return nbytes / W[7][w]
+def _transfer_s(blocks, w, L):  # type: ignore[no-untyped-def]
+    # Retention.transfer_s over L = (block size, bytes per token, host link)
+    nbytes = blocks * L[0][w] * L[1][w]
+    return nbytes / L[2][w]
+
+
+@njit(cache=True)
+def _residency(S, W, T):  # type: ignore[no-untyped-def]
+    """The arrays ClusterState's block accounting touches (``R``), out of S, W, T.
+
+    # NOTE: helpers take these few arrays, not S, W and T: numba passes every
+    # array of a tuple argument field by field, and a call with all three
+    # costs ~0.3 µs before it does anything.
+    """
+    return (S[0], S[2], S[3], S[5], S[6], W[2], W[3], W[4], W[11], W[10], T[1], T[2])
+
+
+@njit(cache=True)
+def _plan_arrays(S, W):  # type: ignore[no-untyped-def]
+    # the arrays _plan_prefetch touches (``P``)
+    return (S[6], S[12], S[13], S[18], W[8], W[9], W[7])
 
 
 @njit(cache=True)
@@ -226,22 +243,26 @@ def _emit(D, k, s, action, ttl_s, within_s, reason):  # type: ignore[no-untyped-
 
 
 @njit(cache=True)
-def _plan_prefetch(s, w, p_cont, early_rem, now, offload_s, params, S, W):  # type: ignore[no-untyped-def]
-    # Retention.plan_prefetch
+def _plan_prefetch(s, w, p_cont, early_rem, now, offload_s, params, P):  # type: ignore[no-untyped-def]
+    # Retention.plan_prefetch; P = (host blocks, timer due, timer kind, prefetch at,
+    # block size, bytes per token, host link)
     if p_cont <= 0.0:
-        S[12][s] = NO_TIMER
+        P[1][s] = NO_TIMER
         return
-    reload_s = _transfer_s(S[6][s], w, W)
+    reload_s = _transfer_s(P[0][s], w, P[4:])
     lead_s = reload_s * (1.0 + params[P_PREFETCH_MARGIN])
     at = now + max(offload_s, early_rem - lead_s)
-    S[18][s] = at
-    S[12][s] = at
-    S[13][s] = TIMER_PREFETCH
+    P[3][s] = at
+    P[1][s] = at
+    P[2][s] = TIMER_PREFETCH
 
 
 @njit(cache=True)
 def _evict(s, w, now, reason, otherwise, params, scratch, S, W, G, B, T, D, k):  # type: ignore[no-untyped-def]
     """Retention.evict (no quotas): to the host when that beats a rebuild, else drop."""
+    R = _residency(S, W, T)
+    L = (W[8], W[9], W[7])
+    P = _plan_arrays(S, W)
     blocks = S[5][s]
     node = S[11][s]
     waiting = S[4][s] == STATE_TOOL_WAIT and node != NO_SLOT
@@ -252,18 +273,18 @@ def _evict(s, w, now, reason, otherwise, params, scratch, S, W, G, B, T, D, k): 
         if waited < 0.0:
             waited = 0.0
         _exp, early_rem, pc = _predict_session(s, now, waited, params, scratch, S, G, B)
-    move_s = _transfer_s(blocks, w, W)
+    move_s = _transfer_s(blocks, w, L)
     S[17][s] = 0.0
     S[12][s] = NO_TIMER
     rebuild_s = prefill_s(float(S[7][s]), W[6][w], params[P_KNEE])
     pays = params[P_TRANSFER_W] * 2.0 * move_s < pc * rebuild_s
     if W[1][w] - W[3][w] >= blocks > 0 and pays:
-        _to_host(s, S, W, T)
+        _to_host(s, R)
         k = _emit(D, k, s, A_OFFLOAD_HOST, 0.0, move_s, reason)
         if waiting:
-            _plan_prefetch(s, w, pc, early_rem, now, move_s, params, S, W)
+            _plan_prefetch(s, w, pc, early_rem, now, move_s, params, P)
     else:
-        _release(s, S, W, T)
+        _release(s, R)
         k = _emit(D, k, s, otherwise, 0.0, 0.0, reason)
     return k
 
@@ -291,9 +312,11 @@ def _relieve(w, now, exclude, protection, params, scratch, S, W, G, B, T, D, k):
 @njit(cache=True)
 def _prefetch(s, now, reason, params, scratch, S, W, G, B, T, D, k):  # type: ignore[no-untyped-def]
     """Retention.prefetch (no quotas): reload a host-tier session, leased until its use."""
+    R = _residency(S, W, T)
+    L = (W[8], W[9], W[7])
     w = S[2][s]
     blocks = S[6][s]
-    reload_s = _transfer_s(blocks, w, W)
+    reload_s = _transfer_s(blocks, w, L)
     node = S[11][s]
     waiting = S[4][s] == STATE_TOOL_WAIT
     if waiting and node != NO_SLOT:
@@ -305,7 +328,7 @@ def _prefetch(s, now, reason, params, scratch, S, W, G, B, T, D, k):  # type: ig
     until_use_s = S[16][s] - now
     if until_use_s < 0.0:
         until_use_s = 0.0
-    _set_gpu_blocks(s, blocks, S, W, T)
+    _set_gpu_blocks(s, blocks, R)
     S[18][s] = PREFETCHED
     ttl = max(params[P_MIN_TTL], 2.0 * until_use_s + reload_s)
     if waiting:
@@ -357,6 +380,9 @@ def _apply_events(start, now, params, E, protection, S, W, G, B, T, D):  # type:
     one for the event and one per resident of its worker that relief may evict).
     """
     e_slot, e_kind, e_ctx, e_new, e_step, e_worker, e_node, e_hint, e_last = E
+    R = _residency(S, W, T)
+    P = _plan_arrays(S, W)
+    L = (W[8], W[9], W[7])
     b_upper, b_mids, b_units = B
     g_1d = G[3]
     knee = params[P_KNEE]
@@ -424,7 +450,7 @@ def _apply_events(start, now, params, E, protection, S, W, G, B, T, D):  # type:
                 S[22][s] += prefill_s(float(added), W[6][w], knee)
                 blocks = ctx_ev + e_new[i]
                 blocks = -(-blocks // W[8][w]) if blocks > 0 else 0
-                _set_gpu_blocks(s, blocks, S, W, T)
+                _set_gpu_blocks(s, blocks, R)
                 # the test at the top of _relieve, here: a call with these
                 # tuples costs more than the test (their arrays are refcounted)
                 cap = W[0][w]
@@ -469,7 +495,7 @@ def _apply_events(start, now, params, E, protection, S, W, G, B, T, D):  # type:
             S[19][s] = p_cont
             if w != NO_SLOT and S[3][s] == TIER_GPU:
                 blocks = -(-ctx_ev // W[8][w]) if ctx_ev > 0 else 0
-                _set_gpu_blocks(s, blocks, S, W, T)
+                _set_gpu_blocks(s, blocks, R)
                 # Retention.decide_wait (no quotas)
                 blocks = S[5][s]
                 cap = W[0][w]
@@ -487,7 +513,7 @@ def _apply_events(start, now, params, E, protection, S, W, G, B, T, D):  # type:
                     )
                 if price > W[13][w]:
                     W[13][w] = price
-                move_s = _transfer_s(blocks, w, W)
+                move_s = _transfer_s(blocks, w, L)
                 rebuild_s = prefill_s(float(S[7][s]), W[6][w], knee)
                 room = W[1][w] - W[3][w] >= blocks > 0
                 action, ttl, _cr, _co, _cl = retention_choice(
@@ -501,17 +527,17 @@ def _apply_events(start, now, params, E, protection, S, W, G, B, T, D):  # type:
                     S[13][s] = TIMER_LEASE
                     k = _emit(D, k, s, A_RETAIN_GPU, ttl, 0.0, R_TOOL_WAIT)
                 elif action == OFFLOAD_HOST:
-                    _to_host(s, S, W, T)
+                    _to_host(s, R)
                     S[17][s] = 0.0
                     k = _emit(D, k, s, A_OFFLOAD_HOST, 0.0, move_s, R_TOOL_WAIT)
-                    _plan_prefetch(s, w, p_cont, early_rem, now, move_s, params, S, W)
+                    _plan_prefetch(s, w, p_cont, early_rem, now, move_s, params, P)
                 else:
-                    _release(s, S, W, T)
+                    _release(s, R)
                     S[17][s] = 0.0
                     S[12][s] = NO_TIMER
                     k = _emit(D, k, s, A_RELEASE, 0.0, 0.0, R_TOOL_WAIT)
             elif w != NO_SLOT and S[3][s] == TIER_HOST:
-                _plan_prefetch(s, w, p_cont, early_rem, now, 0.0, params, S, W)
+                _plan_prefetch(s, w, p_cont, early_rem, now, 0.0, params, P)
         else:  # K_TOOL_CALL_END
             if S[4][s] == STATE_TOOL_WAIT and node != NO_SLOT:
                 waited = now - S[15][s]
