@@ -104,6 +104,10 @@ async def test_redis_journal_round_trip_snapshot_and_fencing(redis_url: str) -> 
 # -- failover with real processes ------------------------------------------------------------
 
 
+def _tail(path: Path, lines: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
 def spawn(tmp: Path, name: str, port: int, redis_url: str, cell: str) -> subprocess.Popen[bytes]:
     log = (tmp / f"{name}.log").open("ab")
     return subprocess.Popen(
@@ -272,7 +276,9 @@ def test_standby_takes_over_within_3s_and_a_deposed_leader_is_fenced(
         b.send_signal(signal.SIGSTOP)
         wait_for(lambda: serving(pa), 10)
         b.send_signal(signal.SIGCONT)
-        assert b.wait(timeout=15) == 75
+        rc = b.wait(timeout=15)
+        # the log says why when it is not the fenced exit (75)
+        assert rc == 75, f"deposed leader exited {rc}:\n{_tail(tmp_path / 'b.log')}"
         welcome, acked, epochs = asyncio.run(stream(both, 5, [6]))
         assert welcome.leader_epoch == 3 and welcome.last_acked_seq == 5
         assert acked == 6 and set(epochs) == {3}

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from scheduler_service import kernels
+from scheduler_service import engine_batch, kernels
 from scheduler_service.domain import (
     DirectiveOutcome,
+    EventId,
     EventKind,
     PlaceRequest,
+    SessionEvent,
     SessionId,
     TenantId,
     Tier,
@@ -56,13 +58,20 @@ def test_a_rejected_lease_is_not_expired_later(script: Any) -> None:
     assert sc.tick(1_000.0) == []
 
 
-def test_no_kernel_compiles_on_the_request_path(script: Any) -> None:
-    Engine()  # start-up warms every kernel
-    before = {
+def _signatures() -> dict[str, int]:
+    sigs = {
         name: len(getattr(kernels.NUMBA, name).signatures)
         for name in kernels.KernelSet.__slots__
         if name != "name"
     }
+    sigs["apply_events"] = len(engine_batch.apply_events.signatures)
+    sigs["fire_timers"] = len(engine_batch.fire_timers.signatures)
+    return sigs
+
+
+def test_no_kernel_compiles_on_the_request_path(script: Any) -> None:
+    Engine()  # start-up warms every kernel
+    before = _signatures()
     sc = script(high_watermark=0.3)
     sc.worker("w1", gpu_blocks=1_000, host_blocks=1_000)
     for i in range(6):
@@ -71,9 +80,30 @@ def test_no_kernel_compiles_on_the_request_path(script: Any) -> None:
     sc.event(3.0, "big", K.STEP_START, 9_000)
     sc.tick(10.0)
     sc.engine.place(PlaceRequest(SessionId("s1"), TenantId("t1"), "coder", 1, 2_000), 10.0)
-    after = {name: len(getattr(kernels.NUMBA, name).signatures) for name in before}
+    # a batch the compiled path applies: tool returns, then steps that press the pool
+    # (relief and eviction inside the kernel), then due timers
+    batch = [
+        *(_ev(i, K.TOOL_CALL_END, 2_000) for i in range(6)),
+        *(_ev(i, K.STEP_START, 4_000) for i in range(6)),
+    ]
+    sc.engine.handle_batch(batch, 11.0)
+    sc.tick(400.0)
+    after = _signatures()
     assert before == after
-    assert all(n == 1 for n in after.values())
+    assert all(n == 1 for n in after.values()), after
+
+
+def _ev(i: int, kind: EventKind, ctx: int) -> SessionEvent:
+    return SessionEvent(
+        EventId(f"b{i}-{kind.name}"),
+        SessionId(f"s{i}"),
+        TenantId("t1"),
+        "coder",
+        1,
+        kind,
+        ctx,
+        worker_id=WorkerId("w1"),
+    )
 
 
 def test_directives_never_acked_cost_bounded_memory(script: Any, monkeypatch: Any) -> None:
