@@ -303,7 +303,7 @@ def _relieve(w, now, exclude, protection, params, scratch, S, W, G, B, T, D, k):
     # NOTE: np.int64: the warm-up's argument types (the head slot is int32 in W),
     # or this call would compile rank_victims a second signature
     victims = rank_victims(
-        np.int64(W[12][w]), S[24], S[3], S[4], S[5], S[7], S[16], S[19], S[0], protection,
+        int(np.int64(W[12][w])), S[24], S[3], S[4], S[5], S[7], S[16], S[19], S[0], protection,
         now, W[6][w], params[P_KNEE], need, exclude,
     )  # fmt: skip
     for v in victims:
