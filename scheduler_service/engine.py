@@ -145,6 +145,9 @@ class Engine:
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
         self._batch = BatchPath(self)
+        # a snapshot written before kernel sets pickled by name holds a copy of
+        # one: run on this process's own set (the batch path checks identity)
+        self.use_kernels(kernel_sets.by_name(self.kernels.name))
 
     def use_kernels(self, kernels: kernel_sets.KernelSet) -> None:
         """Run on another kernel set from now on (the benchmark compares the twins)."""

@@ -9,6 +9,7 @@ directive and every array after every call.
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from scheduler_service import kernels
 from scheduler_service.domain import (
     CacheSpec,
     EventId,
@@ -336,6 +338,21 @@ def test_graphs_made_on_a_wall_clock_let_the_kernel_run(monkeypatch: pytest.Monk
     python_path.clear()
     _both(a, b, t + 1.0, *(_ev(i, K.STEP_START, 1_200) for i in range(8)))
     assert python_path == []
+
+
+def test_an_engine_restored_from_a_snapshot_keeps_the_batch_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    a, b, _ = _twins(monkeypatch)
+    _both(a, b, 0.0, *(_ev(i, K.STEP_START, 1_000) for i in range(4)))
+    restored = pickle.loads(pickle.dumps(a, protocol=pickle.HIGHEST_PROTOCOL))
+    assert restored.kernels is kernels.NUMBA and restored.placer.kernels is kernels.NUMBA
+    assert restored.retention.kernels is kernels.NUMBA
+    assert restored._batch.usable() and restored._batch.engine is restored
+    restored._batch.min_batch = 1
+    steps = [_ev(i, K.TOOL_CALL_WAIT, 1_100, tool_name="bash") for i in range(4)]
+    assert restored.handle_batch(steps, 1.0) == b.handle_batch(steps, 1.0)
+    _assert_same(restored, b)
 
 
 def test_tenant_quotas_keep_the_python_path() -> None:
