@@ -27,23 +27,25 @@ def check_events(
     # what the batch itself does to session existence, in order
     born: dict[SessionId, TenantId] = {}
     ended: set[SessionId] = set()
+    # NOTE: locals for the per-event loop: it runs before every batch is applied
+    inf = math.inf
+    born_get = born.get
+    slot_get = slot_of.get
     for i, ev in enumerate(events):
         if ev.context_tokens < 0 or ev.new_tokens < 0 or ev.step_index < 0:
             for name in ("context_tokens", "new_tokens", "step_index"):
                 if getattr(ev, name) < 0:
                     raise Rejected(f"events[{i}].{name}", "must be >= 0")
         # one comparison catches negative, NaN (compares false) and infinite
-        if not 0.0 <= ev.expected_tool_latency_s < math.inf:
+        if not 0.0 <= ev.expected_tool_latency_s < inf:
             raise Rejected(f"events[{i}].expected_tool_latency_s", "must be a finite number >= 0")
-        if ev.worker_id and ev.worker_id not in workers:
-            raise Rejected(f"events[{i}].worker_id", f"unknown worker {ev.worker_id!r}")
+        wid = ev.worker_id
+        if wid and wid not in workers:
+            raise Rejected(f"events[{i}].worker_id", f"unknown worker {wid!r}")
         sid = ev.session_id
-        if sid in born:
-            owner: TenantId | None = born[sid]
-        elif sid in ended:
-            owner = None
-        else:
-            slot = slot_of.get(sid)
+        owner: TenantId | None = born_get(sid)
+        if owner is None and sid not in ended:
+            slot = slot_get(sid)
             owner = None if slot is None else tenant_names[tenant_v[slot]]
         if owner is None:
             if ev.kind not in _OPENERS:
