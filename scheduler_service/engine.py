@@ -238,7 +238,7 @@ class Engine:
             check_events(self.state, self.fair.tenants.names, events)
         self.events_total += len(events)
         self.graphs.rescale_due(now)
-        if self._batch.usable():
+        if len(events) >= self._batch.min_batch and self._batch.usable():
             self._batch.run(events, now)
         else:
             self._apply_events(events, now)
@@ -500,7 +500,10 @@ class Engine:
         if fire.size:
             # earliest first, slot breaking ties: the same order on every replay
             order = fire[np.lexsort((fire, due[fire]))]
-            if not (self._batch.usable() and self._batch.fire_timers(order, now)):
+            batch = self._batch
+            if not (
+                len(order) >= batch.min_batch and batch.usable() and batch.fire_timers(order, now)
+            ):
                 for s in order.tolist():
                     kind = int(ss.timer_kind_v[s])
                     ss.timer_due_s_v[s] = NO_TIMER

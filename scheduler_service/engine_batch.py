@@ -45,8 +45,9 @@ _ACTIONS = {int(a): a for a in Action}
 #: the kernels, typed loosely (numba's Dispatcher stubs take no argument list)
 apply_events: Any = kev.apply_events
 fire_timers: Any = kev.fire_timers
-#: Batches shorter than this take the per-event path: the kernel's fixed cost
-#: per call (columns, arguments, dispatch: ~30 µs) outweighs what it saves.
+#: Batches (and ticks with fewer due timers) shorter than this take the
+#: per-event path: the kernel's fixed cost per call (columns, arguments,
+#: dispatch: ~30 µs) outweighs what it saves.
 MIN_KERNEL_BATCH = 4
 _BUCKETS = (DURATION_BUCKETS.upper_edges, DURATION_BUCKETS.mids, DURATION_BUCKETS._unit_spreads)
 _warmed = False
@@ -82,12 +83,10 @@ class BatchPath:
         )
 
     def run(self, events: Sequence[SessionEvent], now: float) -> None:
-        """Apply a validated batch: kernel runs, Python for the events it hands back."""
+        """Apply a validated batch (``usable``, at least ``min_batch`` events):
+        kernel runs, Python for the events it hands back."""
         e = self.engine
         n = len(events)
-        if n < self.min_batch:
-            e._apply_events(events, now)
-            return
         slot_of = e.state.sessions.slot_of
         wslot = e.state.workers.slot_of
         slots = [slot_of.get(ev.session_id, -1) for ev in events]

@@ -185,6 +185,13 @@ class AgentGraph:
             return {}
         return {self.keys[j]: float(row[j]) / total for j in np.flatnonzero(row)}
 
+    def not_due_until(self) -> float:
+        """A time up to which ``rescale_if_due`` surely does nothing (one exponent
+        short of the rescale, so rounding cannot matter)."""
+        if self._t_ref is None:
+            return -math.inf
+        return self._t_ref + (_RESCALE_AT_EXPONENT - 1.0) * self._tau_s
+
     def rescale_if_due(self, now: float) -> None:
         """Rescale the weights now if the next observation would (see ``_weight``)."""
         if self._t_ref is not None and (now - self._t_ref) / self._tau_s > _RESCALE_AT_EXPONENT:
