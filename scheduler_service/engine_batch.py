@@ -1,8 +1,8 @@
 """The engine's compiled path: batches and timers applied by ``kernels.events``.
 
 ``Engine.handle_batch`` hands a validated batch here, and ``Engine.tick`` its
-due timers, when the engine runs on the numba kernels, no tenant has a KV
-quota and no agent graph is due to rescale its weights. A batch becomes
+due timers, when the engine runs on the numba kernels and no tenant has a KV
+quota. A batch becomes
 columns (session slot, kind, tokens, worker slot, graph node, hint) in one
 pass; ``apply_events`` applies events in order until one needs the Python path
 (see the kernel module), the engine applies that one event, and the kernel
@@ -15,7 +15,6 @@ exactly those of the per-event path, which is this path's reference twin
 from __future__ import annotations
 
 import bisect
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -26,12 +25,7 @@ from numba import typed
 from scheduler_service import kernels as kernel_sets
 from scheduler_service.domain import Action, EventKind, SessionEvent
 from scheduler_service.engine_config import DECODE_FLOOR_DRIFT, EngineConfig
-from scheduler_service.graph.agent_graph import (
-    _RESCALE_AT_EXPONENT,
-    MAX_NODES,
-    OTHER_TOOL,
-    AgentGraph,
-)
+from scheduler_service.graph.agent_graph import AgentGraph
 from scheduler_service.graph.sketch import DURATION_BUCKETS, TOKEN_BUCKETS
 from scheduler_service.kernels import events as kev
 from scheduler_service.state import ClusterState, SessionTable, WorkerTable
@@ -60,7 +54,6 @@ class BatchPath:
         self.engine = engine
         self._graph_sig: tuple[tuple[int, int], ...] = ()
         self._graph_args: tuple[Any, ...] = ()
-        self._graphs_safe_until = -math.inf
         self._declared: npt.NDArray[np.bool_] | None = None
         # directive buffers, kept between calls and grown when a kernel says so
         self._out = _outputs(256)
@@ -115,9 +108,9 @@ class BatchPath:
         index: _BatchIndex | None = None  # built at the first hand-over
         i = 0
         while i < n:
-            graphs = self._graphs(now)
+            graphs = self._graphs()
             if graphs is None:
-                j = i  # no graph yet, or one rescales first: this event goes to Python
+                j = i  # no graph yet: this event (a new session) goes to Python
             else:
                 counters = self._counters()
                 j, k, full = apply_events(
@@ -156,9 +149,9 @@ class BatchPath:
             i = j + 1
 
     def fire_timers(self, order: npt.NDArray[np.intp], now: float) -> bool:
-        """Fire the timers of sessions ``order`` as ``Engine.tick`` would; False when
-        the kernel may not (a graph rescales first), and nothing was done."""
-        graphs = self._graphs(now)
+        """Fire the timers of sessions ``order`` as ``Engine.tick`` would; False (and
+        nothing done) while there is no graph."""
+        graphs = self._graphs()
         if graphs is None:
             return False
         e = self.engine
@@ -181,9 +174,7 @@ class BatchPath:
             return -1
         e = self.engine
         graph = e.graphs.graphs[int(e.state.sessions.agent_v[s])]
-        i = graph.index.get((_WAIT_KIND, ev.tool_name))
-        if i is None and len(graph.keys) >= MAX_NODES - 1:
-            i = graph.index.get((_WAIT_KIND, OTHER_TOOL))  # what AgentGraph.node maps it to
+        i = graph.lookup((_WAIT_KIND, ev.tool_name))
         return -1 if i is None else i
 
     def _worker_arrays(self) -> tuple[npt.NDArray[Any], ...]:
@@ -195,9 +186,12 @@ class BatchPath:
             self._declared = declared
         return worker_arrays(ws, self._declared)
 
-    def _graphs(self, now: float) -> tuple[Any, ...] | None:
-        """The graphs' arrays by agent slot, or None when there are none or one of
-        them rescales its weights at ``now`` (the Python path does that)."""
+    def _graphs(self) -> tuple[Any, ...] | None:
+        """The graphs' arrays by agent slot, or None while there is no graph.
+
+        # NOTE: no graph is due to rescale here: Engine.handle_batch and
+        # Engine.tick rescale due graphs (GraphStore.rescale_due) before this.
+        """
         graphs = self.engine.graphs.graphs
         sig = tuple((id(g), g.version) for g in graphs.values())
         if sig != self._graph_sig:
@@ -206,20 +200,7 @@ class BatchPath:
             self._graph_args = (
                 graph_arrays([graphs[a] for a in range(len(graphs))]) if dense else ()
             )
-            if self._graph_args:
-                t_ref, tau = self._graph_args[0], self._graph_args[1]
-                # one exponent short of the rescale: a cheap test that is never wrong
-                self._graphs_safe_until = float(np.min(t_ref + (_RESCALE_AT_EXPONENT - 1) * tau))
-        if not self._graph_args:
-            return None
-        if now <= self._graphs_safe_until:
-            return self._graph_args
-        t_ref, tau = self._graph_args[0], self._graph_args[1]
-        # NOTE: AgentGraph._weight rescales past this exponent; NaN (no reference
-        # time yet) fails the test too
-        if not np.all((now - t_ref) / tau <= _RESCALE_AT_EXPONENT):
-            return None
-        return self._graph_args
+        return self._graph_args or None
 
     def _counters(self) -> tuple[npt.NDArray[np.int64], ...]:
         e = self.engine
@@ -292,7 +273,6 @@ def batch_params(c: EngineConfig) -> npt.NDArray[np.float64]:
     out[kev.P_DUR_LOG_RATIO] = DURATION_BUCKETS._log_ratio
     out[kev.P_TOK_LO] = TOKEN_BUCKETS.lo
     out[kev.P_TOK_LOG_RATIO] = TOKEN_BUCKETS._log_ratio
-    out[kev.P_RESCALE_AT] = _RESCALE_AT_EXPONENT
     out[kev.P_DECODE_DRIFT] = DECODE_FLOOR_DRIFT
     out[kev.P_TOK_N] = TOKEN_BUCKETS.n
     return out
@@ -327,7 +307,7 @@ def graph_arrays(graphs: list[AgentGraph]) -> tuple[Any, ...]:
     agent ``a``'s duration, tokens and transitions at 3a..3a+2 of the first, its
     tokens sum and weight, continued and finished at 4a..4a+3 of the second."""
     return (
-        np.array([math.nan if g._t_ref is None else g._t_ref for g in graphs], dtype=np.float64),
+        np.array([g._t_ref for g in graphs], dtype=np.float64),
         np.array([g._tau_s for g in graphs], dtype=np.float64),
         typed.List([x for g in graphs for x in (g.duration, g.tokens, g.trans)]),
         typed.List(

@@ -72,7 +72,8 @@ class AgentGraph:
         self.agent_type = agent_type
         self.prior = prior or GraphPrior()
         self._tau_s = self.prior.half_life_s / math.log(2.0)
-        self._t_ref: float | None = None
+        # weights are exp((now - _t_ref) / tau); they start at the creation time
+        self._t_ref = now
         self._w_at: tuple[float, float] = (math.nan, 1.0)  # (now, weight) of the last call
         self.index: dict[NodeKey, int] = {}
         self.keys: list[NodeKey] = []
@@ -93,15 +94,19 @@ class AgentGraph:
 
     # -- learning ----------------------------------------------------------------
 
+    def lookup(self, key: NodeKey) -> int | None:
+        """The node ``node(key)`` would return, or None while it does not exist."""
+        i = self.index.get(key)
+        if i is None and self._full(key):
+            return self.index.get((key[0], OTHER_TOOL))
+        return i
+
     def node(self, key: NodeKey, now: float, hint_s: float = 0.0) -> int:
         """The node for ``key``, created from the prior on first sight."""
         i = self.index.get(key)
         if i is not None:
             return i
-        if len(self.keys) >= MAX_NODES - 1 and key[1] != OTHER_TOOL:
-            # NOTE: tool names come from clients (some put arguments in them);
-            # past the cap new ones share one node per kind, so a graph's
-            # transition matrix stays within MAX_NODES² floats.
+        if self._full(key):
             return self.node((key[0], OTHER_TOOL), now, hint_s)
         i = len(self.keys)
         if i >= self.trans.shape[0]:
@@ -188,22 +193,24 @@ class AgentGraph:
     def not_due_until(self) -> float:
         """A time up to which ``rescale_if_due`` surely does nothing (one exponent
         short of the rescale, so rounding cannot matter)."""
-        if self._t_ref is None:
-            return -math.inf
         return self._t_ref + (_RESCALE_AT_EXPONENT - 1.0) * self._tau_s
 
     def rescale_if_due(self, now: float) -> None:
         """Rescale the weights now if the next observation would (see ``_weight``)."""
-        if self._t_ref is not None and (now - self._t_ref) / self._tau_s > _RESCALE_AT_EXPONENT:
+        if (now - self._t_ref) / self._tau_s > _RESCALE_AT_EXPONENT:
             self._weight(now)
 
     # -- internals -----------------------------------------------------------------
 
+    def _full(self, key: NodeKey) -> bool:
+        # NOTE: tool names come from clients (some put arguments in them); past
+        # the cap new ones share one node per kind, so a graph's transition
+        # matrix stays within MAX_NODES² floats.
+        return len(self.keys) >= MAX_NODES - 1 and key[1] != OTHER_TOOL
+
     def _weight(self, now: float) -> float:
         if now == self._w_at[0]:
             return self._w_at[1]
-        if self._t_ref is None:
-            self._t_ref = now
         x = (now - self._t_ref) / self._tau_s
         if x > _RESCALE_AT_EXPONENT:
             scale = math.exp(-x)

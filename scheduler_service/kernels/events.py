@@ -6,8 +6,8 @@ kernels' reference twin: for everything they apply, they make exactly the
 changes the Python path makes, float for float, in the same order, and record
 the directives the Python path would emit (its eviction under pressure, its
 prefetches and its lease expiries included). They run only while no tenant
-has a KV quota and no graph is due to rescale its weights; the engine checks
-both before calling.
+has a KV quota (the engine checks) and, as the engine rescales due graphs at
+the start of every batch and tick, no graph ever rescales its weights inside.
 
 ``apply_events`` covers STEP_START, TOOL_CALL_WAIT and TOOL_CALL_END of a
 known session on its home worker. Anything else stops the run *before* that
@@ -84,11 +84,10 @@ P_DUR_LO = 13
 P_DUR_LOG_RATIO = 14
 P_TOK_LO = 15
 P_TOK_LOG_RATIO = 16
-P_RESCALE_AT = 17
-P_DECODE_DRIFT = 18
-P_TOK_N = 19
-P_HIGH_WM = 20
-N_PARAMS = 21
+P_DECODE_DRIFT = 17
+P_TOK_N = 18
+P_HIGH_WM = 19
+N_PARAMS = 20
 
 
 @njit(cache=True)
@@ -102,7 +101,7 @@ def _bucket(value: float, lo: float, log_ratio: float, n: int) -> int:
 
 @njit(cache=True)
 def _weight(G, a, now):  # type: ignore[no-untyped-def]
-    # AgentGraph._weight (the caller made sure no rescale is due)
+    # AgentGraph._weight (no rescale is due: the engine rescales before each call)
     return math.exp((now - G[0][a]) / G[1][a])
 
 
@@ -290,16 +289,22 @@ def _evict(s, w, now, reason, otherwise, params, scratch, S, W, G, B, T, D, k): 
 
 
 @njit(cache=True)
-def _relieve(w, now, exclude, protection, params, scratch, S, W, G, B, T, D, k):  # type: ignore[no-untyped-def]
-    """Retention.relieve: evict idle sessions of ``w`` while its free memory is short."""
-    cap = W[0][w]
-    free = cap - W[2][w]
-    queued = -(-W[5][w] // W[8][w])
+def _blocks_short(cap, used, queued_tokens, block_tokens, params):  # type: ignore[no-untyped-def]
+    """Retention.relieve's test: (whether a worker is short of free blocks, how
+    many blocks relief frees to get back up)."""
+    free = cap - used
+    queued = -(-queued_tokens // block_tokens)
     low = params[P_LOW_WM] * cap
     if cap <= 0 or free >= (low if low >= queued else queued):
-        return k
+        return False, 0
     high = math.ceil(params[P_HIGH_WM] * cap)
-    need = (high if high >= queued else queued) - free
+    return True, (high if high >= queued else queued) - free
+
+
+@njit(cache=True)
+def _relieve(w, need, now, exclude, protection, params, scratch, S, W, G, B, T, D, k):  # type: ignore[no-untyped-def]
+    """Retention.relieve on a worker ``_blocks_short`` found short: evict idle
+    sessions of ``w`` to free ``need`` blocks."""
     # NOTE: np.int64: the warm-up's argument types (the head slot is int32 in W),
     # or this call would compile rank_victims a second signature
     victims = rank_victims(
@@ -453,13 +458,11 @@ def _apply_events(start, now, params, E, protection, S, W, G, B, T, D):  # type:
                 blocks = ctx_ev + e_new[i]
                 blocks = -(-blocks // W[8][w]) if blocks > 0 else 0
                 _set_gpu_blocks(s, blocks, R)
-                # the test at the top of _relieve, here: a call with these
-                # tuples costs more than the test (their arrays are refcounted)
-                cap = W[0][w]
-                queued = -(-W[5][w] // W[8][w])
-                low = params[P_LOW_WM] * cap
-                if cap > 0 and cap - W[2][w] < (low if low >= queued else queued):
-                    k = _relieve(w, now, s, protection, params, scratch, S, W, G, B, T, D, k)
+                # NOTE: tested on scalars first: a call with these tuples costs
+                # more than the test (numba passes every array field by field)
+                short, need = _blocks_short(W[0][w], W[2][w], W[5][w], W[8][w], params)
+                if short:
+                    k = _relieve(w, need, now, s, protection, params, scratch, S, W, G, B, T, D, k)
         elif kind == K_TOOL_CALL_WAIT:
             # Engine._step_done: the decode's standalone time
             started = S[23][s]
