@@ -52,6 +52,10 @@ class Principal:
         """True when this principal is confined to a tenant other than ``tenant_id``."""
         return bool(self.tenant_id) and self.tenant_id != tenant_id
 
+    def confinement(self) -> str:
+        """Why a call for another tenant is refused (PERMISSION_DENIED's words)."""
+        return f"this token is confined to tenant {self.tenant_id!r}"
+
 
 #: The principal of every call when authentication is off.
 UNAUTHENTICATED_ADMIN = Principal("", Role.ADMIN, "")
@@ -233,9 +237,7 @@ class Authorizer:
         if p.confined_to_other(tenant_id):
             await errors.abort(
                 context,
-                errors.permission_denied(
-                    f"{field}: this token is confined to tenant {p.tenant_id!r}"
-                ),
+                errors.permission_denied(f"{field}: {p.confinement()}"),
             )
 
 

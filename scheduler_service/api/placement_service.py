@@ -79,11 +79,7 @@ class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
         except Rejected as r:
             return _Refusal(code_pb2.INVALID_ARGUMENT, r.description, field=r.field)
         if p.confined_to_other(req.tenant_id):
-            return _Refusal(
-                code_pb2.PERMISSION_DENIED,
-                f"this token is confined to tenant {p.tenant_id!r}",
-                field="tenant_id",
-            )
+            return _Refusal(code_pb2.PERMISSION_DENIED, p.confinement(), field="tenant_id")
         if (reason := self._d.unavailable_reason) is not None:
             return _Refusal(code_pb2.UNAVAILABLE, reason, retry_s=1.0)
         if (refused := self._admit(req.tenant_id, 1.0)) is not None:

@@ -187,11 +187,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         try:
             async for msg in it:
                 if principal.tenant_id and (denied := _foreign_tenant(msg, principal)):
-                    await acks.put(
-                        errors.permission_denied(
-                            f"{denied}: this token is confined to tenant {principal.tenant_id!r}"
-                        )
-                    )
+                    await acks.put(errors.permission_denied(f"{denied}: {principal.confinement()}"))
                     return
                 try:
                     applied = self._d.worker_message(handle, msg, self._clock())
