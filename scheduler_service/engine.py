@@ -18,8 +18,10 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
+from itertools import repeat
 
 import numpy as np
+import numpy.typing as npt
 
 from scheduler_service import engine_batch
 from scheduler_service import kernels as kernel_sets
@@ -59,6 +61,7 @@ from scheduler_service.placement import Placer
 from scheduler_service.prefix_index import PrefixIndex
 from scheduler_service.quotas import TenantQuotas
 from scheduler_service.retention import OVER_QUOTA, Retention
+from scheduler_service.sent_directives import SentDirectives
 from scheduler_service.state import (
     NO_SLOT,
     NO_TIMER,
@@ -79,7 +82,8 @@ _K_STEP_END = EventKind.STEP_END
 _K_FINISH = EventKind.SESSION_FINISH
 _K_ABORT = EventKind.SESSION_ABORT
 
-#: Directives remembered until acked (older ones are forgotten first).
+#: Directives remembered until acked: the most recent this many sequences
+#: (older ones are forgotten first; ~25 B each)
 UNACKED_MEMORY = 1 << 18
 #: Agent types with a graph of their own; later ones share one graph.
 MAX_AGENT_TYPES = 512
@@ -104,10 +108,8 @@ class Engine:
         self._tenants: dict[TenantId, TenantSpec] = {}
         self._directive_seq = 0
         self._out: list[RetentionDirective] = []
-        # directives not yet acked: id -> (session, action), oldest first
-        # NOTE: an OrderedDict, not a dict: dropping the oldest of a plain dict
-        # over and over makes next(iter(d)) walk ever more deleted slots.
-        self._unacked: OrderedDict[DirectiveId, tuple[SessionId, Action]] = OrderedDict()
+        # what an ack needs of the directives sent and not yet acked
+        self._unacked = SentDirectives(UNACKED_MEMORY)
         self.events_total = 0
         self._live_pass_s = -math.inf
         self.placements_total = 0
@@ -144,6 +146,11 @@ class Engine:
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
+        if isinstance(self._unacked, OrderedDict):  # a snapshot from before the ring
+            sent = SentDirectives(UNACKED_MEMORY)
+            for did, (sid, action) in self._unacked.items():
+                sent.add(int(did.rpartition("-")[2]), [did], [sid], [int(action)])
+            self._unacked = sent
         self._batch = BatchPath(self)
         # a snapshot written before kernel sets pickled by name holds a copy of
         # one: run on this process's own set (the batch path checks identity)
@@ -213,7 +220,7 @@ class Engine:
         """Record a worker's answer; a rejected move means the KV stayed where it was."""
         self._workers.require(worker_id, "directive_ack")
         self.acks[outcome] = self.acks.get(outcome, 0) + 1
-        sent = self._unacked.pop(directive_id, None)
+        sent = self._unacked.pop(directive_id)
         if sent is None or outcome is not DirectiveOutcome.REJECTED:
             return
         s = self.state.sessions.slot_of.get(sent[0])
@@ -234,12 +241,16 @@ class Engine:
         ``checked``: the caller ran ``check_events`` on this batch and changed
         nothing the check reads since (sessions, tenants).
         """
-        if not checked:
+        batch = self._batch
+        cols = None
+        if len(events) >= batch.min_batch and batch.usable():
+            cols = batch.columns(events, check=not checked)
+        elif not checked:
             check_events(self.state, self.fair.tenants.names, events)
         self.events_total += len(events)
         self.graphs.rescale_due(now)
-        if len(events) >= self._batch.min_batch and self._batch.usable():
-            self._batch.run(events, now)
+        if cols is not None:
+            batch.run(events, cols, now)
         else:
             self._apply_events(events, now)
         return self._flush()
@@ -535,49 +546,70 @@ class Engine:
     # -- directives ----------------------------------------------------------------
 
     def _emit(self, s: int, action: Action, ttl_s: float, within_s: float, reason: str) -> None:
-        self._emit_rows((s,), (action,), (ttl_s,), (within_s,), (reason,))
+        """Record one directive to session ``s``'s home."""
+        ss = self.state.sessions
+        self._directive_seq += 1
+        epoch = self.leader_epoch
+        did: DirectiveId = f"d{epoch}-{self._directive_seq}"  # type: ignore[assignment]
+        sid: SessionId = ss.ids[s]  # type: ignore[assignment]
+        self._out.append(
+            RetentionDirective(
+                did,
+                self.state.workers.ids[ss.home_v[s]],
+                sid,
+                action,
+                ttl_s,
+                self.fair.directive_priority(ss.tenant_v[s]),
+                epoch,
+                within_s,
+                reason,
+            )
+        )
+        self.directives_total += 1
+        self._unacked.add(self._directive_seq, [did], [sid], [action])
 
-    def _emit_rows(
+    def _emit_columns(
         self,
-        slots: Sequence[int],
+        slots: npt.NDArray[np.int64],
         actions: Sequence[Action],
         ttls: Sequence[float],
         withins: Sequence[float],
         reasons: Sequence[str],
     ) -> None:
-        """Record one directive per row, in order, each to its session's home."""
+        """Record one directive per row, in order, each to its session's home: what
+        ``_emit`` does row by row, built column by column."""
+        n = len(slots)
         ss = self.state.sessions
-        ids, homes, tenants = ss.ids, ss.home_v, ss.tenant_v
-        worker_ids = self.state.workers.ids
-        priority = self.fair.directive_priority
         epoch = self.leader_epoch
-        out = self._out
-        unacked = self._unacked
         seq = self._directive_seq
-        for s, action, ttl_s, within_s, reason in zip(
-            slots, actions, ttls, withins, reasons, strict=True
-        ):
-            seq += 1
-            did: DirectiveId = f"d{epoch}-{seq}"  # type: ignore[assignment]
-            sid: SessionId = ids[s]  # type: ignore[assignment]
-            out.append(
-                RetentionDirective(
-                    did,
-                    worker_ids[homes[s]],
-                    sid,
-                    action,
-                    ttl_s,
-                    priority(tenants[s]),
-                    epoch,
-                    within_s,
-                    reason,
-                )
+        prefix = f"d{epoch}-"
+        dids: list[DirectiveId] = list(map(prefix.__add__, map(str, range(seq + 1, seq + n + 1))))  # type: ignore[arg-type]
+        self._directive_seq = seq + n
+        sids: list[SessionId] = list(map(ss.ids.__getitem__, slots.tolist()))  # type: ignore[arg-type]
+        wids = self.state.workers.ids
+        # a live session's tenant always has a slot in FairShare.priority
+        prio = list(map(self.fair.priority.__getitem__, ss.tenant[slots].tolist()))
+        # NOTE: the tuples are built by C loops (map/zip), not one call per row:
+        # a row costs ~0.5 µs this way, ~2.5 µs through RetentionDirective(...)
+        self._out.extend(
+            map(
+                tuple.__new__,
+                repeat(RetentionDirective),
+                zip(
+                    dids,
+                    list(map(wids.__getitem__, ss.home[slots].tolist())),
+                    sids,
+                    actions,
+                    ttls,
+                    prio,
+                    repeat(epoch),
+                    withins,
+                    reasons,
+                ),
             )
-            unacked[did] = (sid, action)
-        self._directive_seq = seq
-        self.directives_total += len(slots)
-        while len(unacked) > UNACKED_MEMORY:
-            unacked.popitem(last=False)  # a worker that never acks costs bounded memory
+        )
+        self.directives_total += n
+        self._unacked.add(seq + 1, dids, sids, actions)
 
     def _flush(self) -> Decisions:
         if not self._out:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
+from itertools import repeat
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -24,6 +26,7 @@ from numba import typed
 
 from scheduler_service import kernels as kernel_sets
 from scheduler_service.domain import Action, EventKind, SessionEvent
+from scheduler_service.engine_checks import check_columns
 from scheduler_service.engine_config import DECODE_FLOOR_DRIFT, EngineConfig
 from scheduler_service.graph.agent_graph import AgentGraph
 from scheduler_service.graph.sketch import DURATION_BUCKETS, TOKEN_BUCKETS
@@ -33,9 +36,15 @@ from scheduler_service.state import ClusterState, SessionTable, WorkerTable
 if TYPE_CHECKING:
     from scheduler_service.engine import Engine
 
+_FIELDS = attrgetter(
+    "session_id", "tenant_id", "kind", "context_tokens", "new_tokens", "step_index",
+    "worker_id", "expected_tool_latency_s", "last_step", "tool_name",
+)  # fmt: skip
 _WAIT = EventKind.TOOL_CALL_WAIT
 _WAIT_KIND = int(_WAIT)
-_ACTIONS = {int(a): a for a in Action}
+#: Action and reason code → object, for fancy indexing by a kernel's code column
+_ACTIONS = np.array([None, *(Action(a) for a in range(1, max(Action) + 1))], dtype=object)
+_REASONS = np.array(kev.REASONS, dtype=object)
 #: the kernels, typed loosely (numba's Dispatcher stubs take no argument list)
 apply_events: Any = kev.apply_events
 fire_timers: Any = kev.fire_timers
@@ -75,48 +84,72 @@ class BatchPath:
             and not any(q.host_bytes)
         )
 
-    def run(self, events: Sequence[SessionEvent], now: float) -> None:
-        """Apply a validated batch (``usable``, at least ``min_batch`` events):
-        kernel runs, Python for the events it hands back."""
+    def columns(self, events: Sequence[SessionEvent], check: bool) -> tuple[npt.NDArray[Any], ...]:
+        """The batch as the kernel's columns (see ``kev._apply_events``); with
+        ``check``, validated first as ``Engine.check_events`` would (Rejected).
+
+        # NOTE: C loops (attrgetter, map, fromiter) and few numpy calls: at ~64
+        # events a batch, a numpy call's fixed ~1 µs is as much as its work.
+        """
+        e = self.engine
+        n = len(events)
+        sids, tids, kinds, ctx, new, step, wids, hints, last, tools = zip(
+            *map(_FIELDS, events), strict=True
+        )
+        slots = list(map(e.state.sessions.slot_of.get, sids, repeat(-1)))
+        workers = list(map(e.state.workers.slot_of.get, wids, repeat(kev.NO_WORKER)))
+        if check:
+            t = e.fair.tenants
+            check_columns(
+                e.state, t.names, t.index, events, (sids, tids, wids, ctx, new, step, hints),
+                slots, kinds, workers,
+            )  # fmt: skip
+        nodes = [-1] * n
+        if _WAIT in kinds:
+            agent_v = e.state.sessions.agent_v
+            graphs = e.graphs.graphs
+            for i, kind in enumerate(kinds):
+                if kind is _WAIT and slots[i] >= 0:
+                    node = graphs[agent_v[slots[i]]].lookup((_WAIT_KIND, tools[i]))
+                    if node is not None:
+                        nodes[i] = node
+        return (
+            np.fromiter(slots, np.int64, n),
+            np.fromiter(kinds, np.int64, n),
+            np.fromiter(ctx, np.int64, n),
+            np.fromiter(new, np.int64, n),
+            np.fromiter(step, np.int64, n),
+            np.fromiter(workers, np.int64, n),
+            np.fromiter(nodes, np.int64, n),
+            np.fromiter(hints, np.float64, n),
+            np.fromiter(last, np.bool_, n),
+        )
+
+    def run(
+        self, events: Sequence[SessionEvent], cols: tuple[npt.NDArray[Any], ...], now: float
+    ) -> None:
+        """Apply a validated batch (``usable``, at least ``min_batch`` events, in
+        ``columns``): kernel runs, Python for the events it hands back."""
         e = self.engine
         n = len(events)
         slot_of = e.state.sessions.slot_of
-        wslot = e.state.workers.slot_of
-        slots = [slot_of.get(ev.session_id, -1) for ev in events]
-        cols = (
-            np.array(slots, dtype=np.int64),
-            np.array([ev.kind for ev in events], dtype=np.int64),
-            np.array([ev.context_tokens for ev in events], dtype=np.int64),
-            np.array([ev.new_tokens for ev in events], dtype=np.int64),
-            np.array([ev.step_index for ev in events], dtype=np.int64),
-            np.array(
-                [wslot[ev.worker_id] if ev.worker_id else kev.NO_WORKER for ev in events],
-                dtype=np.int64,
-            ),
-            np.array(
-                [
-                    self._node(ev, s) if ev.kind is _WAIT else -1
-                    for ev, s in zip(events, slots, strict=True)
-                ],
-                dtype=np.int64,
-            ),
-            np.array([ev.expected_tool_latency_s for ev in events], dtype=np.float64),
-            np.array([ev.last_step for ev in events], dtype=np.bool_),
-        )
         e_slot, e_node = cols[0], cols[6]
         params = batch_params(e.config)
         index: _BatchIndex | None = None  # built at the first hand-over
+        ss = e.state.sessions
+        sessions = session_arrays(ss)  # until a new session grows the table
         i = 0
         while i < n:
             graphs = self._graphs()
             if graphs is None:
                 j = i  # no graph yet: this event (a new session) goes to Python
             else:
+                if ss.tenant is not sessions[0]:
+                    sessions = session_arrays(ss)
                 counters = self._counters()
                 j, k, full = apply_events(
-                    i, float(now), params, e.fair.protection, *cols,
-                    *session_arrays(e.state.sessions), *self._worker_arrays(), *graphs,
-                    *_BUCKETS, *counters, *self._out,
+                    i, float(now), params, e.fair.protection, *cols, *sessions,
+                    *self._worker_arrays(), *graphs, *_BUCKETS, *counters, *self._out,
                 )  # fmt: skip
                 self._settle(counters, k)
                 if full:
@@ -202,34 +235,32 @@ class BatchPath:
             )
         return self._graph_args or None
 
-    def _counters(self) -> tuple[npt.NDArray[np.int64], ...]:
+    def _counters(self) -> npt.NDArray[np.int64]:
+        # per-tenant deltas (``T``): events, GPU bytes, host bytes, one row each
         e = self.engine
-        return (
-            np.zeros(len(e.fair.events), dtype=np.int64),
-            np.zeros(len(e.state.tenant_gpu_bytes), dtype=np.int64),
-            np.zeros(len(e.state.tenant_host_bytes), dtype=np.int64),
-        )
+        n = max(len(e.fair.events), len(e.state.tenant_gpu_bytes), len(e.state.tenant_host_bytes))
+        return np.zeros((3, n), dtype=np.int64)
 
-    def _settle(self, counters: tuple[npt.NDArray[np.int64], ...], k: int) -> None:
+    def _settle(self, counters: npt.NDArray[np.int64], k: int) -> None:
         """Fold the kernel's per-tenant deltas into the lists and emit its directives."""
         e = self.engine
         for target, delta in zip(
             (e.fair.events, e.state.tenant_gpu_bytes, e.state.tenant_host_bytes),
-            counters,
+            counters.tolist(),
             strict=True,
         ):
-            for t, d in enumerate(delta.tolist()):
+            for t, d in enumerate(delta):
                 if d:
                     target[t] += d
         if not k:
             return
-        slots, actions, ttls, withins, reasons = (a[:k].tolist() for a in self._out)
-        e._emit_rows(
-            slots,
-            [_ACTIONS[a] for a in actions],
-            ttls,
-            withins,
-            [kev.REASONS[r] for r in reasons],
+        slots, actions, ttls, withins, reasons = self._out
+        e._emit_columns(
+            slots[:k],
+            _ACTIONS[actions[:k]].tolist(),
+            ttls[:k].tolist(),
+            withins[:k].tolist(),
+            _REASONS[reasons[:k]].tolist(),
         )
 
 

@@ -3,14 +3,22 @@
 A batch is all or nothing: ``check_events`` walks it against the engine's
 state plus what the batch itself creates and ends, and raises ``Rejected``
 naming the first bad field (``events[3].context_tokens``). It changes nothing.
+``check_columns`` is the same check over a batch already turned into columns
+(the compiled batch path's), vectorised; on any doubt it runs ``check_events``,
+so the error raised is always the one ``check_events`` names.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from itertools import repeat
+from typing import Any
+
+import numpy as np
 
 from scheduler_service.domain import EventKind, Rejected, SessionEvent, SessionId, TenantId
+from scheduler_service.kernels.events import NO_WORKER
 from scheduler_service.state import ClusterState
 
 _OPENERS = (EventKind.STEP_START, EventKind.SESSION_ABORT)
@@ -64,3 +72,60 @@ def check_events(
             ended.add(sid)
         elif sid not in born:
             born[sid] = owner
+
+
+def check_columns(
+    state: ClusterState,
+    tenant_names: Sequence[TenantId],
+    tenant_index: Mapping[TenantId, int],
+    events: Sequence[SessionEvent],
+    fields: tuple[Sequence[Any], ...],
+    slots: Sequence[int],
+    kinds: Sequence[EventKind],
+    workers: Sequence[int],
+) -> None:
+    """``check_events`` over ``events`` given as columns; raises what it raises.
+
+    ``fields``: the events' session ids, tenant ids, worker ids, context
+    tokens, new tokens, step indexes and latency hints; ``slots``: their
+    sessions' slots (-1 unknown); ``workers``: their workers' slots
+    (``NO_WORKER`` for an empty or unknown id).
+    """
+    sids, tids, wids, ctx, new, step, hints = fields
+    # NOTE: sum() is inf or NaN when a hint is (or when finite ones overflow:
+    # then check_events decides)
+    bad = (
+        min(ctx) < 0
+        or min(new) < 0
+        or min(step) < 0
+        or min(hints) < 0.0
+        or not math.isfinite(sum(hints))
+        or (
+            NO_WORKER in workers
+            and any(w for w, x in zip(wids, workers, strict=True) if x == NO_WORKER)
+        )
+    )
+    # Session existence needs the walk in order only for the sessions the batch
+    # starts or ends; every other event's session exists and keeps its tenant.
+    plain = range(len(events))
+    if not bad and (-1 in slots or max(kinds) >= EventKind.SESSION_FINISH):
+        walk = {
+            sid
+            for sid, s, k in zip(sids, slots, kinds, strict=True)
+            if s < 0 or k >= EventKind.SESSION_FINISH
+        }
+        on_walk = list(map(walk.__contains__, sids))
+        try:
+            check_events(
+                state, tenant_names, [ev for ev, w in zip(events, on_walk, strict=True) if w]
+            )
+        except Rejected:
+            bad = True
+        plain = [i for i, w in enumerate(on_walk) if not w]  # type: ignore[assignment]
+    if not bad and plain:
+        at = np.fromiter(plain, np.int64, len(plain))
+        owner = state.sessions.tenant[np.fromiter(slots, np.int64, len(slots))[at]]
+        given = np.fromiter(map(tenant_index.get, tids, repeat(-1)), np.int64, len(tids))
+        bad = bool((owner != given[at]).any())
+    if bad:
+        check_events(state, tenant_names, events)  # raises, naming the first bad field

@@ -115,7 +115,7 @@ def test_directives_never_acked_cost_bounded_memory(script: Any, monkeypatch: An
     for i in range(10):
         sc.event(1.0, f"s{i}", K.STEP_START, 1_000)
         sc.event(2.0, f"s{i}", K.TOOL_CALL_WAIT, 1_000, tool_name="t")
-    assert list(sc.engine._unacked) == ["d1-7", "d1-8", "d1-9", "d1-10"]
+    assert sc.engine._unacked.ids() == ["d1-7", "d1-8", "d1-9", "d1-10"]
     # an ack for a forgotten directive is counted and otherwise ignored
     sc.engine.directive_acked(WorkerId("w1"), "d1-1", DirectiveOutcome.REJECTED, "", 3.0)  # type: ignore[arg-type]
     assert sc.engine.session_view(SessionId("s0"), 3.0).lease_remaining_s > 0

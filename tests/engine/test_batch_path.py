@@ -91,7 +91,7 @@ def _assert_same(a: Engine, b: Engine) -> None:
     assert a.state.tenant_gpu_bytes == b.state.tenant_gpu_bytes
     assert a.state.tenant_host_bytes == b.state.tenant_host_bytes
     assert a.fair.events == b.fair.events
-    assert list(a._unacked.items()) == list(b._unacked.items())
+    assert a._unacked == b._unacked
     for slot, ga in a.graphs.graphs.items():
         gb = b.graphs.graphs[slot]
         assert ga.keys == gb.keys and ga._t_ref == gb._t_ref

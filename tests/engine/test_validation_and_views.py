@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from scheduler_service.domain import (
     EventId,
@@ -243,3 +245,64 @@ def test_stats_and_tenants(script: Any) -> None:
     )
     assert [t.tenant_id for t in e.list_tenants()] == ["t1"]
     assert e.delete_tenant(TenantId("t1")) and not e.delete_tenant(TenantId("t1"))
+
+
+_BAD_FIELDS = st.sampled_from(
+    [
+        *[{}] * 10,  # mostly clean events: a bad one early hides the checks after it
+        {"context_tokens": -1},
+        {"new_tokens": -3},
+        {"step_index": -1},
+        {"expected_tool_latency_s": math.nan},
+        {"expected_tool_latency_s": math.inf},
+        {"expected_tool_latency_s": -0.5},
+        {"worker_id": WorkerId("nope")},
+        {"worker_id": WorkerId("")},
+        {"tenant_id": TenantId("t2")},
+        {"tenant_id": TenantId("t9")},
+    ]
+)
+_BATCH_EVENTS = st.lists(
+    st.tuples(
+        st.sampled_from(["s1", "s2", "s3", "n1", "n2"]), st.sampled_from(list(K)), _BAD_FIELDS
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+# the fixture is a factory: each example calls it for a fresh engine
+@settings(
+    max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(rows=_BATCH_EVENTS)
+def test_the_batch_paths_vectorised_check_names_the_same_field(
+    script: Any, rows: list[tuple[str, EventKind, dict[str, Any]]]
+) -> None:
+    # Batches the compiled path takes are checked column-wise (check_columns);
+    # whatever the batch, it must accept what check_events accepts and reject
+    # with the field check_events names, changing nothing either way.
+    sc = script()
+    sc.worker("w1")
+    sc.event(1.0, "s1", K.STEP_START, 1_000)
+    sc.event(1.0, "s2", K.STEP_START, 1_000, tenant="t2")
+    sc.event(1.0, "s3", K.STEP_START, 1_000)
+    sc.event(2.0, "s3", K.SESSION_FINISH, 1_000)
+    batch = [
+        _ev(sid, kind, **({"tenant_id": TenantId("t2")} if sid == "s2" else {}) | bad)
+        for sid, kind, bad in rows
+    ]
+    e = sc.engine
+    want = None
+    try:
+        e.check_events(batch)
+    except Rejected as r:
+        want = (r.field, r.description)
+    before = _snapshot(e)
+    got = None
+    try:
+        e._batch.columns(batch, check=True)
+    except Rejected as r:
+        got = (r.field, r.description)
+    assert got == want
+    assert _same(before, _snapshot(e))
