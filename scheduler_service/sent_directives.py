@@ -49,6 +49,13 @@ class SentDirectives:
     ) -> None:
         """Remember directives ``dids``, of sequences ``first_seq``, ``first_seq + 1``, …"""
         n = len(dids)
+        if n == 1:  # the per-event path's case
+            i = first_seq % self._size
+            while self._did[i] is not None and self._size < self.capacity:
+                self._grow(2 * self._size)
+                i = first_seq % self._size
+            self._did[i], self._sid[i], self._action[i] = dids[0], sids[0], actions[0]
+            return
         if n > self.capacity:  # only the newest fit
             skip = n - self.capacity
             dids, sids, actions = dids[skip:], sids[skip:], actions[skip:]
@@ -82,8 +89,10 @@ class SentDirectives:
         live = self._live()
         self._size = min(size, self.capacity)
         self._alloc(self._size)
+        size = self._size
         for i, seq in live:
-            self.add(seq, [dids[i]], [sids[i]], [actions[i]])  # type: ignore[list-item]
+            at = seq % size
+            self._did[at], self._sid[at], self._action[at] = dids[i], sids[i], actions[i]
 
     def _live(self) -> list[tuple[int, int]]:
         # (slot, sequence) of every remembered directive, oldest first
