@@ -148,8 +148,8 @@ class Engine:
         self.__dict__.update(state)
         if isinstance(self._unacked, OrderedDict):  # a snapshot from before the ring
             sent = SentDirectives(UNACKED_MEMORY)
-            for did, (sid, action) in self._unacked.items():
-                sent.add(int(did.rpartition("-")[2]), [did], [sid], [int(action)])
+            pairs = self._unacked.values()
+            sent.restore(list(self._unacked), [p[0] for p in pairs], [int(p[1]) for p in pairs])
             self._unacked = sent
         self._batch = BatchPath(self)
         # a snapshot written before kernel sets pickled by name holds a copy of

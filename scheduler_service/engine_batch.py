@@ -106,13 +106,9 @@ class BatchPath:
             )  # fmt: skip
         nodes = [-1] * n
         if _WAIT in kinds:
-            agent_v = e.state.sessions.agent_v
-            graphs = e.graphs.graphs
             for i, kind in enumerate(kinds):
-                if kind is _WAIT and slots[i] >= 0:
-                    node = graphs[agent_v[slots[i]]].lookup((_WAIT_KIND, tools[i]))
-                    if node is not None:
-                        nodes[i] = node
+                if kind is _WAIT:
+                    nodes[i] = self._node(tools[i], slots[i])
         return (
             np.fromiter(slots, np.int64, n),
             np.fromiter(kinds, np.int64, n),
@@ -132,11 +128,10 @@ class BatchPath:
         ``columns``): kernel runs, Python for the events it hands back."""
         e = self.engine
         n = len(events)
-        slot_of = e.state.sessions.slot_of
+        ss = e.state.sessions
         e_slot, e_node = cols[0], cols[6]
         params = batch_params(e.config)
         index: _BatchIndex | None = None  # built at the first hand-over
-        ss = e.state.sessions
         sessions = session_arrays(ss)  # until a new session grows the table
         i = 0
         while i < n:
@@ -170,15 +165,15 @@ class BatchPath:
             # graph node: re-resolve the later events that depend on either
             if index is None:
                 index = _BatchIndex(events)
-            s = slot_of.get(ev.session_id, -1)
+            s = ss.slot_of.get(ev.session_id, -1)
             for x in index.later(index.by_session, ev.session_id, j):
                 e_slot[x] = s
                 if events[x].kind is _WAIT:
-                    e_node[x] = self._node(events[x], s)
+                    e_node[x] = self._node(events[x].tool_name, s)
             if ev.kind is _WAIT:
                 for x in index.later(index.waits_by_tool, ev.tool_name, j):
                     if e_node[x] < 0:
-                        e_node[x] = self._node(events[x], int(e_slot[x]))
+                        e_node[x] = self._node(events[x].tool_name, int(e_slot[x]))
             i = j + 1
 
     def fire_timers(self, order: npt.NDArray[np.intp], now: float) -> bool:
@@ -201,13 +196,14 @@ class BatchPath:
 
     # -- columns and arguments ---------------------------------------------------
 
-    def _node(self, ev: SessionEvent, s: int) -> int:
-        """The graph node of a tool wait, or -1 when the graph has yet to create it."""
+    def _node(self, tool_name: str, s: int) -> int:
+        """The graph node of session ``s``'s wait on ``tool_name``, or -1 when the
+        session or the node does not exist yet."""
         if s < 0:
             return -1
         e = self.engine
         graph = e.graphs.graphs[int(e.state.sessions.agent_v[s])]
-        i = graph.lookup((_WAIT_KIND, ev.tool_name))
+        i = graph.lookup((_WAIT_KIND, tool_name))
         return -1 if i is None else i
 
     def _worker_arrays(self) -> tuple[npt.NDArray[Any], ...]:

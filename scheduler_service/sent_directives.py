@@ -125,13 +125,22 @@ class SentDirectives:
 
     __hash__ = None  # type: ignore[assignment]
 
+    def restore(
+        self, dids: Sequence[DirectiveId], sids: Sequence[SessionId], actions: Sequence[int]
+    ) -> None:
+        """Remember directives by id alone, oldest first (a snapshot's, or the map
+        of an engine from before the ring): each id carries its sequence."""
+        for did, sid, action in zip(dids, sids, actions, strict=True):
+            seq = _seq(did)
+            if seq is not None:
+                self.add(seq, [did], [sid], [action])
+
     def __getstate__(self) -> dict[str, object]:
         # only what is remembered: a snapshot does not carry the empty ring
         live = self._live()
         return {
             "capacity": self.capacity,
             "size": self._size,
-            "seq": [seq for _i, seq in live],
             "did": [self._did[i] for i, _ in live],
             "sid": [self._sid[i] for i, _ in live],
             "action": [int(self._action[i]) for i, _ in live],
@@ -141,11 +150,4 @@ class SentDirectives:
         self.capacity = state["capacity"]  # type: ignore[assignment]
         self._size = state["size"]  # type: ignore[assignment]
         self._alloc(self._size)
-        for seq, did, sid, action in zip(
-            state["seq"],
-            state["did"],
-            state["sid"],
-            state["action"],
-            strict=True,  # type: ignore[call-overload]
-        ):
-            self.add(seq, [did], [sid], [action])
+        self.restore(state["did"], state["sid"], state["action"])  # type: ignore[arg-type]
