@@ -441,7 +441,7 @@ class Engine:
         last pass is part of the engine, so of its snapshots). Per completion
         it made the cost of an event grow with the number of sessions.
         """
-        if now - self._live_pass_s < LIVE_SLOWDOWN_EVERY_S:
+        if not self._live_pass_due(now):
             return
         self._live_pass_s = now
         ss = self.state.sessions
@@ -453,6 +453,10 @@ class Engine:
         elapsed = np.bincount(tl, weights=now - ss.started_s[:hw][live], minlength=n)
         ideal = np.bincount(tl, weights=ss.ideal_s[:hw][live], minlength=n)
         self.fair.observe_live(elapsed[:n].tolist(), ideal[:n].tolist())
+
+    def _live_pass_due(self, now: float) -> bool:
+        """Whether a completion at ``now`` runs ``_observe_live_slowdowns``' pass."""
+        return now - self._live_pass_s >= LIVE_SLOWDOWN_EVERY_S
 
     def _session_abort(self, s: int, ev: SessionEvent, now: float) -> None:
         self._finish(s, False, now)
@@ -612,6 +616,8 @@ class Engine:
         self._unacked.add(seq + 1, dids, sids, actions)
 
     def _flush(self) -> Decisions:
+        # the end of a batch or tick: slots its ended sessions freed are reusable
+        self.state.sessions.reuse_freed()
         if not self._out:
             return NO_DECISIONS
         out = Decisions(directives=tuple(self._out))

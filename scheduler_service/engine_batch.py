@@ -4,11 +4,13 @@
 due timers, when the engine runs on the numba kernels and no tenant has a KV
 quota. A batch becomes
 columns (session slot, kind, tokens, worker slot, graph node, hint) in one
-pass; ``apply_events`` applies events in order until one needs the Python path
+pass, and the sessions it starts are made (``BatchPath._make_sessions``);
+``apply_events`` applies events in order until one needs the Python path
 (see the kernel module), the engine applies that one event, and the kernel
 goes on from the next. The directives a kernel records are emitted through
-``Engine._emit`` before the Python path runs, so directive ids and order are
-exactly those of the per-event path, which is this path's reference twin
+``Engine._emit_columns``, and the sessions it ended are recorded and removed,
+before the Python path runs, so directive ids and order are exactly those of
+the per-event path, which is this path's reference twin
 (tests/engine/test_batch_path.py runs both on the same traffic).
 """
 
@@ -42,6 +44,8 @@ _FIELDS = attrgetter(
 )  # fmt: skip
 _WAIT = EventKind.TOOL_CALL_WAIT
 _WAIT_KIND = int(_WAIT)
+_FINISH_KIND = int(EventKind.SESSION_FINISH)
+_ABORT_KIND = int(EventKind.SESSION_ABORT)
 #: Action and reason code → object, for fancy indexing by a kernel's code column
 _ACTIONS = np.array([None, *(Action(a) for a in range(1, max(Action) + 1))], dtype=object)
 _REASONS = np.array(kev.REASONS, dtype=object)
@@ -66,6 +70,7 @@ class BatchPath:
         self._declared: npt.NDArray[np.bool_] | None = None
         # directive buffers, kept between calls and grown when a kernel says so
         self._out = _outputs(256)
+        self._ends = np.empty((256, 3), dtype=np.int64)  # ``X``, at least a batch long
         #: shorter batches take the per-event path (tests lower it to 1)
         self.min_batch = MIN_KERNEL_BATCH
 
@@ -130,7 +135,11 @@ class BatchPath:
         n = len(events)
         ss = e.state.sessions
         e_slot, e_node = cols[0], cols[6]
+        if self._graphs() is not None:
+            self._make_sessions(events, cols, now)
         params = batch_params(e.config)
+        if len(self._ends) < n:
+            self._ends = np.empty((2 * n, 3), dtype=np.int64)
         index: _BatchIndex | None = None  # built at the first hand-over
         sessions = session_arrays(ss)  # until a new session grows the table
         i = 0
@@ -142,18 +151,21 @@ class BatchPath:
                 if ss.tenant is not sessions[0]:
                     sessions = session_arrays(ss)
                 counters = self._counters()
-                j, k, full = apply_events(
+                params[kev.P_LIVE_DUE] = e._live_pass_due(now)
+                j, k, m, why = apply_events(
                     i, float(now), params, e.fair.protection, *cols, *sessions,
                     *self._worker_arrays(), *graphs, *_BUCKETS, *counters, *self._out,
+                    self._ends,
                 )  # fmt: skip
-                self._settle(counters, k)
-                if full:
-                    # NOTE: an event emits one directive plus one per eviction its
-                    # relief orders (at most its worker's residents); the kernel
-                    # stopped before event j rather than overflow the buffers
-                    ws = e.state.workers
-                    most = int(ws.residents[: ws.high_water].max())
-                    self._out = _outputs(2 * (len(self._out[0]) + most))
+                self._settle(counters, k, m, now)
+                if why != kev.STOP:
+                    if why == kev.FULL:
+                        # NOTE: an event emits one directive plus one per eviction
+                        # its relief orders (at most its worker's residents); the
+                        # kernel stopped before event j rather than overflow
+                        ws = e.state.workers
+                        most = int(ws.residents[: ws.high_water].max())
+                        self._out = _outputs(2 * (len(self._out[0]) + most))
                     i = j
                     continue
             if j >= n:
@@ -168,8 +180,11 @@ class BatchPath:
             s = ss.slot_of.get(ev.session_id, -1)
             for x in index.later(index.by_session, ev.session_id, j):
                 e_slot[x] = s
-                if events[x].kind is _WAIT:
+                kind = events[x].kind
+                if kind is _WAIT:
                     e_node[x] = self._node(events[x].tool_name, s)
+                elif kind >= _FINISH_KIND:
+                    s = -1  # it ends there: the Python path starts it anew after
             if ev.kind is _WAIT:
                 for x in index.later(index.waits_by_tool, ev.tool_name, j):
                     if e_node[x] < 0:
@@ -191,8 +206,60 @@ class BatchPath:
             *session_arrays(e.state.sessions), *self._worker_arrays(), *graphs, *_BUCKETS,
             *counters, *self._out,
         )  # fmt: skip
-        self._settle(counters, k)
+        self._settle(counters, k, 0, now)
         return True
+
+    def _make_sessions(
+        self, events: Sequence[SessionEvent], cols: tuple[npt.NDArray[Any], ...], now: float
+    ) -> None:
+        """Make the sessions the batch starts, in order, before the kernel runs, and
+        point events of a session the batch has ended at the Python path.
+
+        # NOTE: exact because a slot freed in a batch is reused only after it
+        # (ClusterState.remove_session), so these get the slots the per-event
+        # path would, and because a session made early is invisible to the
+        # events before it: nothing links it to a worker before its first event,
+        # and fair share's live pass counts it as zero. Making stops at the
+        # first new session the Python path must make itself (an unknown tenant
+        # or agent type, a session started anew after it ended in this batch,
+        # an abort of a session never seen): sessions are made in batch order.
+        """
+        e_slot, e_kind, e_node = cols[0], cols[1], cols[6]
+        slots = e_slot.tolist()
+        kinds = e_kind.tolist()
+        if -1 not in slots and max(kinds) < _FINISH_KIND:
+            return
+        e = self.engine
+        tenants = e.fair.tenants.index
+        agents = e.agents.index
+        made: dict[str, int] = {}
+        ended: set[int] = set()
+        making = True
+        for i, (s, kind) in enumerate(zip(slots, kinds, strict=True)):
+            if s < 0:
+                ev = events[i]
+                s = made.get(ev.session_id, -1)
+                if s < 0:
+                    if not (
+                        making
+                        and kind != _ABORT_KIND
+                        and ev.tenant_id in tenants
+                        and ev.agent_type in agents
+                    ):
+                        making = False
+                        continue
+                    s = e._new_session(ev.session_id, ev.tenant_id, ev.agent_type, now)
+                    made[ev.session_id] = s
+                if s not in ended:
+                    e_slot[i] = s
+                    if kind == _WAIT_KIND:
+                        e_node[i] = self._node(ev.tool_name, s)
+            if s in ended:
+                # it ended earlier in this batch: the Python path starts it anew
+                e_slot[i] = -1
+                making = False
+            elif kind >= _FINISH_KIND:
+                ended.add(s)
 
     # -- columns and arguments ---------------------------------------------------
 
@@ -237,8 +304,9 @@ class BatchPath:
         n = max(len(e.fair.events), len(e.state.tenant_gpu_bytes), len(e.state.tenant_host_bytes))
         return np.zeros((3, n), dtype=np.int64)
 
-    def _settle(self, counters: npt.NDArray[np.int64], k: int) -> None:
-        """Fold the kernel's per-tenant deltas into the lists and emit its directives."""
+    def _settle(self, counters: npt.NDArray[np.int64], k: int, m: int, now: float) -> None:
+        """Fold the kernel's per-tenant deltas into the lists, emit its ``k``
+        directives and finish its ``m`` ended sessions (Engine._finish's rest)."""
         e = self.engine
         for target, delta in zip(
             (e.fair.events, e.state.tenant_gpu_bytes, e.state.tenant_host_bytes),
@@ -248,15 +316,36 @@ class BatchPath:
             for t, d in enumerate(delta):
                 if d:
                     target[t] += d
-        if not k:
+        if not m:
+            self._emit(0, k)
+            return
+        ends = self._ends[:m].tolist()
+        ss = e.state.sessions
+        at = 0
+        for s, before, finished in ends:
+            if finished:
+                # recorded between the directives before and after it: theirs
+                # carry the tenant's priority as it was then
+                self._emit(at, before)
+                at = before
+                e.fair.record_completion(
+                    int(ss.tenant_v[s]), now - float(ss.started_s_v[s]), float(ss.ideal_s_v[s])
+                )
+        self._emit(at, k)
+        for s, _before, _finished in ends:
+            e.state.remove_session(s)
+
+    def _emit(self, start: int, stop: int) -> None:
+        # the recorded directives start..stop, through Engine._emit_columns
+        if stop <= start:
             return
         slots, actions, ttls, withins, reasons = self._out
-        e._emit_columns(
-            slots[:k],
-            _ACTIONS[actions[:k]].tolist(),
-            ttls[:k].tolist(),
-            withins[:k].tolist(),
-            _REASONS[reasons[:k]].tolist(),
+        self.engine._emit_columns(
+            slots[start:stop],
+            _ACTIONS[actions[start:stop]].tolist(),
+            ttls[start:stop].tolist(),
+            withins[start:stop].tolist(),
+            _REASONS[reasons[start:stop]].tolist(),
         )
 
 
@@ -312,7 +401,7 @@ def session_arrays(ss: SessionTable) -> tuple[npt.NDArray[Any], ...]:
         ss.context_tokens, ss.wait_context_tokens, ss.step_index, ss.events, ss.node,
         ss.timer_due_s, ss.timer_kind, ss.last_event_s, ss.wait_started_s, ss.next_use_s,
         ss.lease_expires_s, ss.prefetch_at_s, ss.p_continue, ss.hint_s, ss.price_at_grant,
-        ss.ideal_s, ss.step_started_s, ss.next,
+        ss.ideal_s, ss.step_started_s, ss.next, ss.prev,
     )  # fmt: skip
 
 
@@ -373,6 +462,6 @@ def warm() -> None:
         i64,
         *_outputs(0),
     )
-    apply_events(0, 0.0, params, np.ones(1), *cols, *args)
+    apply_events(0, 0.0, params, np.ones(1), *cols, *args, np.zeros((0, 3), dtype=np.int64))
     fire_timers(np.zeros(0, dtype=np.intp), 0.0, params, np.ones(1), *args)
     _warmed = True

@@ -114,6 +114,7 @@ class _Table(Generic[IdT]):
         self.slot_of: dict[IdT, int] = {}
         self.ids: list[IdT | None] = []
         self._free: list[int] = []
+        self._freed: list[int] = []  # freed by ``remove(later=True)``, not yet reusable
         for name, dtype, fill in self._fields:
             setattr(self, name, np.full(self.capacity, fill, dtype=dtype))
         self._refresh_views()
@@ -133,6 +134,7 @@ class _Table(Generic[IdT]):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_freed", [])  # a snapshot from before deferred reuse
         self._refresh_views()
 
     def __len__(self) -> int:
@@ -158,14 +160,23 @@ class _Table(Generic[IdT]):
         self.slot_of[key] = slot
         return slot
 
-    def remove(self, key: IdT) -> int:
-        """Free ``key``'s slot and reset its fields; returns the slot."""
+    def remove(self, key: IdT, later: bool = False) -> int:
+        """Free ``key``'s slot and reset its fields; returns the slot.
+
+        ``later``: the slot is handed out again only after ``reuse_freed``.
+        """
         slot = self.slot_of.pop(key)
         self.ids[slot] = None
         for name, _dtype, fill in self._fields:
             getattr(self, name)[slot] = fill
-        self._free.append(slot)
+        (self._freed if later else self._free).append(slot)
         return slot
+
+    def reuse_freed(self) -> None:
+        """Make the slots freed with ``remove(later=True)`` available, in the order freed."""
+        if self._freed:
+            self._free.extend(self._freed)
+            self._freed.clear()
 
     def _grow(self) -> None:
         new_cap = self.capacity * 2
@@ -387,13 +398,19 @@ class ClusterState:
         return s
 
     def remove_session(self, s: int) -> None:
-        """Drop session ``s`` (unlinked from its home, its charges with it)."""
+        """Drop session ``s`` (unlinked from its home, its charges with it).
+
+        # NOTE: its slot is handed out again only after ``sessions.reuse_freed()``
+        # (the engine calls it at the end of each batch and tick): a batch's
+        # new sessions then get the slots free when the batch began, whatever
+        # its own events end, so the compiled path can allocate them up front.
+        """
         self.unlink(s)
         ss = self.sessions
         t = int(ss.tenant_v[s])
         if t >= 0:
             self.tenant_sessions[t] -= 1
-        ss.remove(SessionId(ss.ids[s] or ""))
+        ss.remove(SessionId(ss.ids[s] or ""), later=True)
 
     def set_worker_spec(self, w: int, spec: WorkerSpec) -> None:
         """Adopt a worker's declared cache; re-charges its residents if a block's size changed."""

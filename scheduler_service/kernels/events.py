@@ -9,19 +9,32 @@ prefetches and its lease expiries included). They run only while no tenant
 has a KV quota (the engine checks) and, as the engine rescales due graphs at
 the start of every batch and tick, no graph ever rescales its weights inside.
 
-``apply_events`` covers STEP_START, TOOL_CALL_WAIT and TOOL_CALL_END of a
-known session on its home worker. Anything else stops the run *before* that
-event changes anything and the kernel returns its index: a new session, a
-session that moved, STEP_END, SESSION_FINISH / SESSION_ABORT, a tool node the
-graph has not seen, a wait whose size is unknown. The engine applies that
-event in Python and calls the kernel again for the rest of the batch.
+``apply_events`` covers STEP_START, TOOL_CALL_WAIT, TOOL_CALL_END,
+SESSION_FINISH and SESSION_ABORT of a session that exists (the engine makes a
+batch's new sessions before the kernel runs), on its home worker or on the
+first worker it names. Anything else stops the run *before* that event
+changes anything and the kernel returns its index: a session not made yet, a
+move to another worker, STEP_END, a tool node the graph has not seen, a wait
+whose size is unknown, a finish when fair share's pass over live sessions is
+due. The engine applies that event in Python and calls the kernel again for
+the rest of the batch.
+
+A session that ends is released and taken off its home's list here; the
+engine records its completion with fair share and frees its slot when it
+turns the kernel's output into directives (``X`` lists the ends, each with
+the number of directives recorded before it, so a completion is recorded
+between the directives before and after it, as in the per-event path). As
+fair share's eviction protection may change at a completion, the kernel
+returns (``RESUME``) before a step that may run relief after one in the same
+call; the engine records the completion and calls it again from that step.
 
 Inside, state travels in tuples of arrays, in the orders ``engine_batch``
 builds: ``S`` sessions, ``W`` workers, ``G`` graphs (reference times, time
 constants, a typed list of each agent's 2-D arrays and one of its 1-D arrays),
 ``B`` duration buckets, ``T`` per-tenant deltas (events, GPU bytes, host
 bytes), ``D`` the directives recorded (slot, action, TTL, complete-within,
-reason code). The entry points take them flat: numba types a tuple argument
+reason code), ``X`` the sessions ended (rows of slot, directives before it,
+whether it finished). The entry points take them flat: numba types a tuple argument
 in Python at every call (~90 µs for these), an array in C.
 """
 
@@ -41,6 +54,9 @@ from scheduler_service.kernels.sketch import remaining_time
 K_STEP_START = 1
 K_TOOL_CALL_WAIT = 2
 K_TOOL_CALL_END = 3
+K_STEP_END = 4
+K_SESSION_FINISH = 5
+K_SESSION_ABORT = 6
 TIER_NONE = 0
 TIER_GPU = 1
 TIER_HOST = 2
@@ -64,7 +80,20 @@ R_TOOL_RETURNED = 1
 R_PRESSURE = 2
 R_LEASE_EXPIRED = 3
 R_PREFETCH = 4
-REASONS = ("tool_wait", "tool_returned", "pressure", "lease_expired", "prefetch_before_return")
+R_SESSION_FINISH = 5
+R_SESSION_ABORT = 6
+REASONS = (
+    "tool_wait", "tool_returned", "pressure", "lease_expired", "prefetch_before_return",
+    "session_finish", "session_abort",
+)  # fmt: skip
+#: graph node a finished session transitions to (graph.agent_graph.FINISH_NODE)
+FINISH_NODE = 0
+#: why ``apply_events`` stopped before an event: the Python path applies it
+#: (or the batch is done), the directive buffers may be too small for it, or
+#: ends must be recorded before it
+STOP = 0
+FULL = 1
+RESUME = 2
 
 # positions in ``params`` (``engine_batch`` builds it)
 P_KNEE = 0
@@ -87,7 +116,8 @@ P_TOK_LOG_RATIO = 16
 P_DECODE_DRIFT = 17
 P_TOK_N = 18
 P_HIGH_WM = 19
-N_PARAMS = 20
+P_LIVE_DUE = 20  # 1.0: fair share's pass over live sessions is due at a completion
+N_PARAMS = 21
 
 
 @njit(cache=True)
@@ -205,6 +235,56 @@ def _release(s, R):  # type: ignore[no-untyped-def]
     _free_gpu(s, R)
     _drop_host(s, R)
     R[2][s] = TIER_NONE
+
+
+@njit(cache=True)
+def _charge_both(s, w, sign, S, W, T):  # type: ignore[no-untyped-def]
+    # ClusterState._charge: add (1) or remove (-1) s's blocks as held on w
+    t = S[0][s]
+    if t < 0:
+        return
+    bb = sign * W[10][w]
+    T[1][t] += S[5][s] * bb
+    T[2][t] += S[6][s] * bb
+
+
+@njit(cache=True)
+def _unlink(s, S, W, T):  # type: ignore[no-untyped-def]
+    # ClusterState.unlink
+    w = S[2][s]
+    if w == NO_SLOT:
+        return
+    _charge_both(s, w, -1, S, W, T)
+    p = S[25][s]
+    nx = S[24][s]
+    if p != NO_SLOT:
+        S[24][p] = nx
+    else:
+        W[12][w] = nx
+    if nx != NO_SLOT:
+        S[25][nx] = p
+    S[25][s] = NO_SLOT
+    S[24][s] = NO_SLOT
+    S[2][s] = NO_SLOT
+    W[17][w] -= 1
+
+
+@njit(cache=True)
+def _link(s, w, S, W, T):  # type: ignore[no-untyped-def]
+    # ClusterState.link
+    if S[2][s] == w:
+        return
+    if S[2][s] != NO_SLOT:
+        _unlink(s, S, W, T)
+    head = W[12][w]
+    S[25][s] = NO_SLOT
+    S[24][s] = head
+    if head != NO_SLOT:
+        S[25][head] = s
+    W[12][w] = s
+    W[17][w] += 1
+    S[2][s] = w
+    _charge_both(s, w, 1, S, W, T)
 
 
 @njit(cache=True)
@@ -376,15 +456,17 @@ def _fire_timers(order, now, params, protection, S, W, G, B, T, D):  # type: ign
 
 
 @njit(cache=True)
-def _apply_events(start, now, params, E, protection, S, W, G, B, T, D):  # type: ignore[no-untyped-def]
+def _apply_events(start, now, params, E, protection, S, W, G, B, T, D, X):  # type: ignore[no-untyped-def]
     """Apply events ``E[..][start:]`` until one needs the Python path.
 
     ``E`` holds the batch's columns: session slot (-1 unknown), kind, context
     tokens, new tokens, step index, worker slot (``NO_WORKER`` when none is
     named), graph node of a tool wait (-1 unknown), latency hint, last step.
-    Returns (index of the first event not applied, directives written to ``D``,
-    whether it stopped because ``D`` might not hold the next event's directives:
-    one for the event and one per resident of its worker that relief may evict).
+    ``X`` has a row for each event at least. Returns (index of the first event
+    not applied, directives written to ``D``, ends written to ``X``, why it
+    stopped: ``STOP``, ``FULL`` when ``D`` might not hold the next event's
+    directives (one for the event and one per resident of its worker that
+    relief may evict), ``RESUME`` when ends must be recorded first).
     """
     e_slot, e_kind, e_ctx, e_new, e_step, e_worker, e_node, e_hint, e_last = E
     R = _residency(S, W, T)
@@ -399,23 +481,46 @@ def _apply_events(start, now, params, E, protection, S, W, G, B, T, D):  # type:
     n_tok = int(params[P_TOK_N])
     scratch = np.empty(n_dur, dtype=np.float64)
     k = 0
+    ends = 0
+    completed = False  # a completion in this call, not recorded by fair share yet
     n = e_slot.shape[0]
     i = start
     while i < n:
         s = e_slot[i]
         kind = e_kind[i]
-        if s < 0 or kind < K_STEP_START or kind > K_TOOL_CALL_END:
-            return i, k, False
+        if s < 0 or kind < K_STEP_START or kind > K_SESSION_ABORT or kind == K_STEP_END:
+            return i, k, ends, STOP
         w = S[2][s]
-        if e_worker[i] != NO_WORKER and e_worker[i] != w:
-            return i, k, False  # a move: the old copy is released in Python
+        to = e_worker[i]
+        moving = to != NO_WORKER and to != w
+        if moving:
+            if w != NO_SLOT:
+                # a move: any old copy is released in Python, and the directives
+                # recorded so far go to the home they were made for (the engine
+                # reads homes when it turns them into directives)
+                return i, k, ends, STOP
+        else:
+            to = w
         if kind == K_TOOL_CALL_WAIT:
             if e_node[i] < 0:
-                return i, k, False  # a node the graph creates first
-            if w != NO_SLOT and S[3][s] == TIER_GPU and e_ctx[i] <= 0:
-                return i, k, False  # size unknown: the plain-lease path
-        if k + 1 + (W[17][w] if w != NO_SLOT else 0) > D[0].shape[0]:
-            return i, k, True
+                return i, k, ends, STOP  # a node the graph creates first
+            if to != NO_SLOT and S[3][s] == TIER_GPU and e_ctx[i] <= 0:
+                return i, k, ends, STOP  # size unknown: the plain-lease path
+        elif kind == K_SESSION_FINISH and params[P_LIVE_DUE] != 0.0:
+            return i, k, ends, STOP  # the pass reads every session: Python runs it
+        elif kind == K_STEP_START and completed and to != NO_SLOT:
+            # relief would rank victims with eviction protection from before a
+            # completion: stop if this step may run it (its blocks booked)
+            used = W[2][to]
+            if not W[11][to]:
+                blocks = e_ctx[i] + e_new[i]
+                blocks = -(-blocks // W[8][to]) if blocks > 0 else 0
+                used += blocks - S[5][s]
+            short, _need = _blocks_short(W[0][to], used, W[5][to], W[8][to], params)
+            if short:
+                return i, k, ends, RESUME
+        if k + 1 + (W[17][to] if to != NO_SLOT else 0) > D[0].shape[0]:
+            return i, k, ends, FULL
         a = S[1][s]
         gw = _weight(G, a, now)
         ctx_ev = e_ctx[i]
@@ -426,6 +531,12 @@ def _apply_events(start, now, params, E, protection, S, W, G, B, T, D):  # type:
         if e_step[i] > S[9][s]:
             S[9][s] = e_step[i]
         S[14][s] = now
+        if moving:
+            # Engine._move_home of a session with no home yet
+            S[17][s] = 0.0
+            S[12][s] = NO_TIMER
+            _link(s, to, S, W, T)
+            w = to
         duration = G[2][3 * a]
         node = S[11][s]
         if kind == K_STEP_START:
@@ -543,7 +654,7 @@ def _apply_events(start, now, params, E, protection, S, W, G, B, T, D):  # type:
                     k = _emit(D, k, s, A_RELEASE, 0.0, 0.0, R_TOOL_WAIT)
             elif w != NO_SLOT and S[3][s] == TIER_HOST:
                 _plan_prefetch(s, w, p_cont, early_rem, now, 0.0, params, P)
-        else:  # K_TOOL_CALL_END
+        elif kind == K_TOOL_CALL_END:
             if S[4][s] == STATE_TOOL_WAIT and node != NO_SLOT:
                 waited = now - S[15][s]
                 b = _bucket(waited, params[P_DUR_LO], params[P_DUR_LOG_RATIO], n_dur)
@@ -567,8 +678,26 @@ def _apply_events(start, now, params, E, protection, S, W, G, B, T, D):  # type:
                 S[16][s] = now
                 k = _prefetch(s, now, R_TOOL_RETURNED, params, scratch, S, W, G, B, T, D, k)
             S[18][s] = 0.0
+        else:  # K_SESSION_FINISH, K_SESSION_ABORT: Engine._finish
+            finished = kind == K_SESSION_FINISH
+            if node != NO_SLOT:
+                G[2][3 * a + 2][node, FINISH_NODE] += gw
+                if S[15][s] >= 0.0:
+                    g_1d[4 * a + 3][node] += gw
+            X[ends, 0] = s
+            X[ends, 1] = k
+            X[ends, 2] = finished
+            ends += 1
+            completed = completed or finished
+            if w != NO_SLOT and S[3][s] != TIER_NONE:
+                _release(s, R)
+                k = _emit(
+                    D, k, s, A_RELEASE, 0.0, 0.0, R_SESSION_FINISH if finished else R_SESSION_ABORT
+                )
+            # NOTE: the engine unlinks it and frees its slot after the directive
+            # (sent to its home) is made; a released session is no victim meanwhile
         i += 1
-    return i, k, False
+    return i, k, ends, STOP
 
 
 @njit(cache=True)
@@ -576,18 +705,18 @@ def apply_events(  # type: ignore[no-untyped-def]
     start, now, params, protection,
     e0, e1, e2, e3, e4, e5, e6, e7, e8,
     s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15, s16, s17, s18,
-    s19, s20, s21, s22, s23, s24,
+    s19, s20, s21, s22, s23, s24, s25,
     w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15, w16, w17,
-    g0, g1, g2, g3, b0, b1, b2, t0, t1, t2, d0, d1, d2, d3, d4,
+    g0, g1, g2, g3, b0, b1, b2, t0, t1, t2, d0, d1, d2, d3, d4, x,
 ):  # fmt: skip
     """Apply a batch's events from ``start`` (see ``_apply_events``); flat arguments:
-    the 9 event columns, then ``S``, ``W``, ``G``, ``B``, ``T``, ``D`` unpacked."""
+    the 9 event columns, then ``S``, ``W``, ``G``, ``B``, ``T``, ``D`` unpacked, ``X``."""
     return _apply_events(
         start, now, params, (e0, e1, e2, e3, e4, e5, e6, e7, e8), protection,
         (s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15, s16, s17, s18,
-         s19, s20, s21, s22, s23, s24),
+         s19, s20, s21, s22, s23, s24, s25),
         (w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15, w16, w17),
-        (g0, g1, g2, g3), (b0, b1, b2), (t0, t1, t2), (d0, d1, d2, d3, d4),
+        (g0, g1, g2, g3), (b0, b1, b2), (t0, t1, t2), (d0, d1, d2, d3, d4), x,
     )  # fmt: skip
 
 
@@ -595,7 +724,7 @@ def apply_events(  # type: ignore[no-untyped-def]
 def fire_timers(  # type: ignore[no-untyped-def]
     order, now, params, protection,
     s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15, s16, s17, s18,
-    s19, s20, s21, s22, s23, s24,
+    s19, s20, s21, s22, s23, s24, s25,
     w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15, w16, w17,
     g0, g1, g2, g3, b0, b1, b2, t0, t1, t2, d0, d1, d2, d3, d4,
 ):  # fmt: skip
@@ -604,7 +733,7 @@ def fire_timers(  # type: ignore[no-untyped-def]
     return _fire_timers(
         order, now, params, protection,
         (s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15, s16, s17, s18,
-         s19, s20, s21, s22, s23, s24),
+         s19, s20, s21, s22, s23, s24, s25),
         (w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15, w16, w17),
         (g0, g1, g2, g3), (b0, b1, b2), (t0, t1, t2), (d0, d1, d2, d3, d4),
     )  # fmt: skip

@@ -91,6 +91,12 @@ def _assert_same(a: Engine, b: Engine) -> None:
     assert a.state.tenant_gpu_bytes == b.state.tenant_gpu_bytes
     assert a.state.tenant_host_bytes == b.state.tenant_host_bytes
     assert a.fair.events == b.fair.events
+    for name in ("slowdown", "completed", "correction", "integral", "live_slowdown", "priority"):
+        assert getattr(a.fair, name) == getattr(b.fair, name), f"fair.{name}"
+    assert np.array_equal(a.fair.protection, b.fair.protection)
+    assert a.state.tenant_sessions == b.state.tenant_sessions
+    assert a.state.sessions._free == b.state.sessions._free
+    assert a.state.sessions.ids == b.state.sessions.ids
     assert a._unacked == b._unacked
     for slot, ga in a.graphs.graphs.items():
         gb = b.graphs.graphs[slot]
@@ -213,11 +219,28 @@ def test_the_kernel_applies_a_steady_mix_without_the_python_path(
         assert ss.state[s] == STATE_TOOL_WAIT and ss.tier[s] == TIER_GPU
         assert ss.gpu_blocks[s] == -(-1_900 // 16)
         assert ss.lease_expires_s[s] > 2.0 and ss.timer_due_s[s] == ss.lease_expires_s[s]
-    # a new session goes through Python, the rest of its batch through the kernel
-    e.handle_batch([_ev(9, K.STEP_START, 500), _ev(0, K.TOOL_CALL_END, 2_000)], 3.0)
+    # a new session is made before the kernel runs, which applies its first
+    # step on the worker it names; an ending session is released by the kernel
+    d = e.handle_batch(
+        [_ev(9, K.STEP_START, 500), _ev(0, K.TOOL_CALL_END, 2_000), _ev(1, K.SESSION_FINISH, 0)],
+        3.0,
+    )
+    # (the first completion runs fair share's pass over live sessions: Python)
     assert python_path == [1]
     s0 = ss.slot_of[SessionId("s0")]
     assert ss.state[s0] == STATE_RUNNING and ss.timer_due_s[s0] == NO_TIMER
+    s9 = ss.slot_of[SessionId("s9")]
+    assert ss.home[s9] == 2 and ss.gpu_blocks[s9] == -(-500 // 16)
+    assert SessionId("s1") not in ss.slot_of and e.fair.completed == [1]
+    s2 = ss.slot_of[SessionId("s2")]
+    d = e.handle_batch([_ev(2, K.SESSION_FINISH, 0), _ev(3, K.SESSION_ABORT, 0)], 3.5)
+    assert python_path == [1]
+    assert [(x.session_id, x.action.name, x.reason) for x in d.directives] == [
+        ("s2", "RELEASE", "session_finish"),
+        ("s3", "RELEASE", "session_abort"),
+    ]
+    assert e.fair.completed == [2] and len(ss) == 2
+    assert e.state.residents_of(2) == [s9, s0] and ss.tenant[s2] == NO_SLOT
 
 
 def _twins(monkeypatch: pytest.MonkeyPatch) -> tuple[Engine, Engine, list[int]]:
