@@ -570,18 +570,20 @@ class Engine:
             )
         )
         self.directives_total += 1
-        self._unacked.add(self._directive_seq, [did], [sid], [action])
+        self._unacked.add(epoch, self._directive_seq, [sid], [action])
 
     def _emit_columns(
         self,
         slots: npt.NDArray[np.int64],
         actions: Sequence[Action],
+        codes: npt.NDArray[np.int64],
         ttls: Sequence[float],
         withins: Sequence[float],
         reasons: Sequence[str],
     ) -> None:
         """Record one directive per row, in order, each to its session's home: what
-        ``_emit`` does row by row, built column by column."""
+        ``_emit`` does row by row, built column by column (``codes``: the actions'
+        values)."""
         n = len(slots)
         ss = self.state.sessions
         epoch = self.leader_epoch
@@ -613,7 +615,7 @@ class Engine:
             )
         )
         self.directives_total += n
-        self._unacked.add(seq + 1, dids, sids, actions)
+        self._unacked.add(epoch, seq + 1, sids, codes)
 
     def _flush(self) -> Decisions:
         # the end of a batch or tick: slots its ended sessions freed are reusable

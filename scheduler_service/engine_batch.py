@@ -340,9 +340,11 @@ class BatchPath:
         if stop <= start:
             return
         slots, actions, ttls, withins, reasons = self._out
+        codes = actions[start:stop]
         self.engine._emit_columns(
             slots[start:stop],
-            _ACTIONS[actions[start:stop]].tolist(),
+            _ACTIONS[codes].tolist(),
+            codes,
             ttls[start:stop].tolist(),
             withins[start:stop].tolist(),
             _REASONS[reasons[start:stop]].tolist(),

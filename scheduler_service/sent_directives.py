@@ -13,21 +13,41 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+import numpy.typing as npt
+
 from scheduler_service.domain import Action, DirectiveId, SessionId
 
+_EMPTY = -1
+_MAX = (1 << 63) - 1
 
-def _seq(directive_id: str) -> int | None:
-    # the sequence of an id of this engine's form (d<epoch>-<seq>), else None
-    _head, dash, seq = directive_id.rpartition("-")
-    return int(seq) if dash and seq.isdigit() else None
+
+def parse_directive_id(directive_id: str) -> tuple[int, int] | None:
+    """(epoch, sequence) of an id of the engine's form ``d<epoch>-<sequence>``, else None."""
+    head, dash, tail = directive_id.rpartition("-")
+    digits = head[1:]
+    if not (
+        dash
+        and head[:1] == "d"
+        and digits.isascii()
+        and digits.isdigit()
+        and tail.isascii()
+        and tail.isdigit()
+    ):
+        return None
+    epoch, seq = int(digits), int(tail)
+    if epoch > _MAX or seq > _MAX or f"d{epoch}-{seq}" != directive_id:
+        return None  # out of range, or not as the engine writes it (a leading zero)
+    return epoch, seq
 
 
 class SentDirectives:
     """Session and action of each recent directive until it is acked.
 
-    # NOTE: plain lists, written by slices: a batch's directives go in with
-    # three C-level slice assignments (numpy's per-call cost is as much as
-    # the work at a few dozen directives a batch).
+    # NOTE: the sequence, epoch and action of each entry are numpy columns,
+    # written by slice a batch at a time; the id itself is not kept (it is
+    # its epoch and sequence). A ring of id strings freed one old string per
+    # directive sent once full, which cost more than the rest of the entry.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -36,29 +56,33 @@ class SentDirectives:
         self._alloc(self._size)
 
     def _alloc(self, size: int) -> None:
-        self._did: list[DirectiveId | None] = [None] * size
+        self._seq: npt.NDArray[np.int64] = np.full(size, _EMPTY, dtype=np.int64)
+        self._epoch: npt.NDArray[np.int64] = np.zeros(size, dtype=np.int64)
+        self._action: npt.NDArray[np.int8] = np.zeros(size, dtype=np.int8)
         self._sid: list[SessionId | None] = [None] * size
-        self._action: list[int] = [0] * size
 
     def add(
         self,
+        epoch: int,
         first_seq: int,
-        dids: Sequence[DirectiveId],
         sids: Sequence[SessionId],
-        actions: Sequence[int],
+        actions: Sequence[int] | npt.NDArray[np.integer],
     ) -> None:
-        """Remember directives ``dids``, of sequences ``first_seq``, ``first_seq + 1``, …"""
-        n = len(dids)
+        """Remember directives of ``epoch`` with sequences ``first_seq``, ``first_seq + 1``, …"""
+        n = len(sids)
         if n == 1:  # the per-event path's case
             i = first_seq % self._size
-            while self._did[i] is not None and self._size < self.capacity:
+            while self._seq[i] != _EMPTY and self._size < self.capacity:
                 self._grow(2 * self._size)
                 i = first_seq % self._size
-            self._did[i], self._sid[i], self._action[i] = dids[0], sids[0], actions[0]
+            self._seq[i] = first_seq
+            self._epoch[i] = epoch
+            self._action[i] = actions[0]
+            self._sid[i] = sids[0]
             return
         if n > self.capacity:  # only the newest fit
             skip = n - self.capacity
-            dids, sids, actions = dids[skip:], sids[skip:], actions[skip:]
+            sids, actions = sids[skip:], actions[skip:]
             first_seq, n = first_seq + skip, n - skip
         # grow (up to capacity) rather than overwrite a directive still unacked
         while self._size < self.capacity and (n > self._size or self._taken(first_seq, n)):
@@ -66,59 +90,72 @@ class SentDirectives:
         size = self._size
         start = first_seq % size
         end = start + n
+        seqs = np.arange(first_seq, first_seq + n, dtype=np.int64)
         if end <= size:
-            self._did[start:end] = dids
-            self._sid[start:end] = sids
+            self._seq[start:end] = seqs
+            self._epoch[start:end] = epoch
             self._action[start:end] = actions
+            self._sid[start:end] = sids
         else:
             cut = size - start
-            self._did[start:], self._did[: end - size] = dids[:cut], dids[cut:]
-            self._sid[start:], self._sid[: end - size] = sids[:cut], sids[cut:]
-            self._action[start:], self._action[: end - size] = actions[:cut], actions[cut:]
+            rest = end - size
+            self._seq[start:], self._seq[:rest] = seqs[:cut], seqs[cut:]
+            self._epoch[start:] = epoch
+            self._epoch[:rest] = epoch
+            self._action[start:], self._action[:rest] = actions[:cut], actions[cut:]
+            self._sid[start:], self._sid[:rest] = sids[:cut], sids[cut:]
 
     def _taken(self, first_seq: int, n: int) -> bool:
         # whether any of the n slots from first_seq holds a directive still unacked
         start = first_seq % self._size
         end = start + n
         if end <= self._size:
-            return self._did[start:end].count(None) != n
-        return (self._did[start:].count(None) + self._did[: end - self._size].count(None)) != n
+            return bool((self._seq[start:end] != _EMPTY).any())
+        return bool(
+            (self._seq[start:] != _EMPTY).any() or (self._seq[: end - self._size] != _EMPTY).any()
+        )
 
     def _grow(self, size: int) -> None:
-        dids, sids, actions = self._did, self._sid, self._action
         live = self._live()
+        seqs, epochs, actions = self._seq[live], self._epoch[live], self._action[live]
+        sids = [self._sid[i] for i in live.tolist()]
         self._size = min(size, self.capacity)
         self._alloc(self._size)
-        size = self._size
-        for i, seq in live:
-            at = seq % size
-            self._did[at], self._sid[at], self._action[at] = dids[i], sids[i], actions[i]
+        at = seqs % self._size
+        self._seq[at], self._epoch[at], self._action[at] = seqs, epochs, actions
+        for i, sid in zip(at.tolist(), sids, strict=True):
+            self._sid[i] = sid
 
-    def _live(self) -> list[tuple[int, int]]:
-        # (slot, sequence) of every remembered directive, oldest first
-        live = [(i, _seq(d)) for i, d in enumerate(self._did) if d is not None]
-        return sorted(live, key=lambda x: x[1])  # type: ignore[arg-type]
+    def _live(self) -> npt.NDArray[np.intp]:
+        # slots of every remembered directive, oldest first
+        live = np.flatnonzero(self._seq != _EMPTY)
+        return live[np.argsort(self._seq[live], kind="stable")]
 
     def pop(self, directive_id: DirectiveId) -> tuple[SessionId, Action] | None:
         """The session and action of an unacked directive, now forgotten; None for an
         id never sent, already acked, forgotten, or not of this engine's form."""
-        seq = _seq(directive_id)
-        if seq is None:
+        parsed = parse_directive_id(directive_id)
+        if parsed is None:
             return None
+        epoch, seq = parsed
         i = seq % self._size
-        if self._did[i] != directive_id:
+        if self._seq[i] != seq or self._epoch[i] != epoch:
             return None
-        self._did[i] = None
+        self._seq[i] = _EMPTY
         sid = self._sid[i]
         self._sid[i] = None
-        return sid, Action(self._action[i])  # type: ignore[return-value]
+        return sid, Action(int(self._action[i]))  # type: ignore[return-value]
 
     def ids(self) -> list[DirectiveId]:
         """The ids still remembered, oldest first."""
-        return [self._did[i] for i, _seq in self._live()]  # type: ignore[misc]
+        live = self._live()
+        return [
+            DirectiveId(f"d{e}-{s}")
+            for e, s in zip(self._epoch[live].tolist(), self._seq[live].tolist(), strict=True)
+        ]
 
     def __len__(self) -> int:
-        return self._size - self._did.count(None)
+        return int(np.count_nonzero(self._seq != _EMPTY))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, SentDirectives) and self.__getstate__() == other.__getstate__()
@@ -129,11 +166,11 @@ class SentDirectives:
         self, dids: Sequence[DirectiveId], sids: Sequence[SessionId], actions: Sequence[int]
     ) -> None:
         """Remember directives by id alone, oldest first (a snapshot's, or the map
-        of an engine from before the ring): each id carries its sequence."""
+        of an engine from before the ring): each id carries its epoch and sequence."""
         for did, sid, action in zip(dids, sids, actions, strict=True):
-            seq = _seq(did)
-            if seq is not None:
-                self.add(seq, [did], [sid], [action])
+            parsed = parse_directive_id(did)
+            if parsed is not None:
+                self.add(parsed[0], parsed[1], [sid], [int(action)])
 
     def __getstate__(self) -> dict[str, object]:
         # only what is remembered: a snapshot does not carry the empty ring
@@ -141,9 +178,9 @@ class SentDirectives:
         return {
             "capacity": self.capacity,
             "size": self._size,
-            "did": [self._did[i] for i, _ in live],
-            "sid": [self._sid[i] for i, _ in live],
-            "action": [int(self._action[i]) for i, _ in live],
+            "did": self.ids(),
+            "sid": [self._sid[i] for i in live.tolist()],
+            "action": self._action[live].tolist(),
         }
 
     def __setstate__(self, state: dict[str, object]) -> None:

@@ -19,12 +19,13 @@ def _d(epoch: int, seq: int) -> DirectiveId:
 
 def test_an_ack_finds_its_directive_once() -> None:
     sent = SentDirectives(1 << 10)
-    sent.add(1, [_d(2, 1), _d(2, 2)], [SessionId("a"), SessionId("b")], [1, 2])
-    sent.add(3, [_d(2, 3)], [SessionId("c")], [Action.RELEASE])
+    sent.add(2, 1, [SessionId("a"), SessionId("b")], [1, 2])
+    sent.add(2, 3, [SessionId("c")], [Action.RELEASE])
     assert sent.pop(_d(2, 2)) == ("b", Action.OFFLOAD_HOST)
     assert sent.pop(_d(2, 2)) is None  # acked twice: the second finds nothing
     assert sent.pop(_d(1, 1)) is None  # another leader's directive of the same sequence
-    for bad in ("", "d", "x2-1", "d2-", "d-1", "d2-1-1", "d2-x", "2-1", "d2--1"):
+    for bad in ("", "d", "x2-1", "d2-", "d-1", "d2-1-1", "d2-x", "2-1", "d2--1", "d02-1",
+                "d2-01", "d2-\u0661", f"d2-{1 << 64}"):
         assert sent.pop(DirectiveId(bad)) is None, bad
     assert sent.ids() == ["d2-1", "d2-3"]
     assert len(sent) == 2
@@ -33,13 +34,11 @@ def test_an_ack_finds_its_directive_once() -> None:
 def test_it_grows_rather_than_forget_an_unacked_directive_and_is_bounded() -> None:
     sent = SentDirectives(4096)
     for seq in range(1, 3001):
-        sent.add(seq, [_d(1, seq)], [SessionId(f"s{seq}")], [Action.RETAIN_GPU])
+        sent.add(1, seq, [SessionId(f"s{seq}")], [Action.RETAIN_GPU])
     assert len(sent) == 3000  # past its first 1,024 slots: grown, nothing lost
     assert sent.pop(_d(1, 1)) == ("s1", Action.RETAIN_GPU)
     sids = [SessionId(f"t{i}") for i in range(2000)]
-    sent.add(
-        3001, [_d(1, 3001 + i) for i in range(2000)], sids, [Action.RELEASE] * 2000
-    )  # a batch that wraps the ring
+    sent.add(1, 3001, sids, [Action.RELEASE] * 2000)  # a batch that wraps the ring
     assert len(sent) == 4096  # at capacity: the oldest are forgotten
     assert sent.ids()[0] == "d1-905" and sent.ids()[-1] == "d1-5000"
     assert sent.pop(_d(1, 904)) is None
@@ -69,7 +68,7 @@ def test_it_answers_as_an_ordered_map_of_the_last_sequences_would(
         if op == "add":
             sids = [SessionId(f"s{seq + i}") for i in range(x)]
             actions = [Action(1 + (seq + i) % 5) for i in range(x)]
-            sent.add(seq + 1, [_d(3, seq + 1 + i) for i in range(x)], sids, actions)
+            sent.add(3, seq + 1, sids, actions)
             for i in range(x):
                 model[f"d3-{seq + 1 + i}"] = (sids[i], actions[i])
             seq += x
