@@ -11,7 +11,7 @@ from __future__ import annotations
 from numba import njit
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def prefill_s(tokens: float, prefill_tokens_per_s: float, knee_tokens: float) -> float:
     """Prefill seconds: the linear term plus the quadratic attention term."""
     linear = tokens / prefill_tokens_per_s

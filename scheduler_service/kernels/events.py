@@ -120,7 +120,7 @@ P_LIVE_DUE = 20  # 1.0: fair share's pass over live sessions is due at a complet
 N_PARAMS = 21
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _bucket(value: float, lo: float, log_ratio: float, n: int) -> int:
     # LogBuckets.index
     if value < lo:
@@ -129,13 +129,13 @@ def _bucket(value: float, lo: float, log_ratio: float, n: int) -> int:
     return i if i < n else n - 1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _weight(G, a, now):  # type: ignore[no-untyped-def]
     # AgentGraph._weight (no rescale is due: the engine rescales before each call)
     return math.exp((now - G[0][a]) / G[1][a])
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _predict(hist, c, f, upper, mids, units, params, scratch, waited, hint, last, gw):  # type: ignore[no-untyped-def]
     """Retention.predict over a node's duration sketch ``hist`` and its outcome
     weights ``c`` (continued) and ``f`` (finished); ``gw`` is the graph's weight
@@ -154,7 +154,7 @@ def _predict(hist, c, f, upper, mids, units, params, scratch, waited, hint, last
     return exp_rem, early_rem, p_cont
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _predict_session(s, now, waited, params, scratch, S, G, B):  # type: ignore[no-untyped-def]
     # Retention.predict for a waiting session (its node, hint and last-step mark)
     a = S[1][s]
@@ -166,14 +166,14 @@ def _predict_session(s, now, waited, params, scratch, S, G, B):  # type: ignore[
     )  # fmt: skip
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _charge(t_bytes: np.ndarray, t: int, w: int, delta_blocks: int, w_bb: np.ndarray) -> None:
     # ClusterState._charge_gpu / _charge_host
     if t >= 0 and w != NO_SLOT:
         t_bytes[t] += delta_blocks * w_bb[w]
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _drop_host(s, R):  # type: ignore[no-untyped-def]
     # ClusterState._drop_host
     n = R[4][s]
@@ -185,7 +185,7 @@ def _drop_host(s, R):  # type: ignore[no-untyped-def]
         R[6][w] = left if left > 0 else 0
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _set_gpu_blocks(s, blocks, R):  # type: ignore[no-untyped-def]
     # ClusterState.set_gpu_blocks
     w = R[1][s]
@@ -200,7 +200,7 @@ def _set_gpu_blocks(s, blocks, R):  # type: ignore[no-untyped-def]
             R[5][w] += delta
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _free_gpu(s, R):  # type: ignore[no-untyped-def]
     # ClusterState.free_gpu
     n = R[3][s]
@@ -217,7 +217,7 @@ def _free_gpu(s, R):  # type: ignore[no-untyped-def]
     return n
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _to_host(s, R):  # type: ignore[no-untyped-def]
     # ClusterState.to_host
     n = _free_gpu(s, R)
@@ -229,7 +229,7 @@ def _to_host(s, R):  # type: ignore[no-untyped-def]
         R[6][w] += n
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _release(s, R):  # type: ignore[no-untyped-def]
     # ClusterState.release
     _free_gpu(s, R)
@@ -237,7 +237,7 @@ def _release(s, R):  # type: ignore[no-untyped-def]
     R[2][s] = TIER_NONE
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _charge_both(s, w, sign, S, W, T):  # type: ignore[no-untyped-def]
     # ClusterState._charge: add (1) or remove (-1) s's blocks as held on w
     t = S[0][s]
@@ -248,7 +248,7 @@ def _charge_both(s, w, sign, S, W, T):  # type: ignore[no-untyped-def]
     T[2][t] += S[6][s] * bb
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _unlink(s, S, W, T):  # type: ignore[no-untyped-def]
     # ClusterState.unlink
     w = S[2][s]
@@ -269,7 +269,7 @@ def _unlink(s, S, W, T):  # type: ignore[no-untyped-def]
     W[17][w] -= 1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _link(s, w, S, W, T):  # type: ignore[no-untyped-def]
     # ClusterState.link
     if S[2][s] == w:
@@ -287,14 +287,14 @@ def _link(s, w, S, W, T):  # type: ignore[no-untyped-def]
     _charge_both(s, w, 1, S, W, T)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _transfer_s(blocks, w, L):  # type: ignore[no-untyped-def]
     # Retention.transfer_s over L = (block size, bytes per token, host link)
     nbytes = blocks * L[0][w] * L[1][w]
     return nbytes / L[2][w]
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _residency(S, W, T):  # type: ignore[no-untyped-def]
     """The arrays ClusterState's block accounting touches (``R``), out of S, W, T.
 
@@ -305,13 +305,13 @@ def _residency(S, W, T):  # type: ignore[no-untyped-def]
     return (S[0], S[2], S[3], S[5], S[6], W[2], W[3], W[4], W[11], W[10], T[1], T[2])
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _plan_arrays(S, W):  # type: ignore[no-untyped-def]
     # the arrays _plan_prefetch touches (``P``)
     return (S[6], S[12], S[13], S[18], W[8], W[9], W[7])
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _emit(D, k, s, action, ttl_s, within_s, reason):  # type: ignore[no-untyped-def]
     D[0][k] = s
     D[1][k] = action
@@ -321,7 +321,7 @@ def _emit(D, k, s, action, ttl_s, within_s, reason):  # type: ignore[no-untyped-
     return k + 1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _plan_prefetch(s, w, p_cont, early_rem, now, offload_s, params, P):  # type: ignore[no-untyped-def]
     # Retention.plan_prefetch; P = (host blocks, timer due, timer kind, prefetch at,
     # block size, bytes per token, host link)
@@ -368,7 +368,7 @@ def _evict(s, w, now, reason, otherwise, params, scratch, S, W, G, B, T, D, k): 
     return k
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _blocks_short(cap, used, queued_tokens, block_tokens, params):  # type: ignore[no-untyped-def]
     """Retention.relieve's test: (whether a worker is short of free blocks, how
     many blocks relief frees to get back up)."""

@@ -24,7 +24,7 @@ RELEASE = 4
 _INF = 1e300
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def retention_choice(
     blocks: int,
     capacity_blocks: int,

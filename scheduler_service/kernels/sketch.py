@@ -15,7 +15,7 @@ from numba import njit
 # bit for bit, and reassociated sums would not.
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def remaining_time(
     hist: np.ndarray,
     upper_edges: np.ndarray,
