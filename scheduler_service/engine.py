@@ -112,6 +112,9 @@ class Engine:
         self._unacked = SentDirectives(UNACKED_MEMORY)
         self.events_total = 0
         self._live_pass_s = -math.inf
+        # no live session that the silent-session scan could expire had its
+        # last event before this (-inf: scan at the next tick)
+        self._quiet_since_s = -math.inf
         self.placements_total = 0
         self.directives_total = 0
         self.acks: dict[DirectiveOutcome, int] = dict.fromkeys(DirectiveOutcome, 0)
@@ -146,6 +149,7 @@ class Engine:
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_quiet_since_s", -math.inf)  # a snapshot from before it
         if isinstance(self._unacked, OrderedDict):  # a snapshot from before the ring
             sent = SentDirectives(UNACKED_MEMORY)
             pairs = self._unacked.values()
@@ -248,6 +252,8 @@ class Engine:
         elif not checked:
             check_events(self.state, self.fair.tenants.names, events)
         self.events_total += len(events)
+        if now < self._quiet_since_s:
+            self._quiet_since_s = now  # these events' sessions: last event now
         self.graphs.rescale_due(now)
         if cols is not None:
             batch.run(events, cols, now)
@@ -531,16 +537,24 @@ class Engine:
     def _expire_silent_sessions(self, now: float) -> None:
         # NOTE: a client that dies mid-task never sends SESSION_ABORT; without
         # this its session (and any KV it holds) would stay forever.
+        #
+        # The scan reads every session; it runs only once the oldest last event
+        # it could expire is ``ttl`` old. A running session it leaves alone
+        # leaves the bound: only an event can end its step, and that event
+        # becomes its last (handle_batch lowers the bound for events older
+        # than it, should time go back).
         ttl = self.config.session_idle_ttl_s
         ss = self.state.sessions
-        if ttl <= 0 or not len(ss):
+        if ttl <= 0 or not len(ss) or now - ttl < self._quiet_since_s:
             return
         hw = ss.high_water
-        silent = (ss.last_event_s[:hw] < now - ttl) & (ss.tenant[:hw] != NO_SLOT)
-        for s in np.flatnonzero(silent).tolist():
-            if ss.state_v[s] == STATE_RUNNING:
-                continue  # a step may be long; the worker's own events end it
+        last = ss.last_event_s[:hw]
+        silent = (last < now - ttl) & (ss.tenant[:hw] != NO_SLOT)
+        running = ss.state[:hw] == STATE_RUNNING
+        for s in np.flatnonzero(silent & ~running).tolist():
             self._finish(s, False, now, "session_expired")
+        watched = (ss.tenant[:hw] != NO_SLOT) & ~(silent & running)
+        self._quiet_since_s = float(last[watched].min()) if watched.any() else math.inf
 
     def _set_timer(self, s: int, due: float, kind: int) -> None:
         ss = self.state.sessions

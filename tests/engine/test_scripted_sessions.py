@@ -374,6 +374,19 @@ def test_a_silent_session_expires_and_its_kv_is_released(script: Any) -> None:
     assert sc.engine.session_view(SessionId("quiet"), 602.1) is None
     assert sc.engine.session_view(SessionId("busy"), 602.1) is not None
     assert sc.engine.stats(602.1).tenants[0].completed_sessions == 0
+    # once its step ends, the long-running one expires a TTL after its last event
+    sc.event(700.0, "busy", K.STEP_END, 1_600)
+    assert sc.tick(1_299.9) == []
+    assert brief(sc.tick(1_300.1)) == [("RELEASE", "busy", "session_expired")]
+    # an event stamped earlier than those before it (a clock stepped back) is
+    # still its session's last: the scan is not skipped past it
+    sc.event(1_400.0, "late", K.STEP_START, 1_600)
+    sc.event(1_400.0, "late", K.STEP_END, 1_600)
+    assert sc.tick(1_500.0) == []
+    sc.event(100.0, "early", K.STEP_START, 1_600)
+    sc.event(100.0, "early", K.STEP_END, 1_600)
+    assert brief(sc.tick(1_500.0)) == [("RELEASE", "early", "session_expired")]
+    assert brief(sc.tick(2_000.1)) == [("RELEASE", "late", "session_expired")]
 
 
 def test_a_returned_tool_leases_the_kv_until_the_queued_step_is_likely_admitted(
