@@ -594,10 +594,12 @@ class Engine:
         ttls: Sequence[float],
         withins: Sequence[float],
         reasons: Sequence[str],
+        priorities: Sequence[int] | None = None,
     ) -> None:
         """Record one directive per row, in order, each to its session's home: what
         ``_emit`` does row by row, built column by column (``codes``: the actions'
-        values)."""
+        values; ``priorities``: the rows' directive priorities, when not their
+        tenants' now)."""
         n = len(slots)
         ss = self.state.sessions
         epoch = self.leader_epoch
@@ -608,7 +610,11 @@ class Engine:
         sids: list[SessionId] = list(map(ss.ids.__getitem__, slots.tolist()))  # type: ignore[arg-type]
         wids = self.state.workers.ids
         # a live session's tenant always has a slot in FairShare.priority
-        prio = list(map(self.fair.priority.__getitem__, ss.tenant[slots].tolist()))
+        prio = (
+            list(map(self.fair.priority.__getitem__, ss.tenant[slots].tolist()))
+            if priorities is None
+            else priorities
+        )
         # NOTE: the tuples are built by C loops (map/zip), not one call per row:
         # a row costs ~0.5 µs this way, ~2.5 µs through RetentionDirective(...)
         self._out.extend(

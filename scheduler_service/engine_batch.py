@@ -67,6 +67,10 @@ class BatchPath:
         self.engine = engine
         self._graph_sig: tuple[tuple[int, int], ...] = ()
         self._graph_args: tuple[Any, ...] = ()
+        # (agent slot, tool name) -> the node of a wait on it. NOTE: a graph
+        # never renumbers or drops a node, so what was found stays right for as
+        # long as the engine keeps that graph
+        self._nodes: dict[tuple[int, str], int] = {}
         self._declared: npt.NDArray[np.bool_] | None = None
         # directive buffers, kept between calls and grown when a kernel says so
         self._out = _outputs(256)
@@ -269,9 +273,17 @@ class BatchPath:
         if s < 0:
             return -1
         e = self.engine
-        graph = e.graphs.graphs[int(e.state.sessions.agent_v[s])]
-        i = graph.lookup((_WAIT_KIND, tool_name))
-        return -1 if i is None else i
+        a = int(e.state.sessions.agent_v[s])
+        i = self._nodes.get((a, tool_name))
+        if i is None:
+            graph = e.graphs.graphs[a]
+            key = (_WAIT_KIND, tool_name)
+            i = graph.lookup(key)
+            if i is None:
+                return -1
+            if key in graph.index:  # its own node (not the shared one of a full graph):
+                self._nodes[a, tool_name] = i  # bounded by the graphs' nodes
+        return i
 
     def _worker_arrays(self) -> tuple[npt.NDArray[Any], ...]:
         ws = self.engine.state.workers
@@ -292,6 +304,7 @@ class BatchPath:
         sig = tuple((id(g), g.version) for g in graphs.values())
         if sig != self._graph_sig:
             self._graph_sig = sig
+            self._nodes.clear()
             dense = bool(graphs) and sorted(graphs) == list(range(len(graphs)))
             self._graph_args = (
                 graph_arrays([graphs[a] for a in range(len(graphs))]) if dense else ()
@@ -317,37 +330,42 @@ class BatchPath:
                 if d:
                     target[t] += d
         if not m:
-            self._emit(0, k)
+            self._emit(k)
             return
         ends = self._ends[:m].tolist()
         ss = e.state.sessions
+        # a completion is recorded between the directives before and after it:
+        # each carries its tenant's priority as it was when it was made
+        priority = e.fair.priority
+        tenants = ss.tenant[self._out[0][:k]].tolist()
+        prio: list[int] = []
         at = 0
         for s, before, finished in ends:
             if finished:
-                # recorded between the directives before and after it: theirs
-                # carry the tenant's priority as it was then
-                self._emit(at, before)
+                prio += map(priority.__getitem__, tenants[at:before])
                 at = before
                 e.fair.record_completion(
                     int(ss.tenant_v[s]), now - float(ss.started_s_v[s]), float(ss.ideal_s_v[s])
                 )
-        self._emit(at, k)
+        prio += map(priority.__getitem__, tenants[at:k])
+        self._emit(k, prio)
         for s, _before, _finished in ends:
             e.state.remove_session(s)
 
-    def _emit(self, start: int, stop: int) -> None:
-        # the recorded directives start..stop, through Engine._emit_columns
-        if stop <= start:
+    def _emit(self, k: int, priorities: list[int] | None = None) -> None:
+        # the k recorded directives, through Engine._emit_columns
+        if not k:
             return
         slots, actions, ttls, withins, reasons = self._out
-        codes = actions[start:stop]
+        codes = actions[:k]
         self.engine._emit_columns(
-            slots[start:stop],
+            slots[:k],
             _ACTIONS[codes].tolist(),
             codes,
-            ttls[start:stop].tolist(),
-            withins[start:stop].tolist(),
-            _REASONS[reasons[start:stop]].tolist(),
+            ttls[:k].tolist(),
+            withins[:k].tolist(),
+            _REASONS[reasons[:k]].tolist(),
+            priorities,
         )
 
 

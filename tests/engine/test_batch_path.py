@@ -352,6 +352,31 @@ def test_a_tool_returning_as_its_lease_ends_is_held_until_its_step(
     assert python_path == []
 
 
+def test_a_full_graph_shares_one_node_and_the_node_cache_stays_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from scheduler_service.graph.agent_graph import MAX_NODES
+
+    a, b, python_path = _twins(monkeypatch)
+    _both(a, b, 0.0, _ev(1, K.STEP_START, 1_000), _ev(2, K.STEP_START, 1_000))
+    for i in range(MAX_NODES + 100):  # tool names past the graph's cap
+        now = 1.0 + i
+        _both(
+            a, b, now, _ev(1, K.TOOL_CALL_WAIT, 1_000, tool_name=f"tool{i}"),
+            _ev(2, K.TOOL_CALL_WAIT, 1_000, tool_name=f"tool{i}"),
+            _ev(1, K.TOOL_CALL_END, 1_000), _ev(2, K.TOOL_CALL_END, 1_000),
+            _ev(1, K.STEP_START, 1_000), _ev(2, K.STEP_START, 1_000),
+        )  # fmt: skip
+    graph = a.graphs.graphs[0]
+    assert len(graph.keys) == MAX_NODES
+    assert graph.keys[0] == (0, "finish") and graph.keys[-1] == (2, "*other*")
+    # Python made the first two sessions (no graph yet) and each node: a first
+    # wait on a tool, then the shared node of the tools past the cap; the
+    # second wait on a tool, and every later one, was the kernel's
+    assert python_path == [1] * (2 + MAX_NODES - 1)
+    assert len(a._batch._nodes) <= MAX_NODES
+
+
 def test_graphs_made_on_a_wall_clock_let_the_kernel_run(monkeypatch: pytest.MonkeyPatch) -> None:
     """A server's clock reads ~1.7e9 s: a graph must not start out due to rescale."""
     a, b, python_path = _twins(monkeypatch)
