@@ -126,11 +126,17 @@ class _Table(Generic[IdT]):
         # kernels take the numpy arrays. Views are rebuilt whenever arrays grow.
         for name, _dtype, _fill in self._fields:
             setattr(self, f"{name}_v", memoryview(getattr(self, name)))
+        # each field's view and default, for ``remove``
+        self._resets = [(getattr(self, f"{n}_v"), fill) for n, _d, fill in self._fields]
 
     def __getstate__(self) -> dict[str, Any]:
         # memoryviews do not pickle: a snapshot carries the arrays, and the
         # views are rebuilt over the restored arrays on load
-        return {k: v for k, v in self.__dict__.items() if not isinstance(v, memoryview)}
+        return {
+            k: v
+            for k, v in self.__dict__.items()
+            if not isinstance(v, memoryview) and k != "_resets"
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -167,8 +173,8 @@ class _Table(Generic[IdT]):
         """
         slot = self.slot_of.pop(key)
         self.ids[slot] = None
-        for name, _dtype, fill in self._fields:
-            getattr(self, name)[slot] = fill
+        for view, fill in self._resets:
+            view[slot] = fill
         (self._freed if later else self._free).append(slot)
         return slot
 
