@@ -62,6 +62,8 @@ INTEGRAL_LEAK = 0.02
 MIN_CORRECTION, MAX_CORRECTION = 0.25, 4.0
 #: Stretch before anything has completed.
 INITIAL_STRETCH = 2.0
+_INTEGRAL_KEEP = 1.0 - INTEGRAL_LEAK
+_HALF_PRIORITY = MAX_PRIORITY / 2
 
 
 class FairShare:
@@ -169,28 +171,42 @@ class FairShare:
         """The tenant's smoothed slowdown (0 before any completion)."""
         return self.slowdown[t] if self.completed[t] else 0.0
 
-    def _mean_weighted(self) -> float:
-        active = [x * w for x, w in zip(self.effective, self.weight, strict=True) if x > 0.0]
-        return sum(active) / len(active) if active else 0.0
-
     def _refresh(self) -> None:
         # Weighted slowdown relative to the mean over tenants with work done or in flight.
-        self.effective = [self.effective_slowdown(i) for i in range(len(self.weight))]
-        mean = self._mean_weighted()
+        # NOTE: runs at every completion; lists bound to locals, and
+        # effective_slowdown and the weighted mean written out (same arithmetic)
+        weight = self.weight
+        slowdown, completed, live = self.slowdown, self.completed, self.live_slowdown
+        self.effective = effective = [
+            max(slowdown[t] if completed[t] else 0.0, live[t]) for t in range(len(weight))
+        ]
+        active = [x * w for x, w in zip(effective, weight, strict=True) if x > 0.0]
+        if not active:
+            return
+        mean = sum(active) / len(active)
         if mean <= 0.0:
             return
-        for i, x in enumerate(self.effective):
+        integrals, corrections = self.integral, self.correction
+        protection, priority = self.protection, self.priority
+        for i, x in enumerate(effective):
             if x <= 0.0:
                 continue  # nothing done or in flight yet
             # a heavier tenant is owed more: the same slowdown hurts it more
-            ratio = x * self.weight[i] / mean
+            ratio = x * weight[i] / mean
             # above the mean: tighter deadlines; below: looser ones. NOTE: the
             # integral moves once per refresh (per completion), so a replay of
             # the same completions computes the same corrections.
-            integral = self.integral[i] ** (1.0 - INTEGRAL_LEAK) * ratio**-INTEGRAL_GAIN
-            self.integral[i] = min(MAX_CORRECTION, max(MIN_CORRECTION, integral))
-            correction = ratio**-CORRECTION_GAIN * self.integral[i]
-            self.correction[i] = min(MAX_CORRECTION, max(MIN_CORRECTION, correction))
-            rel = min(MAX_PROTECTION, max(MIN_PROTECTION, ratio))
-            self.protection[i] = rel
-            self.priority[i] = max(0, min(MAX_PRIORITY, round(MAX_PRIORITY / 2 * rel)))
+            # NOTE: each clamp is min(hi, max(lo, v)) as the builtins evaluate it
+            # (NaN included), without their calls
+            v = integrals[i] ** _INTEGRAL_KEEP * ratio**-INTEGRAL_GAIN
+            v = v if v > MIN_CORRECTION else MIN_CORRECTION
+            integrals[i] = integral = v if v < MAX_CORRECTION else MAX_CORRECTION
+            v = ratio**-CORRECTION_GAIN * integral
+            v = v if v > MIN_CORRECTION else MIN_CORRECTION
+            corrections[i] = v if v < MAX_CORRECTION else MAX_CORRECTION
+            v = ratio if ratio > MIN_PROTECTION else MIN_PROTECTION
+            rel = v if v < MAX_PROTECTION else MAX_PROTECTION
+            protection[i] = rel
+            p = round(_HALF_PRIORITY * rel)
+            p = p if p < MAX_PRIORITY else MAX_PRIORITY
+            priority[i] = p if p > 0 else 0

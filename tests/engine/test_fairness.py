@@ -154,3 +154,60 @@ def test_the_engine_measures_in_flight_slowdown_at_each_completion(script: Any) 
     # no completion of its own, yet its deadlines are the tighter
     assert f.mean_slowdown(slow) == 0.0 and f.completed[slow] == 0
     assert f.stretch(slow) < f.stretch(fast)
+
+
+def _refresh_as_written(f: FairShare) -> None:
+    # the refresh's arithmetic in its plainest form: FairShare._refresh must match it
+    # bit for bit
+    from scheduler_service.fairness import (
+        MAX_PROTECTION,
+        MIN_CORRECTION,
+        MIN_PROTECTION,
+    )
+
+    f.effective = [f.effective_slowdown(i) for i in range(len(f.weight))]
+    active = [x * w for x, w in zip(f.effective, f.weight, strict=True) if x > 0.0]
+    mean = sum(active) / len(active) if active else 0.0
+    if mean <= 0.0:
+        return
+    for i, x in enumerate(f.effective):
+        if x <= 0.0:
+            continue
+        ratio = x * f.weight[i] / mean
+        integral = f.integral[i] ** (1.0 - INTEGRAL_LEAK) * ratio**-INTEGRAL_GAIN
+        f.integral[i] = min(MAX_CORRECTION, max(MIN_CORRECTION, integral))
+        correction = ratio**-CORRECTION_GAIN * f.integral[i]
+        f.correction[i] = min(MAX_CORRECTION, max(MIN_CORRECTION, correction))
+        rel = min(MAX_PROTECTION, max(MIN_PROTECTION, ratio))
+        f.protection[i] = rel
+        f.priority[i] = max(0, min(MAX_PRIORITY, round(MAX_PRIORITY / 2 * rel)))
+
+
+_slow = st.floats(1.0, 1e6, allow_nan=False)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(0.01, 100.0),  # weight
+            _slow,  # mean slowdown of completed tasks
+            st.integers(0, 3),  # completed
+            st.one_of(st.just(0.0), _slow),  # live slowdown
+            st.floats(0.25, 4.0),  # integral so far
+        ),
+        min_size=1,
+        max_size=20,
+    )
+)
+def test_a_refresh_computes_what_its_formulas_say(tenants: list[tuple[Any, ...]]) -> None:
+    fast, plain = FairShare(), FairShare()
+    for f in (fast, plain):
+        for i, (w, slow, done, live, integral) in enumerate(tenants):
+            t = f.slot(TenantId(f"t{i}"))
+            f.weight[t], f.slowdown[t], f.completed[t] = w, slow, done
+            f.live_slowdown[t], f.integral[t] = live, integral
+    fast._refresh()
+    _refresh_as_written(plain)
+    for name in ("effective", "integral", "correction", "priority"):
+        assert getattr(fast, name) == getattr(plain, name), name
+    assert fast.protection.tolist() == plain.protection.tolist()
