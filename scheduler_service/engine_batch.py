@@ -139,7 +139,8 @@ class BatchPath:
         n = len(events)
         ss = e.state.sessions
         e_slot, e_node = cols[0], cols[6]
-        if self._graphs() is not None:
+        graphs = self._graphs()  # again after the Python path ran: it may add nodes
+        if graphs is not None:
             self._make_sessions(events, cols, now)
         params = batch_params(e.config)
         if len(self._ends) < n:
@@ -148,7 +149,6 @@ class BatchPath:
         sessions = session_arrays(ss)  # until a new session grows the table
         i = 0
         while i < n:
-            graphs = self._graphs()
             if graphs is None:
                 j = i  # no graph yet: this event (a new session) goes to Python
             else:
@@ -177,6 +177,7 @@ class BatchPath:
             # the kernel handed back event j: the Python path applies it
             ev = events[j]
             e._apply_events((ev,), now)
+            graphs = self._graphs()
             # it may have created or ended its session, or (a tool wait) made a
             # graph node: re-resolve the later events that depend on either
             if index is None:
@@ -390,7 +391,7 @@ class _BatchIndex:
 def batch_params(c: EngineConfig) -> npt.NDArray[np.float64]:
     """The engine's knobs in the order the kernels read them (``kev.P_*``)."""
     p = c.graph_prior
-    out = np.empty(kev.N_PARAMS, dtype=np.float64)
+    out = [0.0] * kev.N_PARAMS  # NOTE: a list, then one array: ~2x faster than numpy writes
     out[kev.P_KNEE] = c.knee_tokens
     out[kev.P_MIN_TTL] = c.min_lease_ttl_s
     out[kev.P_MAX_TTL] = c.max_lease_ttl_s
@@ -411,7 +412,7 @@ def batch_params(c: EngineConfig) -> npt.NDArray[np.float64]:
     out[kev.P_TOK_LOG_RATIO] = TOKEN_BUCKETS._log_ratio
     out[kev.P_DECODE_DRIFT] = DECODE_FLOOR_DRIFT
     out[kev.P_TOK_N] = TOKEN_BUCKETS.n
-    return out
+    return np.array(out, dtype=np.float64)
 
 
 def session_arrays(ss: SessionTable) -> tuple[npt.NDArray[Any], ...]:
