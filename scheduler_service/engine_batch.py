@@ -107,11 +107,13 @@ class BatchPath:
         )
         slots = list(map(e.state.sessions.slot_of.get, sids, repeat(-1)))
         workers = list(map(e.state.workers.slot_of.get, wids, repeat(kev.NO_WORKER)))
+        slot_col = np.fromiter(slots, np.int64, n)
+        kind_col = np.fromiter(kinds, np.int64, n)
         if check:
             t = e.fair.tenants
             check_columns(
                 e.state, t.names, t.index, events, (sids, tids, wids, ctx, new, step, hints),
-                slots, kinds, workers,
+                slot_col, kind_col, workers,
             )  # fmt: skip
         nodes = [-1] * n
         if _WAIT in kinds:
@@ -119,8 +121,8 @@ class BatchPath:
                 if kind is _WAIT:
                     nodes[i] = self._node(tools[i], slots[i])
         return (
-            np.fromiter(slots, np.int64, n),
-            np.fromiter(kinds, np.int64, n),
+            slot_col,
+            kind_col,
             np.fromiter(ctx, np.int64, n),
             np.fromiter(new, np.int64, n),
             np.fromiter(step, np.int64, n),

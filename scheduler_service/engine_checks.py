@@ -16,6 +16,7 @@ from itertools import repeat
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from scheduler_service.domain import EventKind, Rejected, SessionEvent, SessionId, TenantId
 from scheduler_service.kernels.events import NO_WORKER
@@ -23,6 +24,7 @@ from scheduler_service.state import ClusterState
 
 _OPENERS = (EventKind.STEP_START, EventKind.SESSION_ABORT)
 _ENDERS = (EventKind.SESSION_FINISH, EventKind.SESSION_ABORT)
+_FIRST_ENDER = min(_ENDERS)
 
 
 def check_events(
@@ -80,18 +82,20 @@ def check_columns(
     tenant_index: Mapping[TenantId, int],
     events: Sequence[SessionEvent],
     fields: tuple[Sequence[Any], ...],
-    slots: Sequence[int],
-    kinds: Sequence[EventKind],
+    slots: npt.NDArray[np.int64],
+    kinds: npt.NDArray[np.int64],
     workers: Sequence[int],
 ) -> None:
     """``check_events`` over ``events`` given as columns; raises what it raises.
 
     ``fields``: the events' session ids, tenant ids, worker ids, context
     tokens, new tokens, step indexes and latency hints; ``slots``: their
-    sessions' slots (-1 unknown); ``workers``: their workers' slots
-    (``NO_WORKER`` for an empty or unknown id).
+    sessions' slots (-1 unknown); ``kinds``: their kinds' values;
+    ``workers``: their workers' slots (``NO_WORKER`` for an empty or
+    unknown id).
     """
     sids, tids, wids, ctx, new, step, hints = fields
+    n = len(events)
     # NOTE: sum() is inf or NaN when a hint is (or when finite ones overflow:
     # then check_events decides)
     bad = (
@@ -107,25 +111,26 @@ def check_columns(
     )
     # Session existence needs the walk in order only for the sessions the batch
     # starts or ends; every other event's session exists and keeps its tenant.
-    plain = range(len(events))
-    if not bad and (-1 in slots or max(kinds) >= EventKind.SESSION_FINISH):
-        walk = {
-            sid
-            for sid, s, k in zip(sids, slots, kinds, strict=True)
-            if s < 0 or k >= EventKind.SESSION_FINISH
-        }
-        on_walk = list(map(walk.__contains__, sids))
-        try:
-            check_events(
-                state, tenant_names, [ev for ev, w in zip(events, on_walk, strict=True) if w]
-            )
-        except Rejected:
-            bad = True
-        plain = [i for i, w in enumerate(on_walk) if not w]  # type: ignore[assignment]
-    if not bad and plain:
-        at = np.fromiter(plain, np.int64, len(plain))
-        owner = state.sessions.tenant[np.fromiter(slots, np.int64, len(slots))[at]]
-        given = np.fromiter(map(tenant_index.get, tids, repeat(-1)), np.int64, len(tids))
-        bad = bool((owner != given[at]).any())
+    plain: npt.NDArray[np.bool_] | None = None  # None: every event
+    if not bad:
+        walk_at = np.flatnonzero((slots < 0) | (kinds >= _FIRST_ENDER))
+        if walk_at.size:
+            walk = set(map(sids.__getitem__, walk_at.tolist()))
+            on_walk = np.fromiter(map(walk.__contains__, sids), np.bool_, n)
+            try:
+                check_events(
+                    state,
+                    tenant_names,
+                    list(map(events.__getitem__, np.flatnonzero(on_walk).tolist())),
+                )
+            except Rejected:
+                bad = True
+            plain = ~on_walk
+    if not bad:
+        # NOTE: a slot of -1 reads the last element; only plain events count
+        owner = state.sessions.tenant[slots]
+        given = np.fromiter(map(tenant_index.get, tids, repeat(-1)), np.int64, n)
+        wrong = owner != given
+        bad = bool((wrong if plain is None else wrong & plain).any())
     if bad:
         check_events(state, tenant_names, events)  # raises, naming the first bad field
