@@ -605,7 +605,7 @@ class Engine:
         epoch = self.leader_epoch
         seq = self._directive_seq
         prefix = f"d{epoch}-"
-        dids: list[DirectiveId] = list(map(prefix.__add__, map(str, range(seq + 1, seq + n + 1))))  # type: ignore[arg-type]
+        dids: list[DirectiveId] = [f"{prefix}{i}" for i in range(seq + 1, seq + n + 1)]  # type: ignore[misc]
         self._directive_seq = seq + n
         sids: list[SessionId] = list(map(ss.ids.__getitem__, slots.tolist()))  # type: ignore[arg-type]
         wids = self.state.workers.ids
