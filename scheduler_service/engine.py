@@ -590,16 +590,14 @@ class Engine:
         self,
         slots: npt.NDArray[np.int64],
         actions: Sequence[Action],
-        codes: npt.NDArray[np.int64],
         ttls: Sequence[float],
         withins: Sequence[float],
         reasons: Sequence[str],
         priorities: Sequence[int] | None = None,
     ) -> None:
         """Record one directive per row, in order, each to its session's home: what
-        ``_emit`` does row by row, built column by column (``codes``: the actions'
-        values; ``priorities``: the rows' directive priorities, when not their
-        tenants' now)."""
+        ``_emit`` does row by row, built column by column (``priorities``: the
+        rows' directive priorities, when not their tenants' now)."""
         n = len(slots)
         ss = self.state.sessions
         epoch = self.leader_epoch
@@ -635,7 +633,7 @@ class Engine:
             )
         )
         self.directives_total += n
-        self._unacked.add(epoch, seq + 1, sids, codes)
+        self._unacked.add(epoch, seq + 1, sids, actions)
 
     def _flush(self) -> Decisions:
         # the end of a batch or tick: slots its ended sessions freed are reusable

@@ -360,11 +360,9 @@ class BatchPath:
         if not k:
             return
         slots, actions, ttls, withins, reasons = self._out
-        codes = actions[:k]
         self.engine._emit_columns(
             slots[:k],
-            _ACTIONS[codes].tolist(),
-            codes,
+            _ACTIONS[actions[:k]].tolist(),
             ttls[:k].tolist(),
             withins[:k].tolist(),
             _REASONS[reasons[:k]].tolist(),

@@ -13,12 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-import numpy.typing as npt
-
 from scheduler_service.domain import Action, DirectiveId, SessionId
 
-_EMPTY = -1
 _MAX = (1 << 63) - 1
 
 
@@ -44,92 +40,110 @@ def parse_directive_id(directive_id: str) -> tuple[int, int] | None:
 class SentDirectives:
     """Session and action of each recent directive until it is acked.
 
-    # NOTE: the sequence, epoch and action of each entry are numpy columns,
+    # NOTE: sequence ``q`` lives in slot ``q % size``, and sequences only grow,
+    # so a slot's sequence is implied: the newest one of its residue up to the
+    # last added. Entries are three plain lists (session, action, epoch),
     # written by slice a batch at a time; the id itself is not kept (it is
     # its epoch and sequence). A ring of id strings freed one old string per
-    # directive sent once full, which cost more than the rest of the entry.
+    # directive once full, which cost more than the rest of the entry, and
+    # numpy columns cost ~1 us per slice written, as much as the work.
     """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._size = min(1024, capacity)  # grows by doubling up to capacity
+        self._last = -1  # the newest sequence added
         self._alloc(self._size)
 
     def _alloc(self, size: int) -> None:
-        self._seq: npt.NDArray[np.int64] = np.full(size, _EMPTY, dtype=np.int64)
-        self._epoch: npt.NDArray[np.int64] = np.zeros(size, dtype=np.int64)
-        self._action: npt.NDArray[np.int8] = np.zeros(size, dtype=np.int8)
         self._sid: list[SessionId | None] = [None] * size
+        self._action: list[int] = [0] * size
+        self._epoch: list[int] = [0] * size
+
+    def _seq_at(self, i: int) -> int:
+        # the sequence slot i holds (when it holds one)
+        return self._last - (self._last - i) % self._size
 
     def add(
         self,
         epoch: int,
         first_seq: int,
         sids: Sequence[SessionId],
-        actions: Sequence[int] | npt.NDArray[np.integer],
+        actions: Sequence[int],
     ) -> None:
-        """Remember directives of ``epoch`` with sequences ``first_seq``, ``first_seq + 1``, …"""
+        """Remember directives of ``epoch`` with sequences ``first_seq``, ``first_seq + 1``, …
+
+        Sequences must grow: ``first_seq`` is past every sequence added before.
+        Sequences skipped (an engine restored from a snapshot goes on from its
+        own count) are remembered as acked.
+        """
+        if first_seq <= self._last:
+            raise ValueError(f"sequence {first_seq} is not past {self._last}")
         n = len(sids)
-        if n == 1:  # the per-event path's case
-            i = first_seq % self._size
-            while self._seq[i] != _EMPTY and self._size < self.capacity:
-                self._grow(2 * self._size)
-                i = first_seq % self._size
-            self._seq[i] = first_seq
-            self._epoch[i] = epoch
-            self._action[i] = actions[0]
-            self._sid[i] = sids[0]
-            return
         if n > self.capacity:  # only the newest fit
             skip = n - self.capacity
             sids, actions = sids[skip:], actions[skip:]
             first_seq, n = first_seq + skip, n - skip
+        lo = first_seq if self._last < 0 else self._last + 1
+        span = first_seq + n - lo  # the slots this add writes or empties
         # grow (up to capacity) rather than overwrite a directive still unacked
-        while self._size < self.capacity and (n > self._size or self._taken(first_seq, n)):
+        while self._size < self.capacity and (
+            span > self._size or self._taken(lo, min(span, self._size))
+        ):
             self._grow(2 * self._size)
         size = self._size
+        if lo < first_seq:
+            self._clear(lo, min(first_seq - lo, size))
         start = first_seq % size
+        if n == 1:  # the per-event path's case
+            self._sid[start], self._action[start], self._epoch[start] = sids[0], actions[0], epoch
+            self._last = first_seq
+            return
         end = start + n
-        seqs = np.arange(first_seq, first_seq + n, dtype=np.int64)
+        epochs = [epoch] * n
         if end <= size:
-            self._seq[start:end] = seqs
-            self._epoch[start:end] = epoch
-            self._action[start:end] = actions
             self._sid[start:end] = sids
+            self._action[start:end] = actions
+            self._epoch[start:end] = epochs
         else:
             cut = size - start
             rest = end - size
-            self._seq[start:], self._seq[:rest] = seqs[:cut], seqs[cut:]
-            self._epoch[start:] = epoch
-            self._epoch[:rest] = epoch
-            self._action[start:], self._action[:rest] = actions[:cut], actions[cut:]
             self._sid[start:], self._sid[:rest] = sids[:cut], sids[cut:]
+            self._action[start:], self._action[:rest] = actions[:cut], actions[cut:]
+            self._epoch[start:], self._epoch[:rest] = epochs[:cut], epochs[cut:]
+        self._last = first_seq + n - 1
+
+    def _clear(self, first_seq: int, n: int) -> None:
+        # empty the n slots from first_seq's (n <= size)
+        start = first_seq % self._size
+        end = start + n
+        if end <= self._size:
+            self._sid[start:end] = [None] * n
+        else:
+            self._sid[start:] = [None] * (self._size - start)
+            self._sid[: end - self._size] = [None] * (end - self._size)
 
     def _taken(self, first_seq: int, n: int) -> bool:
         # whether any of the n slots from first_seq holds a directive still unacked
         start = first_seq % self._size
         end = start + n
         if end <= self._size:
-            return bool((self._seq[start:end] != _EMPTY).any())
-        return bool(
-            (self._seq[start:] != _EMPTY).any() or (self._seq[: end - self._size] != _EMPTY).any()
-        )
+            return self._sid[start:end].count(None) != n
+        return (self._sid[start:].count(None) + self._sid[: end - self._size].count(None)) != n
 
     def _grow(self, size: int) -> None:
         live = self._live()
-        seqs, epochs, actions = self._seq[live], self._epoch[live], self._action[live]
-        sids = [self._sid[i] for i in live.tolist()]
+        sids, actions, epochs = self._sid, self._action, self._epoch
         self._size = min(size, self.capacity)
         self._alloc(self._size)
-        at = seqs % self._size
-        self._seq[at], self._epoch[at], self._action[at] = seqs, epochs, actions
-        for i, sid in zip(at.tolist(), sids, strict=True):
-            self._sid[i] = sid
+        for seq, i in live:
+            at = seq % self._size
+            self._sid[at], self._action[at], self._epoch[at] = sids[i], actions[i], epochs[i]
 
-    def _live(self) -> npt.NDArray[np.intp]:
-        # slots of every remembered directive, oldest first
-        live = np.flatnonzero(self._seq != _EMPTY)
-        return live[np.argsort(self._seq[live], kind="stable")]
+    def _live(self) -> list[tuple[int, int]]:
+        # (sequence, slot) of every remembered directive, oldest first
+        seq_at = self._seq_at
+        return sorted((seq_at(i), i) for i, sid in enumerate(self._sid) if sid is not None)
 
     def pop(self, directive_id: DirectiveId) -> tuple[SessionId, Action] | None:
         """The session and action of an unacked directive, now forgotten; None for an
@@ -139,23 +153,18 @@ class SentDirectives:
             return None
         epoch, seq = parsed
         i = seq % self._size
-        if self._seq[i] != seq or self._epoch[i] != epoch:
-            return None
-        self._seq[i] = _EMPTY
         sid = self._sid[i]
+        if sid is None or self._seq_at(i) != seq or self._epoch[i] != epoch:
+            return None
         self._sid[i] = None
-        return sid, Action(int(self._action[i]))  # type: ignore[return-value]
+        return sid, Action(self._action[i])
 
     def ids(self) -> list[DirectiveId]:
         """The ids still remembered, oldest first."""
-        live = self._live()
-        return [
-            DirectiveId(f"d{e}-{s}")
-            for e, s in zip(self._epoch[live].tolist(), self._seq[live].tolist(), strict=True)
-        ]
+        return [DirectiveId(f"d{self._epoch[i]}-{seq}") for seq, i in self._live()]
 
     def __len__(self) -> int:
-        return int(np.count_nonzero(self._seq != _EMPTY))
+        return self._size - self._sid.count(None)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, SentDirectives) and self.__getstate__() == other.__getstate__()
@@ -169,7 +178,7 @@ class SentDirectives:
         of an engine from before the ring): each id carries its epoch and sequence."""
         for did, sid, action in zip(dids, sids, actions, strict=True):
             parsed = parse_directive_id(did)
-            if parsed is not None:
+            if parsed is not None and parsed[1] > self._last:
                 self.add(parsed[0], parsed[1], [sid], [int(action)])
 
     def __getstate__(self) -> dict[str, object]:
@@ -178,13 +187,14 @@ class SentDirectives:
         return {
             "capacity": self.capacity,
             "size": self._size,
-            "did": self.ids(),
-            "sid": [self._sid[i] for i in live.tolist()],
-            "action": self._action[live].tolist(),
+            "did": [f"d{self._epoch[i]}-{seq}" for seq, i in live],
+            "sid": [self._sid[i] for _seq, i in live],
+            "action": [int(self._action[i]) for _seq, i in live],
         }
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.capacity = state["capacity"]  # type: ignore[assignment]
         self._size = state["size"]  # type: ignore[assignment]
+        self._last = -1
         self._alloc(self._size)
         self.restore(state["did"], state["sid"], state["action"])  # type: ignore[arg-type]

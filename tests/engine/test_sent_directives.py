@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 from collections import OrderedDict
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -49,23 +50,27 @@ def test_it_grows_rather_than_forget_an_unacked_directive_and_is_bounded() -> No
 @given(
     ops=st.lists(
         st.one_of(
-            st.tuples(st.just("add"), st.integers(1, 40)),
-            st.tuples(st.just("ack"), st.integers(0, 400)),
+            st.tuples(st.just("add"), st.integers(1, 40), st.just(0)),
+            # sequences skipped: an engine restored from a snapshot goes on
+            # from its own count
+            st.tuples(st.just("add"), st.integers(1, 40), st.integers(1, 3000)),
+            st.tuples(st.just("ack"), st.integers(0, 400), st.just(0)),
         ),
         max_size=60,
     ),
     capacity=st.sampled_from([8, 64, 2048]),
 )
 def test_it_answers_as_an_ordered_map_of_the_last_sequences_would(
-    ops: list[tuple[str, int]], capacity: int
+    ops: list[tuple[str, int, int]], capacity: int
 ) -> None:
     # the model: id -> (session, action) of every directive among the last
     # ``capacity`` sequences sent, minus those acked
     sent = SentDirectives(capacity)
     model: OrderedDict[str, tuple[str, Action]] = OrderedDict()
     seq = 0
-    for op, x in ops:
+    for op, x, gap in ops:
         if op == "add":
+            seq += gap
             sids = [SessionId(f"s{seq + i}") for i in range(x)]
             actions = [Action(1 + (seq + i) % 5) for i in range(x)]
             sent.add(3, seq + 1, sids, actions)
@@ -75,7 +80,7 @@ def test_it_answers_as_an_ordered_map_of_the_last_sequences_would(
             for did in [d for d in model if int(d.partition("-")[2]) <= seq - capacity]:
                 del model[did]
         else:
-            did = _d(3, x)
+            did = _d(3, x if x <= 200 else seq - (x - 200))  # an old one, or a recent one
             assert sent.pop(did) == model.pop(did, None)
         assert sent.ids() == list(model)
     restored = pickle.loads(pickle.dumps(sent))
@@ -92,3 +97,18 @@ def test_a_snapshot_from_before_the_ring_is_read() -> None:
     old.__setstate__(state)
     assert old._unacked.ids() == ["d1-7", "d1-9"]
     assert old._unacked.pop(_d(1, 9)) == ("b", Action.RELEASE)
+
+
+def test_sequences_only_grow_and_a_skipped_one_is_not_found() -> None:
+    sent = SentDirectives(8)
+    sent.add(1, 1, [SessionId("a"), SessionId("b"), SessionId("c")], [1, 2, 3])
+    with pytest.raises(ValueError):
+        sent.add(1, 3, [SessionId("x")], [1])
+    assert sent.pop(_d(1, 2)) == ("b", Action.OFFLOAD_HOST)
+    restored = pickle.loads(pickle.dumps(sent))
+    assert restored.ids() == ["d1-1", "d1-3"]
+    # the engine goes on from its own count: 4..11 were sent by no one here
+    restored.add(1, 12, [SessionId("x")], [Action.RELEASE])
+    assert restored.pop(_d(1, 11)) is None and restored.pop(_d(1, 4)) is None
+    assert restored.pop(_d(1, 3)) is None  # older than the last 8 sequences
+    assert restored.pop(_d(1, 12)) == ("x", Action.RELEASE)
