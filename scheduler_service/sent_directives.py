@@ -132,13 +132,19 @@ class SentDirectives:
         return (self._sid[start:].count(None) + self._sid[: end - self._size].count(None)) != n
 
     def _grow(self, size: int) -> None:
-        live = self._live()
-        sids, actions, epochs = self._sid, self._action, self._epoch
+        # the last ``old`` sequences, oldest first, to their slots in the bigger ring
+        old = self._size
+        oldest = (self._last + 1) % old  # slot of the oldest sequence the ring can hold
+        sids = self._sid[oldest:] + self._sid[:oldest]
+        actions = self._action[oldest:] + self._action[:oldest]
+        epochs = self._epoch[oldest:] + self._epoch[:oldest]
         self._size = min(size, self.capacity)
         self._alloc(self._size)
-        for seq, i in live:
-            at = seq % self._size
-            self._sid[at], self._action[at], self._epoch[at] = sids[i], actions[i], epochs[i]
+        start = (self._last - old + 1) % self._size
+        cut = min(old, self._size - start)
+        self._sid[start : start + cut], self._sid[: old - cut] = sids[:cut], sids[cut:]
+        self._action[start : start + cut], self._action[: old - cut] = actions[:cut], actions[cut:]
+        self._epoch[start : start + cut], self._epoch[: old - cut] = epochs[:cut], epochs[cut:]
 
     def _live(self) -> list[tuple[int, int]]:
         # (sequence, slot) of every remembered directive, oldest first
