@@ -451,33 +451,23 @@ class Retention:
             self.state.release(s)
             self.emit(s, otherwise, 0.0, 0.0, reason)
 
-    def prices(self) -> npt.NDArray[np.float64]:
-        """``shadow_price`` of every worker at once (same formula, vectorised)."""
-        c = self.config
-        ws = self.state.workers
-        n = ws.high_water
-        cap = ws.gpu_cap_blocks[:n]
-        util = ws.gpu_used_blocks[:n] / np.maximum(cap, 1)
-        over = np.clip((util - c.idle_utilization) / (1.0 - c.idle_utilization), 0.0, 1.0)
-        demand_s = ws.queued_prefill_tokens[:n] / ws.prefill_tokens_per_s[:n]
-        price = c.max_shadow_price * (over * over) + c.demand_weight * demand_s / (
-            demand_s + c.demand_horizon_s
-        )
-        return np.where(cap > 0, price, c.max_shadow_price)
-
     def redecide_pricier_workers(self, now: float) -> None:
         """Re-price the waiting leases of every worker whose shadow price rose enough."""
+        c = self.config
         ws = self.state.workers
         n = ws.high_water
         if n == 0:
             return
-        price = self.prices()
-        before = ws.price_at_decision[:n]
-        rose = (price > before * self.config.redecide_price_ratio + 1e-9) & (ws.residents[:n] > 0)
-        # cheaper now: later rises are measured from here
-        np.minimum(before, price, out=before)
-        for w in np.flatnonzero(rose & ws.connected[:n]):
-            self.redecide_if_pricier(int(w), now)
+        out = np.empty(n, dtype=np.int64)
+        # cheaper now: later rises are measured from here (price_at_decision falls)
+        k = self.kernels.pricier_workers(
+            ws.gpu_cap_blocks, ws.gpu_used_blocks, ws.queued_prefill_tokens,
+            ws.prefill_tokens_per_s, ws.residents, ws.connected, ws.price_at_decision[:n],
+            c.idle_utilization, c.max_shadow_price, c.demand_weight, c.demand_horizon_s,
+            c.redecide_price_ratio, out,
+        )  # fmt: skip
+        for w in out[:k].tolist():
+            self.redecide_if_pricier(w, now)
 
     def redecide_if_pricier(self, w: int, now: float) -> None:
         """Re-price ``w``'s waiting leases when its shadow price rose enough."""
@@ -489,17 +479,16 @@ class Retention:
                 ws.price_at_decision_v[w] = price  # cheaper now: rises are measured from here
             return
         ws.price_at_decision_v[w] = price
-        floor = price / self.config.redecide_price_ratio
-        for s in self.state.residents_of(w):
-            # only leases priced well below today's price can have become too long
-            if (
-                ss.price_at_grant_v[s] < floor
-                and ss.state_v[s] == STATE_TOOL_WAIT
-                and ss.tier_v[s] == TIER_GPU
-                and ss.node_v[s] != NO_SLOT
-                and ss.prefetch_at_s_v[s] != PREFETCHED
-            ):
-                pred = self.predict(
-                    s, int(ss.node_v[s]), now, float(ss.hint_s_v[s]), ss.p_continue_v[s] == 0.0
-                )
-                self.decide_wait(s, pred, now, "pressure_redecide")
+        # only leases priced well below today's price can have become too long.
+        # NOTE: listed before any is re-decided: a decision changes only its own
+        # session's fields, none that picks the others
+        out = np.empty(int(ws.residents_v[w]), dtype=np.int64)
+        k = self.kernels.leases_priced_below(
+            int(ws.head_v[w]), ss.next, ss.price_at_grant, ss.state, ss.tier, ss.node,
+            ss.prefetch_at_s, price / self.config.redecide_price_ratio, out,
+        )  # fmt: skip
+        for s in out[:k].tolist():
+            pred = self.predict(
+                s, int(ss.node_v[s]), now, float(ss.hint_s_v[s]), ss.p_continue_v[s] == 0.0
+            )
+            self.decide_wait(s, pred, now, "pressure_redecide")

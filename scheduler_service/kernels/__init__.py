@@ -17,6 +17,7 @@ import numpy as np
 from scheduler_service.kernels import reference
 from scheduler_service.kernels.eviction import rank_victims, victim_key, victim_keys
 from scheduler_service.kernels.placement import place_topk
+from scheduler_service.kernels.pressure import leases_priced_below, pricier_workers
 from scheduler_service.kernels.retention import retention_choice
 from scheduler_service.kernels.sketch import remaining_time
 
@@ -32,6 +33,8 @@ class KernelSet:
     remaining_time: Any
     victim_key: Any
     victim_keys: Any
+    pricier_workers: Any
+    leases_priced_below: Any
 
     def __reduce__(self) -> tuple[Any, tuple[str]]:
         # NOTE: by name: an engine restored from a snapshot must run on this
@@ -45,7 +48,15 @@ def by_name(name: str) -> KernelSet:
 
 
 NUMBA = KernelSet(
-    "numba", place_topk, rank_victims, retention_choice, remaining_time, victim_key, victim_keys
+    "numba",
+    place_topk,
+    rank_victims,
+    retention_choice,
+    remaining_time,
+    victim_key,
+    victim_keys,
+    pricier_workers,
+    leases_priced_below,
 )
 REFERENCE = KernelSet(
     "reference",
@@ -55,6 +66,8 @@ REFERENCE = KernelSet(
     reference.remaining_time,
     reference.victim_key,
     reference.victim_keys,
+    reference.pricier_workers,
+    reference.leases_priced_below,
 )
 
 _warm_lock = threading.Lock()
@@ -121,3 +134,6 @@ def _call_all(k: KernelSet) -> None:
     cand = np.zeros(1, dtype=np.intp)
     home = np.zeros(n, dtype=np.int32)
     k.victim_keys(cand, f64, f64, i64, i64, home, f64, 0.0, 1.0, np.zeros(1, dtype=np.float64))
+    out = np.zeros(n, dtype=np.int64)
+    k.pricier_workers(i64, i64, i64, f64, home, allowed, f64, 0.5, 1.0, 1.0, 1.0, 1.5, out)
+    k.leases_priced_below(-1, home, f64, i8, i8, home, f64, 1.0, out)

@@ -24,6 +24,11 @@ from scheduler_service.kernels.eviction import (
 from scheduler_service.kernels.placement import TIER_HOST as _TIER_HOST
 from scheduler_service.kernels.placement import TIER_PEER_GPU as _TIER_PEER_GPU
 from scheduler_service.kernels.placement import TIER_PEER_HOST as _TIER_PEER_HOST
+from scheduler_service.kernels.pressure import NO_SLOT as _NO_SLOT
+from scheduler_service.kernels.pressure import PREFETCHED as _PREFETCHED
+from scheduler_service.kernels.pressure import PRICE_EPSILON as _PRICE_EPSILON
+from scheduler_service.kernels.pressure import STATE_TOOL_WAIT as _STATE_TOOL_WAIT
+from scheduler_service.kernels.pressure import TIER_GPU as _TIER_GPU
 from scheduler_service.kernels.retention import OFFLOAD_HOST, RELEASE, RETAIN_GPU
 
 _INF = 1e300
@@ -296,3 +301,65 @@ def retention_choice(
     if c_offload <= c_release:
         return OFFLOAD_HOST, 0.0, c_retain, c_offload, c_release
     return RELEASE, 0.0, c_retain, c_offload, c_release
+
+
+def pricier_workers(
+    cap: npt.NDArray[np.int64],
+    used: npt.NDArray[np.int64],
+    queued_tokens: npt.NDArray[np.int64],
+    prefill_tokens_per_s: npt.NDArray[np.float64],
+    residents: npt.NDArray[np.int32],
+    connected: npt.NDArray[np.bool_],
+    before: npt.NDArray[np.float64],
+    idle_utilization: float,
+    max_price: float,
+    demand_weight: float,
+    demand_horizon_s: float,
+    ratio: float,
+    out: npt.NDArray[np.int64],
+) -> int:
+    """Twin of ``pressure.pricier_workers``, vectorised as the engine once ran it."""
+    n = before.shape[0]
+    c = cap[:n]
+    over = np.clip(
+        (used[:n] / np.maximum(c, 1) - idle_utilization) / (1.0 - idle_utilization), 0.0, 1.0
+    )
+    demand_s = queued_tokens[:n] / prefill_tokens_per_s[:n]
+    price = np.where(
+        c > 0,
+        max_price * (over * over) + demand_weight * demand_s / (demand_s + demand_horizon_s),
+        max_price,
+    )
+    rose = (price > before * ratio + _PRICE_EPSILON) & (residents[:n] > 0) & connected[:n]
+    np.minimum(before, price, out=before)
+    found = np.flatnonzero(rose)
+    out[: found.size] = found
+    return int(found.size)
+
+
+def leases_priced_below(
+    head: int,
+    next_slot: npt.NDArray[np.int32],
+    price_at_grant: npt.NDArray[np.float64],
+    state: npt.NDArray[np.int8],
+    tier: npt.NDArray[np.int8],
+    node: npt.NDArray[np.int32],
+    prefetch_at_s: npt.NDArray[np.float64],
+    floor: float,
+    out: npt.NDArray[np.int64],
+) -> int:
+    """Twin of ``pressure.leases_priced_below``."""
+    k = 0
+    s = int(head)
+    while s != _NO_SLOT:
+        if (
+            price_at_grant[s] < floor
+            and state[s] == _STATE_TOOL_WAIT
+            and tier[s] == _TIER_GPU
+            and node[s] != _NO_SLOT
+            and prefetch_at_s[s] != _PREFETCHED
+        ):
+            out[k] = s
+            k += 1
+        s = int(next_slot[s])
+    return k

@@ -275,3 +275,64 @@ def test_victim_keys_match_twin_and_the_scalar_key(data: st.DataObject) -> None:
             float(rates[home[c]]), 65536.0, 1.0,
         )  # fmt: skip
         assert outs[1][i] == one
+
+
+@settings(max_examples=200, deadline=None)
+@given(workers(), st.data())
+def test_pricier_workers_matches_twin(w: dict[str, object], data: st.DataObject) -> None:
+    n = int(w["n"])  # type: ignore[call-overload]
+    before = np.array(
+        data.draw(st.lists(st.floats(0.0, 3.0), min_size=n, max_size=n)), dtype=np.float64
+    )
+    residents = np.array(
+        data.draw(st.lists(st.integers(0, 3), min_size=n, max_size=n)), dtype=np.int32
+    )
+    ratio = data.draw(st.sampled_from([1.0, 1.25, 2.0]))
+    outs = []
+    for ks in (NB, PY):
+        b = before.copy()
+        out = np.zeros(n, dtype=np.int64)
+        k = ks.pricier_workers(
+            w["cap"], w["used"], w["queued"], w["rate"], residents, w["allowed"], b,
+            0.5, 1.0, 0.5, 5.0, ratio, out,
+        )  # fmt: skip
+        outs.append((out[:k].tolist(), b.tolist()))
+    assert outs[0] == outs[1]
+    # a worker listed has residents, is connected, and its price fell nowhere
+    listed, after = outs[0]
+    assert all(residents[x] > 0 and w["allowed"][x] for x in listed)  # type: ignore[index]
+    assert all(a <= b for a, b in zip(after, before.tolist(), strict=True))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_leases_priced_below_matches_twin(data: st.DataObject) -> None:
+    n = data.draw(st.integers(1, 30))
+    order = data.draw(st.permutations(list(range(n))))
+    linked = order[: data.draw(st.integers(0, n))]
+    nxt = np.full(n, -1, dtype=np.int32)
+    for a, b in itertools.pairwise(linked):
+        nxt[a] = b
+    head = linked[0] if linked else -1
+
+    def col(strategy: st.SearchStrategy[object], dtype: type) -> np.ndarray:
+        return np.array(data.draw(st.lists(strategy, min_size=n, max_size=n)), dtype=dtype)
+
+    price = col(st.floats(0.0, 2.0), np.float64)
+    state = col(st.integers(0, 3), np.int8)
+    tier = col(st.integers(0, 2), np.int8)
+    node = col(st.integers(-1, 3), np.int32)
+    prefetch = col(st.sampled_from([0.0, -1.0, 5.0]), np.float64)
+    floor = data.draw(st.floats(0.0, 2.0))
+    outs = []
+    for ks in (NB, PY):
+        out = np.zeros(n, dtype=np.int64)
+        k = ks.leases_priced_below(head, nxt, price, state, tier, node, prefetch, floor, out)
+        outs.append(out[:k].tolist())
+    assert outs[0] == outs[1]
+    want = [
+        s for s in linked
+        if price[s] < floor and state[s] == 2 and tier[s] == 1 and node[s] != -1
+        and prefetch[s] != -1.0
+    ]  # fmt: skip
+    assert outs[0] == want

@@ -1,0 +1,98 @@
+"""Kernels: which workers' waiting leases to re-price, and which leases on one.
+
+``Engine.tick`` re-prices the leases of waiting sessions on every worker whose
+shadow price rose past ``ratio`` times the price its leases were set at (the
+memory got scarcer since). ``pricier_workers`` prices every worker at once
+(``Retention.shadow_price``'s formula) and lists those; ``leases_priced_below``
+walks one worker's residents for the leases granted below a price. Both are
+scans over state the tick would otherwise make in Python or with a dozen
+numpy passes per tick.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+STATE_TOOL_WAIT = 2
+TIER_GPU = 1
+NO_SLOT = -1
+PREFETCHED = -1.0
+#: a price counts as risen only past this much above ``ratio`` × the old one
+PRICE_EPSILON = 1e-9
+
+
+@njit(cache=True)
+def pricier_workers(
+    cap: np.ndarray,
+    used: np.ndarray,
+    queued_tokens: np.ndarray,
+    prefill_tokens_per_s: np.ndarray,
+    residents: np.ndarray,
+    connected: np.ndarray,
+    before: np.ndarray,
+    idle_utilization: float,
+    max_price: float,
+    demand_weight: float,
+    demand_horizon_s: float,
+    ratio: float,
+    out: np.ndarray,
+) -> int:
+    """Workers (of the first ``len(before)``) whose shadow price now exceeds ``ratio`` ×
+    ``before`` and that have residents and are connected, into ``out``; returns how
+    many. ``before`` falls to the price now where that is lower (NaN wins, as in
+    ``np.minimum``).
+    """
+    k = 0
+    for w in range(before.shape[0]):
+        c = cap[w]
+        if c > 0:
+            over = (used[w] / c - idle_utilization) / (1.0 - idle_utilization)
+            if over < 0.0:
+                over = 0.0
+            if over > 1.0:
+                over = 1.0
+            demand_s = queued_tokens[w] / prefill_tokens_per_s[w]
+            price = max_price * (over * over) + demand_weight * demand_s / (
+                demand_s + demand_horizon_s
+            )
+        else:
+            price = max_price
+        b = before[w]
+        if price > b * ratio + PRICE_EPSILON and residents[w] > 0 and connected[w]:
+            out[k] = w
+            k += 1
+        if price < b or price != price:
+            before[w] = price
+    return k
+
+
+@njit(cache=True)
+def leases_priced_below(
+    head: int,
+    next_slot: np.ndarray,
+    price_at_grant: np.ndarray,
+    state: np.ndarray,
+    tier: np.ndarray,
+    node: np.ndarray,
+    prefetch_at_s: np.ndarray,
+    floor: float,
+    out: np.ndarray,
+) -> int:
+    """Residents from ``head`` on (in list order) waiting in a graph node with a lease on
+    the GPU granted at a price below ``floor``, not reloaded for their use, into
+    ``out``; returns how many."""
+    k = 0
+    s = head
+    while s != NO_SLOT:
+        if (
+            price_at_grant[s] < floor
+            and state[s] == STATE_TOOL_WAIT
+            and tier[s] == TIER_GPU
+            and node[s] != NO_SLOT
+            and prefetch_at_s[s] != PREFETCHED
+        ):
+            out[k] = s
+            k += 1
+        s = next_slot[s]
+    return k
