@@ -43,6 +43,7 @@ _FIELDS = attrgetter(
     "worker_id", "expected_tool_latency_s", "last_step", "tool_name",
 )  # fmt: skip
 _WAIT = EventKind.TOOL_CALL_WAIT
+_VERSION = attrgetter("version")
 _WAIT_KIND = int(_WAIT)
 _FINISH_KIND = int(EventKind.SESSION_FINISH)
 _ABORT_KIND = int(EventKind.SESSION_ABORT)
@@ -65,7 +66,7 @@ class BatchPath:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._graph_sig: tuple[tuple[int, int], ...] = ()
+        self._graph_sig: tuple[int, int, int] = (-1, 0, 0)
         self._graph_args: tuple[Any, ...] = ()
         # (agent slot, tool name) -> the node of a wait on it. NOTE: a graph
         # never renumbers or drops a node, so what was found stays right for as
@@ -304,7 +305,9 @@ class BatchPath:
         # Engine.tick rescale due graphs (GraphStore.rescale_due) before this.
         """
         graphs = self.engine.graphs.graphs
-        sig = tuple((id(g), g.version) for g in graphs.values())
+        # NOTE: a store only ever adds graphs, and a graph's version only grows
+        # (a rescale or a new row of nodes), so the sum moves at every change
+        sig = (id(graphs), len(graphs), sum(map(_VERSION, graphs.values())))
         if sig != self._graph_sig:
             self._graph_sig = sig
             self._nodes.clear()
