@@ -30,6 +30,7 @@ STATE_TOOL_WAIT = int(SessionState.TOOL_WAIT)
 STATE_IDLE = int(SessionState.IDLE)
 
 IdT = TypeVar("IdT", bound=str)
+_ALIGN = 64  # bytes: a cache line
 
 
 class Elements(Protocol):
@@ -115,9 +116,32 @@ class _Table(Generic[IdT]):
         self.ids: list[IdT | None] = []
         self._free: list[int] = []
         self._freed: list[int] = []  # freed by ``remove(later=True)``, not yet reusable
-        for name, dtype, fill in self._fields:
-            setattr(self, name, np.full(self.capacity, fill, dtype=dtype))
+        for name, arr in zip(self._field_names(), self._allocate(self.capacity), strict=True):
+            setattr(self, name, arr)
         self._refresh_views()
+
+    def _field_names(self) -> list[str]:
+        return [name for name, _dtype, _fill in self._fields]
+
+    def _allocate(self, capacity: int) -> list[npt.NDArray[Any]]:
+        """Every field's array at its default, all carved out of one buffer.
+
+        # NOTE: one buffer of every field is big enough for the kernel to map
+        # it with huge pages (numpy asks for them from 4 MiB): a session's
+        # fields are far apart, and with 4 KiB pages nearly every field of a
+        # random session missed the TLB as well as the cache.
+        """
+        dtypes = [np.dtype(dtype) for _name, dtype, _fill in self._fields]
+        sizes = [-(-capacity * d.itemsize // _ALIGN) * _ALIGN for d in dtypes]
+        buf = np.empty(sum(sizes) + _ALIGN, dtype=np.uint8)
+        at = -buf.ctypes.data % _ALIGN  # the first field starts on a cache line
+        out: list[npt.NDArray[Any]] = []
+        for (_name, _dtype, fill), d, size in zip(self._fields, dtypes, sizes, strict=True):
+            arr = buf[at : at + capacity * d.itemsize].view(d)
+            arr.fill(fill)
+            out.append(arr)
+            at += size
+        return out
 
     def _refresh_views(self) -> None:
         # NOTE: ``<field>_v`` is a memoryview of the same buffer: Python code
@@ -141,6 +165,10 @@ class _Table(Generic[IdT]):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("_freed", [])  # a snapshot from before deferred reuse
+        # the arrays come back one by one: into one buffer again (see _allocate)
+        for name, arr in zip(self._field_names(), self._allocate(self.capacity), strict=True):
+            arr[:] = getattr(self, name)
+            setattr(self, name, arr)
         self._refresh_views()
 
     def __len__(self) -> int:
@@ -186,10 +214,8 @@ class _Table(Generic[IdT]):
 
     def _grow(self) -> None:
         new_cap = self.capacity * 2
-        for name, dtype, fill in self._fields:
-            old = getattr(self, name)
-            arr: npt.NDArray[Any] = np.full(new_cap, fill, dtype=dtype)
-            arr[: self.capacity] = old
+        for name, arr in zip(self._field_names(), self._allocate(new_cap), strict=True):
+            arr[: self.capacity] = getattr(self, name)
             setattr(self, name, arr)
         self.capacity = new_cap
         self._refresh_views()

@@ -218,3 +218,26 @@ def test_state_for_100k_sessions_and_1024_workers_fits_the_budget() -> None:
     # 200 MB in all (the rest of the budget is the id dicts)
     assert st.sessions.nbytes() / st.sessions.capacity < 200
     assert st.nbytes() < 32 * 2**20
+
+
+def test_session_fields_live_in_one_buffer_through_growth_and_a_snapshot() -> None:
+    import pickle
+
+    from scheduler_service.state import SessionTable
+
+    t = SessionTable(capacity=4)
+    for i in range(9):  # grows 4 -> 8 -> 16
+        s = t.add(SessionId(f"s{i}"))
+        t.context_tokens_v[s] = 100 + i
+        t.p_continue_v[s] = 0.5
+    for table in (t, pickle.loads(pickle.dumps(t))):
+        arrays = [getattr(table, name) for name, _d, _f in table._fields]
+        assert len({id(a.base) for a in arrays}) == 1  # one buffer
+        assert all(a.flags.aligned and a.flags.c_contiguous for a in arrays)
+        assert all(a.ctypes.data % 64 == 0 for a in arrays)  # each on a cache line
+        assert table.context_tokens[:9].tolist() == [100 + i for i in range(9)]
+        # slots not handed out yet hold the defaults
+        assert table.p_continue[9:].tolist() == [1.0] * 7
+        assert (table.home[9:] == NO_SLOT).all() and np.isinf(table.timer_due_s[9:]).all()
+        table.context_tokens_v[0] = 7  # the views write the arrays
+        assert table.context_tokens[0] == 7
