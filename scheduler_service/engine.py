@@ -441,7 +441,7 @@ class Engine:
     def _observe_live_slowdowns(self, now: float) -> None:
         """Hand fair share each tenant's time in flight and standalone work so far.
 
-        One vectorised pass over the session arrays, at a completion at most
+        One pass over the session arrays (a kernel), at a completion at most
         once per ``LIVE_SLOWDOWN_EVERY_S`` of event time (not on a timer, so a
         replay of the same events computes the same figures; the time of the
         last pass is part of the engine, so of its snapshots). Per completion
@@ -452,13 +452,12 @@ class Engine:
         self._live_pass_s = now
         ss = self.state.sessions
         hw = ss.high_water
-        t = ss.tenant[:hw]
-        live = t >= 0
         n = len(self.fair.weight)
-        tl = t[live]
-        elapsed = np.bincount(tl, weights=now - ss.started_s[:hw][live], minlength=n)
-        ideal = np.bincount(tl, weights=ss.ideal_s[:hw][live], minlength=n)
-        self.fair.observe_live(elapsed[:n].tolist(), ideal[:n].tolist())
+        elapsed, ideal = np.empty(n), np.empty(n)
+        self.kernels.live_work(
+            ss.tenant[:hw], ss.started_s[:hw], ss.ideal_s[:hw], now, elapsed, ideal
+        )
+        self.fair.observe_live(elapsed.tolist(), ideal.tolist())
 
     def _live_pass_due(self, now: float) -> bool:
         """Whether a completion at ``now`` runs ``_observe_live_slowdowns``' pass."""

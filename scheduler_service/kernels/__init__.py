@@ -17,7 +17,7 @@ import numpy as np
 from scheduler_service.kernels import reference
 from scheduler_service.kernels.eviction import rank_victims, victim_key, victim_keys
 from scheduler_service.kernels.placement import place_topk
-from scheduler_service.kernels.pressure import leases_priced_below, pricier_workers
+from scheduler_service.kernels.pressure import leases_priced_below, live_work, pricier_workers
 from scheduler_service.kernels.retention import retention_choice
 from scheduler_service.kernels.sketch import remaining_time
 
@@ -35,6 +35,7 @@ class KernelSet:
     victim_keys: Any
     pricier_workers: Any
     leases_priced_below: Any
+    live_work: Any
 
     def __reduce__(self) -> tuple[Any, tuple[str]]:
         # NOTE: by name: an engine restored from a snapshot must run on this
@@ -57,6 +58,7 @@ NUMBA = KernelSet(
     victim_keys,
     pricier_workers,
     leases_priced_below,
+    live_work,
 )
 REFERENCE = KernelSet(
     "reference",
@@ -68,6 +70,7 @@ REFERENCE = KernelSet(
     reference.victim_keys,
     reference.pricier_workers,
     reference.leases_priced_below,
+    reference.live_work,
 )
 
 _warm_lock = threading.Lock()
@@ -137,3 +140,4 @@ def _call_all(k: KernelSet) -> None:
     out = np.zeros(n, dtype=np.int64)
     k.pricier_workers(i64, i64, i64, f64, home, allowed, f64, 0.5, 1.0, 1.0, 1.0, 1.5, out)
     k.leases_priced_below(-1, home, f64, i8, i8, home, f64, 1.0, out)
+    k.live_work(home, f64, f64, 0.0, np.zeros(n), np.zeros(n))

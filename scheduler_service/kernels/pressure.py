@@ -1,12 +1,13 @@
-"""Kernels: which workers' waiting leases to re-price, and which leases on one.
+"""Kernels: which workers' waiting leases to re-price, which leases on one, and
+the work in flight per tenant.
 
 ``Engine.tick`` re-prices the leases of waiting sessions on every worker whose
 shadow price rose past ``ratio`` times the price its leases were set at (the
 memory got scarcer since). ``pricier_workers`` prices every worker at once
 (``Retention.shadow_price``'s formula) and lists those; ``leases_priced_below``
-walks one worker's residents for the leases granted below a price. Both are
-scans over state the tick would otherwise make in Python or with a dozen
-numpy passes per tick.
+walks one worker's residents for the leases granted below a price.
+``live_work`` sums fair share's in-flight figures over every session. Each is
+a scan the engine would otherwise make in Python or with several numpy passes.
 """
 
 from __future__ import annotations
@@ -96,3 +97,24 @@ def leases_priced_below(
             k += 1
         s = next_slot[s]
     return k
+
+
+@njit(cache=True)
+def live_work(
+    tenant: np.ndarray,
+    started_s: np.ndarray,
+    ideal_s: np.ndarray,
+    now: float,
+    elapsed_out: np.ndarray,
+    ideal_out: np.ndarray,
+) -> None:
+    """Per tenant slot (below ``len(elapsed_out)``), the summed time in flight and
+    standalone work of its live sessions (``tenant`` >= 0), summed in slot order."""
+    elapsed_out[:] = 0.0
+    ideal_out[:] = 0.0
+    n = elapsed_out.shape[0]
+    for s in range(tenant.shape[0]):
+        t = tenant[s]
+        if 0 <= t < n:
+            elapsed_out[t] += now - started_s[s]
+            ideal_out[t] += ideal_s[s]

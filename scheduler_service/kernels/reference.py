@@ -363,3 +363,19 @@ def leases_priced_below(
             k += 1
         s = int(next_slot[s])
     return k
+
+
+def live_work(
+    tenant: npt.NDArray[np.int32],
+    started_s: npt.NDArray[np.float64],
+    ideal_s: npt.NDArray[np.float64],
+    now: float,
+    elapsed_out: npt.NDArray[np.float64],
+    ideal_out: npt.NDArray[np.float64],
+) -> None:
+    """Twin of ``pressure.live_work``, as the engine once ran it in numpy."""
+    n = elapsed_out.shape[0]
+    live = (tenant >= 0) & (tenant < n)
+    t = tenant[live]
+    elapsed_out[:] = np.bincount(t, weights=now - started_s[live], minlength=n)[:n]
+    ideal_out[:] = np.bincount(t, weights=ideal_s[live], minlength=n)[:n]

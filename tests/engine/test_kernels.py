@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -336,3 +337,23 @@ def test_leases_priced_below_matches_twin(data: st.DataObject) -> None:
         and prefetch[s] != -1.0
     ]  # fmt: skip
     assert outs[0] == want
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(-1, 5), st.floats(0.0, 1e6), st.floats(0.0, 1e4)), max_size=60),
+    st.floats(0.0, 2e6),
+    st.integers(1, 6),
+)
+def test_live_work_matches_twin(rows: list[tuple[int, float, float]], now: float, n: int) -> None:
+    tenant = np.array([r[0] for r in rows], dtype=np.int32)
+    started = np.array([r[1] for r in rows], dtype=np.float64)
+    ideal = np.array([r[2] for r in rows], dtype=np.float64)
+    outs = []
+    for ks in (NB, PY):
+        e, i = np.full(n, 7.0), np.full(n, 7.0)  # overwritten, not added to
+        ks.live_work(tenant, started, ideal, now, e, i)
+        outs.append((e.tolist(), i.tolist()))
+    assert outs[0] == outs[1]
+    want = [sum(ideal[s] for s in range(len(rows)) if tenant[s] == t) for t in range(n)]
+    assert outs[0][1] == pytest.approx(want)
