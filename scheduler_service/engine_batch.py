@@ -33,6 +33,7 @@ from scheduler_service.engine_config import DECODE_FLOOR_DRIFT, EngineConfig
 from scheduler_service.graph.agent_graph import AgentGraph
 from scheduler_service.graph.sketch import DURATION_BUCKETS, TOKEN_BUCKETS
 from scheduler_service.kernels import events as kev
+from scheduler_service.kernels.checks import columns_valid
 from scheduler_service.state import ClusterState, SessionTable, WorkerTable
 
 if TYPE_CHECKING:
@@ -108,28 +109,32 @@ class BatchPath:
         )
         slots = list(map(e.state.sessions.slot_of.get, sids, repeat(-1)))
         workers = list(map(e.state.workers.slot_of.get, wids, repeat(kev.NO_WORKER)))
-        slot_col = np.fromiter(slots, np.int64, n)
-        kind_col = np.fromiter(kinds, np.int64, n)
+        cols = (
+            np.fromiter(slots, np.int64, n),
+            np.fromiter(kinds, np.int64, n),
+            np.fromiter(ctx, np.int64, n),
+            np.fromiter(new, np.int64, n),
+            np.fromiter(step, np.int64, n),
+            np.fromiter(hints, np.float64, n),
+        )
         if check:
             t = e.fair.tenants
-            check_columns(
-                e.state, t.names, t.index, events, (sids, tids, wids, ctx, new, step, hints),
-                slot_col, kind_col, workers,
-            )  # fmt: skip
+            check_columns(e.state, t.names, t.index, events, (sids, tids, wids), cols, workers)
         nodes = [-1] * n
         if _WAIT in kinds:
             for i, kind in enumerate(kinds):
                 if kind is _WAIT:
                     nodes[i] = self._node(tools[i], slots[i])
+        slot_col, kind_col, ctx_col, new_col, step_col, hint_col = cols
         return (
             slot_col,
             kind_col,
-            np.fromiter(ctx, np.int64, n),
-            np.fromiter(new, np.int64, n),
-            np.fromiter(step, np.int64, n),
+            ctx_col,
+            new_col,
+            step_col,
             np.fromiter(workers, np.int64, n),
             np.fromiter(nodes, np.int64, n),
-            np.fromiter(hints, np.float64, n),
+            hint_col,
             np.fromiter(last, np.bool_, n),
         )
 
@@ -487,5 +492,8 @@ def warm() -> None:
         *_outputs(0),
     )
     apply_events(0, 0.0, params, np.ones(1), *cols, *args, np.zeros((0, 3), dtype=np.int64))
+    columns_valid(
+        i64, i64, i64, i64, np.zeros(0), i64, np.zeros(0, dtype=np.bool_), state.sessions.tenant
+    )
     fire_timers(np.zeros(0, dtype=np.intp), 0.0, params, np.ones(1), *args)
     _warmed = True

@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from scheduler_service.domain import EventKind, Rejected, SessionEvent, SessionId, TenantId
+from scheduler_service.kernels.checks import columns_valid
 from scheduler_service.kernels.events import NO_WORKER
 from scheduler_service.state import ClusterState
 
@@ -81,37 +82,26 @@ def check_columns(
     tenant_names: Sequence[TenantId],
     tenant_index: Mapping[TenantId, int],
     events: Sequence[SessionEvent],
-    fields: tuple[Sequence[Any], ...],
-    slots: npt.NDArray[np.int64],
-    kinds: npt.NDArray[np.int64],
+    ids: tuple[Sequence[Any], ...],
+    columns: tuple[npt.NDArray[Any], ...],
     workers: Sequence[int],
 ) -> None:
     """``check_events`` over ``events`` given as columns; raises what it raises.
 
-    ``fields``: the events' session ids, tenant ids, worker ids, context
-    tokens, new tokens, step indexes and latency hints; ``slots``: their
-    sessions' slots (-1 unknown); ``kinds``: their kinds' values;
-    ``workers``: their workers' slots (``NO_WORKER`` for an empty or
-    unknown id).
+    ``ids``: the events' session, tenant and worker ids; ``columns``: their
+    sessions' slots (-1 unknown), kinds' values, context tokens, new tokens,
+    step indexes and latency hints; ``workers``: their workers' slots
+    (``NO_WORKER`` for an empty or unknown id).
     """
-    sids, tids, wids, ctx, new, step, hints = fields
+    sids, tids, wids = ids
+    slots, kinds, ctx, new, step, hints = columns
     n = len(events)
-    # NOTE: sum() is inf or NaN when a hint is (or when finite ones overflow:
-    # then check_events decides)
-    bad = (
-        min(ctx) < 0
-        or min(new) < 0
-        or min(step) < 0
-        or min(hints) < 0.0
-        or not math.isfinite(sum(hints))
-        or (
-            NO_WORKER in workers
-            and any(w for w, x in zip(wids, workers, strict=True) if x == NO_WORKER)
-        )
+    bad = NO_WORKER in workers and any(
+        w for w, x in zip(wids, workers, strict=True) if x == NO_WORKER
     )
     # Session existence needs the walk in order only for the sessions the batch
     # starts or ends; every other event's session exists and keeps its tenant.
-    plain: npt.NDArray[np.bool_] | None = None  # None: every event
+    plain = np.ones(n, dtype=np.bool_)
     if not bad:
         # NOTE: .nonzero() (a method), not np.flatnonzero: the batch path runs
         # this per batch, and the function's Python wrappers cost as much
@@ -129,10 +119,7 @@ def check_columns(
                 bad = True
             plain = ~on_walk
     if not bad:
-        # NOTE: a slot of -1 reads the last element; only plain events count
-        owner = state.sessions.tenant[slots]
         given = np.fromiter(map(tenant_index.get, tids, repeat(-1)), np.int64, n)
-        wrong = owner != given
-        bad = bool((wrong if plain is None else wrong & plain).any())
+        bad = not columns_valid(slots, ctx, new, step, hints, given, plain, state.sessions.tenant)
     if bad:
         check_events(state, tenant_names, events)  # raises, naming the first bad field

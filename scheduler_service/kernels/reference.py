@@ -379,3 +379,24 @@ def live_work(
     t = tenant[live]
     elapsed_out[:] = np.bincount(t, weights=now - started_s[live], minlength=n)[:n]
     ideal_out[:] = np.bincount(t, weights=ideal_s[live], minlength=n)[:n]
+
+
+def columns_valid(
+    slots: npt.NDArray[np.int64],
+    context_tokens: npt.NDArray[np.int64],
+    new_tokens: npt.NDArray[np.int64],
+    step_index: npt.NDArray[np.int64],
+    hints_s: npt.NDArray[np.float64],
+    tenants: npt.NDArray[np.int64],
+    plain: npt.NDArray[np.bool_],
+    tenant_of_slot: npt.NDArray[np.int32],
+) -> bool:
+    """Twin of ``checks.columns_valid``."""
+    for i in range(len(slots)):
+        if context_tokens[i] < 0 or new_tokens[i] < 0 or step_index[i] < 0:
+            return False
+        if not 0.0 <= hints_s[i] < math.inf:
+            return False
+        if plain[i] and tenant_of_slot[slots[i]] != tenants[i]:
+            return False
+    return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import numpy as np
 import pytest
@@ -357,3 +358,38 @@ def test_live_work_matches_twin(rows: list[tuple[int, float, float]], now: float
     assert outs[0] == outs[1]
     want = [sum(ideal[s] for s in range(len(rows)) if tenant[s] == t) for t in range(n)]
     assert outs[0][1] == pytest.approx(want)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_columns_valid_matches_twin(data: st.DataObject) -> None:
+    from scheduler_service.kernels import reference
+    from scheduler_service.kernels.checks import columns_valid
+
+    n = data.draw(st.integers(0, 12))
+    owners = np.array(data.draw(st.lists(st.integers(-1, 2), min_size=4, max_size=4)), np.int32)
+
+    def col(strategy: st.SearchStrategy[Any], dtype: type) -> np.ndarray:
+        return np.array(data.draw(st.lists(strategy, min_size=n, max_size=n)), dtype=dtype)
+
+    counts = st.integers(-1, 50)
+    hints = st.sampled_from([0.0, 1.5, -0.5, float("nan"), float("inf")])
+    args = (
+        col(st.integers(-1, 3), np.int64),  # slots
+        col(counts, np.int64),
+        col(counts, np.int64),
+        col(counts, np.int64),
+        col(hints, np.float64),
+        col(st.integers(-1, 2), np.int64),  # tenants named
+    )
+    # a plain event's session exists
+    plain = col(st.booleans(), np.bool_) & (args[0] >= 0)
+    got = columns_valid(*args, plain, owners)
+    assert got == reference.columns_valid(*args, plain, owners)
+    slots, ctx, new, step, hint, tenants = args
+    want = all(
+        ctx[i] >= 0 and new[i] >= 0 and step[i] >= 0 and 0.0 <= hint[i] < float("inf")
+        and (not plain[i] or owners[slots[i]] == tenants[i])
+        for i in range(n)
+    )  # fmt: skip
+    assert got == want
