@@ -21,7 +21,6 @@ from dataclasses import replace
 from itertools import repeat
 
 import numpy as np
-import numpy.typing as npt
 
 from scheduler_service import engine_batch
 from scheduler_service import kernels as kernel_sets
@@ -587,16 +586,17 @@ class Engine:
 
     def _emit_columns(
         self,
-        slots: npt.NDArray[np.int64],
+        slots: list[int],
         actions: Sequence[Action],
         ttls: Sequence[float],
         withins: Sequence[float],
         reasons: Sequence[str],
-        priorities: Sequence[int] | None = None,
+        priorities: Sequence[int],
+        homes: list[int],
     ) -> None:
-        """Record one directive per row, in order, each to its session's home: what
-        ``_emit`` does row by row, built column by column (``priorities``: the
-        rows' directive priorities, when not their tenants' now)."""
+        """Record one directive per row, in order: what ``_emit`` does row by row,
+        built column by column (``priorities`` and ``homes``: each row's directive
+        priority and worker slot, as they were when it was decided)."""
         n = len(slots)
         ss = self.state.sessions
         epoch = self.leader_epoch
@@ -604,14 +604,8 @@ class Engine:
         prefix = f"d{epoch}-"
         dids: list[DirectiveId] = [f"{prefix}{i}" for i in range(seq + 1, seq + n + 1)]  # type: ignore[misc]
         self._directive_seq = seq + n
-        sids: list[SessionId] = list(map(ss.ids.__getitem__, slots.tolist()))  # type: ignore[arg-type]
+        sids: list[SessionId] = list(map(ss.ids.__getitem__, slots))  # type: ignore[arg-type]
         wids = self.state.workers.ids
-        # a live session's tenant always has a slot in FairShare.priority
-        prio = (
-            list(map(self.fair.priority.__getitem__, ss.tenant[slots].tolist()))
-            if priorities is None
-            else priorities
-        )
         # NOTE: the tuples are built by C loops (map/zip), not one call per row:
         # a row costs ~0.5 µs this way, ~2.5 µs through RetentionDirective(...)
         self._out.extend(
@@ -620,11 +614,11 @@ class Engine:
                 repeat(RetentionDirective),
                 zip(
                     dids,
-                    list(map(wids.__getitem__, ss.home[slots].tolist())),
+                    list(map(wids.__getitem__, homes)),
                     sids,
                     actions,
                     ttls,
-                    prio,
+                    priorities,
                     repeat(epoch),
                     withins,
                     reasons,

@@ -348,7 +348,7 @@ class BatchPath:
         # a completion is recorded between the directives before and after it:
         # each carries its tenant's priority as it was when it was made
         priority = e.fair.priority
-        tenants = ss.tenant[self._out[0][:k]].tolist()
+        tenants = self._out[6][:k].tolist()
         prio: list[int] = []
         at = 0
         for s, before, finished in ends:
@@ -367,14 +367,17 @@ class BatchPath:
         # the k recorded directives, through Engine._emit_columns
         if not k:
             return
-        slots, actions, ttls, withins, reasons = self._out
+        slots, actions, ttls, withins, reasons, homes, tenants = self._out
+        if priorities is None:
+            priorities = list(map(self.engine.fair.priority.__getitem__, tenants[:k].tolist()))
         self.engine._emit_columns(
-            slots[:k],
+            slots[:k].tolist(),
             _ACTIONS[actions[:k]].tolist(),
             ttls[:k].tolist(),
             withins[:k].tolist(),
             _REASONS[reasons[:k]].tolist(),
             priorities,
+            homes[:k].tolist(),
         )
 
 
@@ -462,12 +465,14 @@ def graph_arrays(graphs: list[AgentGraph]) -> tuple[Any, ...]:
 
 
 def _outputs(n: int) -> tuple[npt.NDArray[Any], ...]:
-    # directive slot, action, TTL, complete-within, reason code (``D``)
+    # directive slot, action, TTL, complete-within, reason code, home, tenant (``D``)
     return (
         np.empty(n, dtype=np.int64),
         np.empty(n, dtype=np.int64),
         np.empty(n, dtype=np.float64),
         np.empty(n, dtype=np.float64),
+        np.empty(n, dtype=np.int64),
+        np.empty(n, dtype=np.int64),
         np.empty(n, dtype=np.int64),
     )
 

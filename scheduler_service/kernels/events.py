@@ -11,10 +11,10 @@ the start of every batch and tick, no graph ever rescales its weights inside.
 
 ``apply_events`` covers STEP_START, TOOL_CALL_WAIT, TOOL_CALL_END,
 SESSION_FINISH and SESSION_ABORT of a session that exists (the engine makes a
-batch's new sessions before the kernel runs), on its home worker or on the
-first worker it names. Anything else stops the run *before* that event
+batch's new sessions before the kernel runs), on its home worker or moving to
+one while it holds no KV. Anything else stops the run *before* that event
 changes anything and the kernel returns its index: a session not made yet, a
-move to another worker, STEP_END, a tool node the graph has not seen, a wait
+move that drops KV, STEP_END, a tool node the graph has not seen, a wait
 whose size is unknown, a finish when fair share's pass over live sessions is
 due. The engine applies that event in Python and calls the kernel again for
 the rest of the batch.
@@ -33,7 +33,7 @@ builds: ``S`` sessions, ``W`` workers, ``G`` graphs (reference times, time
 constants, a typed list of each agent's 2-D arrays and one of its 1-D arrays),
 ``B`` duration buckets, ``T`` per-tenant deltas (events, GPU bytes, host
 bytes), ``D`` the directives recorded (slot, action, TTL, complete-within,
-reason code), ``X`` the sessions ended (rows of slot, directives before it,
+reason code, home worker, tenant), ``X`` the sessions ended (rows of slot, directives before it,
 whether it finished). The entry points take them flat: numba types a tuple argument
 in Python at every call (~90 µs for these), an array in C.
 """
@@ -312,12 +312,15 @@ def _plan_arrays(S, W):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, inline="always")
-def _emit(D, k, s, action, ttl_s, within_s, reason):  # type: ignore[no-untyped-def]
+def _emit(D, k, s, action, ttl_s, within_s, reason, S):  # type: ignore[no-untyped-def]
+    # the directive, to s's home as it is now (D[5]), of s's tenant (D[6])
     D[0][k] = s
     D[1][k] = action
     D[2][k] = ttl_s
     D[3][k] = within_s
     D[4][k] = reason
+    D[5][k] = S[2][s]
+    D[6][k] = S[0][s]
     return k + 1
 
 
@@ -359,12 +362,12 @@ def _evict(s, w, now, reason, otherwise, params, scratch, S, W, G, B, T, D, k): 
     pays = params[P_TRANSFER_W] * 2.0 * move_s < pc * rebuild_s
     if W[1][w] - W[3][w] >= blocks > 0 and pays:
         _to_host(s, R)
-        k = _emit(D, k, s, A_OFFLOAD_HOST, 0.0, move_s, reason)
+        k = _emit(D, k, s, A_OFFLOAD_HOST, 0.0, move_s, reason, S)
         if waiting:
             _plan_prefetch(s, w, pc, early_rem, now, move_s, params, P)
     else:
         _release(s, R)
-        k = _emit(D, k, s, otherwise, 0.0, 0.0, reason)
+        k = _emit(D, k, s, otherwise, 0.0, 0.0, reason, S)
     return k
 
 
@@ -427,7 +430,7 @@ def _prefetch(s, now, reason, params, scratch, S, W, G, B, T, D, k):  # type: ig
         S[17][s] = 0.0
         S[12][s] = NO_TIMER
         within_s = reload_s
-    return _emit(D, k, s, A_PREFETCH_GPU, ttl, within_s, reason)
+    return _emit(D, k, s, A_PREFETCH_GPU, ttl, within_s, reason, S)
 
 
 @njit(cache=True, inline="always")
@@ -517,11 +520,8 @@ def _apply_events(start, now, params, E, protection, S, W, G, B, T, D, X):  # ty
         to = e_worker[i]
         moving = to != NO_WORKER and to != w
         if moving:
-            if w != NO_SLOT:
-                # a move: any old copy is released in Python, and the directives
-                # recorded so far go to the home they were made for (the engine
-                # reads homes when it turns them into directives)
-                return i, k, ends, STOP
+            if w != NO_SLOT and S[3][s] != TIER_NONE:
+                return i, k, ends, STOP  # a move: the old copy is released in Python
         else:
             to = w
         if kind == K_TOOL_CALL_WAIT:
@@ -555,7 +555,7 @@ def _apply_events(start, now, params, E, protection, S, W, G, B, T, D, X):  # ty
             S[9][s] = e_step[i]
         S[14][s] = now
         if moving:
-            # Engine._move_home of a session with no home yet
+            # Engine._move_home of a session that holds nothing
             S[17][s] = 0.0
             S[12][s] = NO_TIMER
             _link(s, to, S, W, T)
@@ -664,17 +664,17 @@ def _apply_events(start, now, params, E, protection, S, W, G, B, T, D, X):  # ty
                     S[17][s] = now + ttl
                     S[12][s] = now + ttl
                     S[13][s] = TIMER_LEASE
-                    k = _emit(D, k, s, A_RETAIN_GPU, ttl, 0.0, R_TOOL_WAIT)
+                    k = _emit(D, k, s, A_RETAIN_GPU, ttl, 0.0, R_TOOL_WAIT, S)
                 elif action == OFFLOAD_HOST:
                     _to_host(s, R)
                     S[17][s] = 0.0
-                    k = _emit(D, k, s, A_OFFLOAD_HOST, 0.0, move_s, R_TOOL_WAIT)
+                    k = _emit(D, k, s, A_OFFLOAD_HOST, 0.0, move_s, R_TOOL_WAIT, S)
                     _plan_prefetch(s, w, p_cont, early_rem, now, move_s, params, P)
                 else:
                     _release(s, R)
                     S[17][s] = 0.0
                     S[12][s] = NO_TIMER
-                    k = _emit(D, k, s, A_RELEASE, 0.0, 0.0, R_TOOL_WAIT)
+                    k = _emit(D, k, s, A_RELEASE, 0.0, 0.0, R_TOOL_WAIT, S)
             elif w != NO_SLOT and S[3][s] == TIER_HOST:
                 _plan_prefetch(s, w, p_cont, early_rem, now, 0.0, params, P)
         elif kind == K_TOOL_CALL_END:
@@ -695,7 +695,7 @@ def _apply_events(start, now, params, E, protection, S, W, G, B, T, D, X):  # ty
                     queue_s = W[5][w] / W[6][w]
                     ttl = min(max_ttl, min_ttl + 2.0 * queue_s)
                     if leased_until - now < ttl:
-                        k = _emit(D, k, s, A_RETAIN_GPU, ttl, 0.0, R_TOOL_RETURNED)
+                        k = _emit(D, k, s, A_RETAIN_GPU, ttl, 0.0, R_TOOL_RETURNED, S)
             elif S[3][s] == TIER_HOST and w != NO_SLOT:
                 # the tool returned before the planned prefetch: reload now
                 S[16][s] = now
@@ -714,9 +714,8 @@ def _apply_events(start, now, params, E, protection, S, W, G, B, T, D, X):  # ty
             completed = completed or finished
             if w != NO_SLOT and S[3][s] != TIER_NONE:
                 _release(s, R)
-                k = _emit(
-                    D, k, s, A_RELEASE, 0.0, 0.0, R_SESSION_FINISH if finished else R_SESSION_ABORT
-                )
+                code = R_SESSION_FINISH if finished else R_SESSION_ABORT
+                k = _emit(D, k, s, A_RELEASE, 0.0, 0.0, code, S)
             # NOTE: the engine unlinks it and frees its slot after the directive
             # (sent to its home) is made; a released session is no victim meanwhile
         i += 1
@@ -730,7 +729,7 @@ def apply_events(  # type: ignore[no-untyped-def]
     s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15, s16, s17, s18,
     s19, s20, s21, s22, s23, s24, s25,
     w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15, w16, w17,
-    g0, g1, g2, g3, b0, b1, b2, t0, t1, t2, d0, d1, d2, d3, d4, x,
+    g0, g1, g2, g3, b0, b1, b2, t0, t1, t2, d0, d1, d2, d3, d4, d5, d6, x,
 ):  # fmt: skip
     """Apply a batch's events from ``start`` (see ``_apply_events``); flat arguments:
     the 9 event columns, then ``S``, ``W``, ``G``, ``B``, ``T``, ``D`` unpacked, ``X``."""
@@ -739,7 +738,7 @@ def apply_events(  # type: ignore[no-untyped-def]
         (s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15, s16, s17, s18,
          s19, s20, s21, s22, s23, s24, s25),
         (w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15, w16, w17),
-        (g0, g1, g2, g3), (b0, b1, b2), (t0, t1, t2), (d0, d1, d2, d3, d4), x,
+        (g0, g1, g2, g3), (b0, b1, b2), (t0, t1, t2), (d0, d1, d2, d3, d4, d5, d6), x,
     )  # fmt: skip
 
 
@@ -749,7 +748,7 @@ def fire_timers(  # type: ignore[no-untyped-def]
     s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15, s16, s17, s18,
     s19, s20, s21, s22, s23, s24, s25,
     w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15, w16, w17,
-    g0, g1, g2, g3, b0, b1, b2, t0, t1, t2, d0, d1, d2, d3, d4,
+    g0, g1, g2, g3, b0, b1, b2, t0, t1, t2, d0, d1, d2, d3, d4, d5, d6,
 ):  # fmt: skip
     """Fire the timers of sessions ``order`` (see ``_fire_timers``); flat arguments:
     ``S``, ``W``, ``G``, ``B``, ``T``, ``D`` unpacked."""
@@ -758,5 +757,5 @@ def fire_timers(  # type: ignore[no-untyped-def]
         (s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15, s16, s17, s18,
          s19, s20, s21, s22, s23, s24, s25),
         (w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15, w16, w17),
-        (g0, g1, g2, g3), (b0, b1, b2), (t0, t1, t2), (d0, d1, d2, d3, d4),
+        (g0, g1, g2, g3), (b0, b1, b2), (t0, t1, t2), (d0, d1, d2, d3, d4, d5, d6),
     )  # fmt: skip
