@@ -73,6 +73,8 @@ class BatchPath:
         # never renumbers or drops a node, so what was found stays right for as
         # long as the engine keeps that graph
         self._nodes: dict[tuple[int, str], int] = {}
+        self._params_of: tuple[Any, ...] = ()  # the knobs self._params_array was made of
+        self._params_array = np.empty(0)
         self._declared: npt.NDArray[np.bool_] | None = None
         # directive buffers, kept between calls and grown when a kernel says so
         self._out = _outputs(256)
@@ -150,7 +152,7 @@ class BatchPath:
         graphs = self._graphs()  # again after the Python path ran: it may add nodes
         if graphs is not None:
             self._make_sessions(events, cols, now)
-        params = batch_params(e.config)
+        params = self._params()
         if len(self._ends) < n:
             self._ends = np.empty((2 * n, 3), dtype=np.int64)
         index: _BatchIndex | None = None  # built at the first hand-over
@@ -215,7 +217,7 @@ class BatchPath:
             self._out = _outputs(2 * len(order))
         counters = self._counters()
         k = fire_timers(
-            order, float(now), batch_params(e.config), e.fair.protection,
+            order, float(now), self._params(), e.fair.protection,
             *session_arrays(e.state.sessions), *self._worker_arrays(), *graphs, *_BUCKETS,
             *counters, *self._out,
         )  # fmt: skip
@@ -275,6 +277,20 @@ class BatchPath:
                 ended.add(s)
 
     # -- columns and arguments ---------------------------------------------------
+
+    def _params(self) -> npt.NDArray[np.float64]:
+        """``batch_params`` of the engine's config, remade only when a knob changed
+        (the array is the kernels': ``run`` sets ``P_LIVE_DUE`` in it per call)."""
+        c = self.engine.config
+        knobs = (
+            c.knee_tokens, c.min_lease_ttl_s, c.max_lease_ttl_s, c.idle_utilization,
+            c.max_shadow_price, c.demand_weight, c.demand_horizon_s, c.transfer_weight,
+            c.prefetch_margin, c.low_watermark, c.high_watermark, c.graph_prior,
+        )  # fmt: skip
+        if knobs != self._params_of:
+            self._params_of = knobs
+            self._params_array = batch_params(c)
+        return self._params_array
 
     def _node(self, tool_name: str, s: int) -> int:
         """The graph node of session ``s``'s wait on ``tool_name``, or -1 when the

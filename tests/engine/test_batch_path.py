@@ -440,3 +440,20 @@ def _ev(i: int, kind: EventKind, ctx: int, **kw: Any) -> SessionEvent:
         worker_id=WORKERS[2],
         **kw,
     )
+
+
+def test_the_kernels_see_a_knob_changed_after_start() -> None:
+    import dataclasses
+
+    from scheduler_service.engine_batch import batch_params
+
+    e = _engine(3600.0, True)
+    for f in dataclasses.fields(e.config):
+        value = getattr(e.config, f.name)
+        if isinstance(value, float) and not isinstance(value, bool):
+            setattr(e.config, f.name, value * 0.5 + 0.125)
+        elif isinstance(value, GraphPrior):
+            setattr(e.config, f.name, dataclasses.replace(value, hint_weight=value.hint_weight + 1))
+        else:
+            continue
+        assert e._batch._params().tolist() == batch_params(e.config).tolist(), f.name
