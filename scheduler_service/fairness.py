@@ -36,6 +36,8 @@ by weight, within a bounded factor of each other with two levers:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import numpy.typing as npt
 
@@ -198,10 +200,16 @@ class FairShare:
             # the same completions computes the same corrections.
             # NOTE: each clamp is min(hi, max(lo, v)) as the builtins evaluate it
             # (NaN included), without their calls
-            v = integrals[i] ** _INTEGRAL_KEEP * ratio**-INTEGRAL_GAIN
+            try:
+                v = integrals[i] ** _INTEGRAL_KEEP * ratio**-INTEGRAL_GAIN
+            except ZeroDivisionError:  # a ratio of 0: far below the mean
+                v = math.inf
             v = v if v > MIN_CORRECTION else MIN_CORRECTION
             integrals[i] = integral = v if v < MAX_CORRECTION else MAX_CORRECTION
-            v = ratio**-CORRECTION_GAIN * integral
+            try:
+                v = ratio**-CORRECTION_GAIN * integral
+            except (OverflowError, ZeroDivisionError):  # float ** raises, * and / do not
+                v = math.inf
             v = v if v > MIN_CORRECTION else MIN_CORRECTION
             corrections[i] = v if v < MAX_CORRECTION else MAX_CORRECTION
             v = ratio if ratio > MIN_PROTECTION else MIN_PROTECTION

@@ -211,3 +211,20 @@ def test_a_refresh_computes_what_its_formulas_say(tenants: list[tuple[Any, ...]]
     for name in ("effective", "integral", "correction", "priority"):
         assert getattr(fast, name) == getattr(plain, name), name
     assert fast.protection.tolist() == plain.protection.tolist()
+
+
+@pytest.mark.parametrize("live", [1e200, 1e300])
+def test_a_tenant_far_above_the_rest_leaves_the_others_at_the_bounds(live: float) -> None:
+    # standalone work near 0 makes a live slowdown as large as a float holds,
+    # and the other tenant's ratio to the mean ~0 (its correction overflowed
+    # float ** before): it gets the loosest deadlines and the least protection
+    from scheduler_service.fairness import MIN_CORRECTION, MIN_PROTECTION
+
+    f = FairShare()
+    fast, slow = f.slot(TenantId("fast")), f.slot(TenantId("slow"))
+    f.observe_live([0.0, 1e6], [0.0, 1e6 / live])
+    f.record_completion(fast, 1.0, 1.0)
+    assert f.correction[fast] == MAX_CORRECTION and f.protection[fast] == MIN_PROTECTION
+    assert f.priority[fast] == round(MAX_PRIORITY / 2 * MIN_PROTECTION)
+    # the slow one is twice the mean of the two
+    assert f.correction[slow] == MIN_CORRECTION and f.protection[slow] == 2.0
