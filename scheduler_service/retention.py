@@ -30,6 +30,7 @@ from scheduler_service.engine_config import EngineConfig
 from scheduler_service.fairness import FairShare
 from scheduler_service.graph import GraphStore, WaitPrediction
 from scheduler_service.kernels import KernelSet
+from scheduler_service.kernels.pressure import PRICE_EPSILON
 from scheduler_service.kernels.retention import OFFLOAD_HOST, RELEASE, RETAIN_GPU
 from scheduler_service.quotas import TenantQuotas
 from scheduler_service.state import (
@@ -474,7 +475,7 @@ class Retention:
         ws, ss = self.state.workers, self.state.sessions
         price = self.shadow_price(w)
         before = float(ws.price_at_decision_v[w])
-        if price <= before * self.config.redecide_price_ratio + 1e-9:
+        if price <= before * self.config.redecide_price_ratio + PRICE_EPSILON:
             if price < before:
                 ws.price_at_decision_v[w] = price  # cheaper now: rises are measured from here
             return

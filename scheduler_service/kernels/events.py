@@ -47,6 +47,7 @@ from numba import njit
 
 from scheduler_service.kernels.costs import prefill_s
 from scheduler_service.kernels.eviction import rank_victims
+from scheduler_service.kernels.pressure import shadow_price
 from scheduler_service.kernels.retention import OFFLOAD_HOST, RETAIN_GPU, retention_choice
 from scheduler_service.kernels.sketch import remaining_time
 
@@ -638,18 +639,10 @@ def _apply_events(start, now, params, E, protection, S, W, G, B, T, D, X):  # ty
                 # Retention.decide_wait (no quotas)
                 blocks = S[5][s]
                 cap = W[0][w]
-                if cap <= 0:
-                    price = params[P_MAX_PRICE]
-                else:
-                    util = W[2][w] / cap
-                    over = (util - params[P_IDLE_UTIL]) / (1.0 - params[P_IDLE_UTIL])
-                    if over < 0.0:
-                        over = 0.0
-                    demand_s = W[5][w] / W[6][w]
-                    m = min(over, 1.0)
-                    price = params[P_MAX_PRICE] * (m * m) + params[P_DEMAND_W] * demand_s / (
-                        demand_s + params[P_DEMAND_H]
-                    )
+                price = shadow_price(
+                    cap, W[2][w], W[5][w], W[6][w], params[P_IDLE_UTIL], params[P_MAX_PRICE],
+                    params[P_DEMAND_W], params[P_DEMAND_H],
+                )  # fmt: skip
                 if price > W[13][w]:
                     W[13][w] = price
                 move_s = _transfer_s(blocks, w, L)

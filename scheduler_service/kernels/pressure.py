@@ -23,6 +23,29 @@ PREFETCHED = -1.0
 PRICE_EPSILON = 1e-9
 
 
+@njit(cache=True, inline="always")
+def shadow_price(
+    cap: int,
+    used: int,
+    queued_tokens: int,
+    prefill_tokens_per_s: float,
+    idle_utilization: float,
+    max_price: float,
+    demand_weight: float,
+    demand_horizon_s: float,
+) -> float:
+    """``Retention.shadow_price`` of one worker (the event kernel's and ``pricier_workers``')."""
+    if cap <= 0:
+        return max_price
+    over = (used / cap - idle_utilization) / (1.0 - idle_utilization)
+    if over < 0.0:
+        over = 0.0
+    if over > 1.0:
+        over = 1.0
+    demand_s = queued_tokens / prefill_tokens_per_s
+    return max_price * (over * over) + demand_weight * demand_s / (demand_s + demand_horizon_s)
+
+
 @njit(cache=True)
 def pricier_workers(
     cap: np.ndarray,
@@ -46,19 +69,10 @@ def pricier_workers(
     """
     k = 0
     for w in range(before.shape[0]):
-        c = cap[w]
-        if c > 0:
-            over = (used[w] / c - idle_utilization) / (1.0 - idle_utilization)
-            if over < 0.0:
-                over = 0.0
-            if over > 1.0:
-                over = 1.0
-            demand_s = queued_tokens[w] / prefill_tokens_per_s[w]
-            price = max_price * (over * over) + demand_weight * demand_s / (
-                demand_s + demand_horizon_s
-            )
-        else:
-            price = max_price
+        price = shadow_price(
+            cap[w], used[w], queued_tokens[w], prefill_tokens_per_s[w], idle_utilization,
+            max_price, demand_weight, demand_horizon_s,
+        )  # fmt: skip
         b = before[w]
         if price > b * ratio + PRICE_EPSILON and residents[w] > 0 and connected[w]:
             out[k] = w

@@ -426,6 +426,21 @@ def test_the_kernel_constants_are_the_engines() -> None:
         K.TOOL_CALL_WAIT,
         K.TOOL_CALL_END,
     )
+    assert (kev.K_STEP_END, kev.K_SESSION_FINISH, kev.K_SESSION_ABORT) == (
+        K.STEP_END,
+        K.SESSION_FINISH,
+        K.SESSION_ABORT,
+    )
+    from scheduler_service.graph.agent_graph import FINISH_NODE
+    from scheduler_service.kernels import pressure
+
+    assert kev.FINISH_NODE == FINISH_NODE
+    assert (pressure.STATE_TOOL_WAIT, pressure.TIER_GPU, pressure.NO_SLOT) == (
+        STATE_TOOL_WAIT,
+        TIER_GPU,
+        NO_SLOT,
+    )
+    assert pressure.PREFETCHED == retention.PREFETCHED
 
 
 def _ev(i: int, kind: EventKind, ctx: int, **kw: Any) -> SessionEvent:
