@@ -116,15 +116,11 @@ class _Table(Generic[IdT]):
         self.ids: list[IdT | None] = []
         self._free: list[int] = []
         self._freed: list[int] = []  # freed by ``remove(later=True)``, not yet reusable
-        for name, arr in zip(self._field_names(), self._allocate(self.capacity), strict=True):
-            setattr(self, name, arr)
-        self._refresh_views()
+        self._reallocate(self.capacity, keep=0)
 
-    def _field_names(self) -> list[str]:
-        return [name for name, _dtype, _fill in self._fields]
-
-    def _allocate(self, capacity: int) -> list[npt.NDArray[Any]]:
-        """Every field's array at its default, all carved out of one buffer.
+    def _reallocate(self, capacity: int, keep: int) -> None:
+        """Every field's array anew, at ``capacity``: the first ``keep`` slots as they
+        are, the rest at their defaults, all carved out of one buffer.
 
         # NOTE: one buffer of every field is big enough for the kernel to map
         # it with huge pages (numpy asks for them from 4 MiB): a session's
@@ -135,13 +131,15 @@ class _Table(Generic[IdT]):
         sizes = [-(-capacity * d.itemsize // _ALIGN) * _ALIGN for d in dtypes]
         buf = np.empty(sum(sizes) + _ALIGN, dtype=np.uint8)
         at = -buf.ctypes.data % _ALIGN  # the first field starts on a cache line
-        out: list[npt.NDArray[Any]] = []
-        for (_name, _dtype, fill), d, size in zip(self._fields, dtypes, sizes, strict=True):
+        for (name, _dtype, fill), d, size in zip(self._fields, dtypes, sizes, strict=True):
             arr = buf[at : at + capacity * d.itemsize].view(d)
-            arr.fill(fill)
-            out.append(arr)
+            arr[keep:] = fill
+            if keep:
+                arr[:keep] = getattr(self, name)[:keep]
+            setattr(self, name, arr)
             at += size
-        return out
+        self.capacity = capacity
+        self._refresh_views()
 
     def _refresh_views(self) -> None:
         # NOTE: ``<field>_v`` is a memoryview of the same buffer: Python code
@@ -165,11 +163,8 @@ class _Table(Generic[IdT]):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("_freed", [])  # a snapshot from before deferred reuse
-        # the arrays come back one by one: into one buffer again (see _allocate)
-        for name, arr in zip(self._field_names(), self._allocate(self.capacity), strict=True):
-            arr[:] = getattr(self, name)
-            setattr(self, name, arr)
-        self._refresh_views()
+        # the arrays come back one by one: into one buffer again
+        self._reallocate(self.capacity, keep=self.capacity)
 
     def __len__(self) -> int:
         return len(self.slot_of)
@@ -213,12 +208,7 @@ class _Table(Generic[IdT]):
             self._freed.clear()
 
     def _grow(self) -> None:
-        new_cap = self.capacity * 2
-        for name, arr in zip(self._field_names(), self._allocate(new_cap), strict=True):
-            arr[: self.capacity] = getattr(self, name)
-            setattr(self, name, arr)
-        self.capacity = new_cap
-        self._refresh_views()
+        self._reallocate(self.capacity * 2, keep=self.capacity)
 
     def nbytes(self) -> int:
         """Bytes held by the numpy arrays."""
