@@ -149,7 +149,7 @@ class BatchPath:
         n = len(events)
         ss = e.state.sessions
         e_slot, e_node = cols[0], cols[6]
-        graphs = self._graphs()  # again after the Python path ran: it may add nodes
+        graphs = self._graphs()
         if graphs is not None:
             self._make_sessions(events, cols, now)
         params = self._params()
@@ -187,7 +187,7 @@ class BatchPath:
             # the kernel handed back event j: the Python path applies it
             ev = events[j]
             e._apply_events((ev,), now)
-            graphs = self._graphs()
+            graphs = self._graphs()  # it may have made a graph or a node
             # it may have created or ended its session, or (a tool wait) made a
             # graph node: re-resolve the later events that depend on either
             if index is None:
@@ -356,9 +356,6 @@ class BatchPath:
             for t, d in enumerate(delta):
                 if d:
                     target[t] += d
-        if not m:
-            self._emit(k)
-            return
         ends = self._ends[:m].tolist()
         ss = e.state.sessions
         # a completion is recorded between the directives before and after it:
@@ -379,13 +376,11 @@ class BatchPath:
         for s, _before, _finished in ends:
             e.state.remove_session(s)
 
-    def _emit(self, k: int, priorities: list[int] | None = None) -> None:
+    def _emit(self, k: int, priorities: list[int]) -> None:
         # the k recorded directives, through Engine._emit_columns
         if not k:
             return
-        slots, actions, ttls, withins, reasons, homes, tenants = self._out
-        if priorities is None:
-            priorities = list(map(self.engine.fair.priority.__getitem__, tenants[:k].tolist()))
+        slots, actions, ttls, withins, reasons, homes, _tenants = self._out
         self.engine._emit_columns(
             slots[:k].tolist(),
             _ACTIONS[actions[:k]].tolist(),
